@@ -1,0 +1,79 @@
+"""Every private PyTorch API memopt touches, in one place.
+
+A PyTorch upgrade that moves one of these should be a one-file diff. Import the names
+from here, never from ``torch._*`` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch import config as functorch_config
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.multiprocessing.reductions import StorageWeakRef
+
+__all__ = [
+    "CustomPartitionerFn",
+    "FakeTensor",
+    "StorageWeakRef",
+    "activation_memory_budget",
+    "aot_autograd",
+    "compile_fx",
+    "dynamo_explain",
+    "get_hash_for_files",
+    "make_boxed_func",
+    "min_cut_rematerialization_partition",
+    "profiler_allocations",
+    "size_hint",
+]
+
+
+def activation_memory_budget(budget: float | None) -> contextlib.AbstractContextManager[Any]:
+    """Scope the min-cut partitioner's activation-memory budget to one partitioning call."""
+    if budget is None:
+        return contextlib.nullcontext()
+    return functorch_config.patch(activation_memory_budget=float(budget))
+
+
+def size_hint(value: Any) -> int:
+    """A concrete int for a size that may be symbolic (dynamic shapes use the example's hint)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        node = value.node
+        hint = node.hint if node.has_hint() else None
+        if hint is None:
+            hint = node.shape_env.size_hint(node.expr, allow_none=True)
+        if hint is None:
+            raise ValueError(f"size {value} has no concrete hint")
+        return int(hint)
+    return int(value)
+
+
+def profiler_allocations(prof: torch.profiler.profile, device: str) -> list[tuple[int, int]]:
+    """``(time_ns, bytes)`` of every allocation (positive) and free (negative) on ``device``
+    recorded by a ``profile_memory=True`` profile, unaggregated."""
+    from torch._C._profiler import _EventType
+
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            fields = event.extra_fields
+            if str(fields.device).split(":")[0] == device:
+                events.append((event.start_time_ns, fields.alloc_size))
+    return events
+
+
+def dynamo_explain(model: Any, *args: Any, **kwargs: Any) -> Any:
+    """``torch._dynamo.explain``: the graphs and graph breaks (with reasons) of one call."""
+    return torch._dynamo.explain(model)(*args, **kwargs)

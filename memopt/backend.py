@@ -1,0 +1,77 @@
+"""The ``memopt`` torch.compile backend.
+
+``torch.compile(model, backend="memopt", options={...})`` finds :func:`memopt_backend`
+through the ``torch_dynamo_backends`` entry point. For each graph Dynamo captures it
+validates the options, runs memopt's graph passes, estimates memory before and after,
+records a :class:`memopt.Report`, and lowers the result.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from memopt.config import Config
+from memopt.driver import run_passes
+from memopt.estimate import estimate
+from memopt.lowering import lower
+from memopt.passes import PassContext
+from memopt.report import Report, record
+
+log = logging.getLogger("memopt")
+_graph_counter = itertools.count()
+
+
+def memopt_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Mapping[str, Any] | Config | None = None,
+) -> Callable[..., Any]:
+    """Compile one Dynamo graph with memopt (the function behind ``backend="memopt"``)."""
+    config = Config.from_options(options)
+    training = torch.is_grad_enabled() and any(
+        isinstance(value, torch.Tensor) and value.requires_grad for value in example_inputs
+    )
+    device = _graph_device(example_inputs)
+    before = estimate(gm)
+    report = Report(
+        graph_index=next(_graph_counter),
+        training=training,
+        device=str(device),
+        nodes_before=len(gm.graph.nodes),
+        peak_before=before.peak_bytes,
+        timeline_before=before.live_bytes,
+    )
+    ctx = PassContext(config=config, example_inputs=example_inputs, training=training, device=device)
+    gm, report.passes = run_passes(gm, ctx)
+    after = estimate(gm)
+    report.nodes_after = len(gm.graph.nodes)
+    report.peak_after = after.peak_bytes
+    report.timeline_after = after.live_bytes
+    record(report)
+    compiled = lower(gm, example_inputs, config, report)
+    log.info("%s", report.summary())
+    return compiled
+
+
+def _graph_device(example_inputs: Sequence[Any]) -> torch.device:
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            return value.device
+    return torch.device("cpu")
+
+
+def compile(model: Callable[..., Any], *, fullgraph: bool = False, dynamic: bool | None = None, **options: Any):
+    """Shorthand for ``torch.compile(model, backend="memopt", options=options)``.
+
+    Options are validated here, so a typo fails at once rather than at the first call.
+    """
+    Config.from_options(options)
+    return torch.compile(
+        model, backend=memopt_backend, fullgraph=fullgraph, dynamic=dynamic, options=options or None
+    )

@@ -1,0 +1,83 @@
+"""memopt's partition function for training graphs.
+
+AOTAutograd traces the forward and backward into one joint graph and asks a partition
+function to split it into a forward graph (which saves some values) and a backward graph
+(which uses or recomputes them). memopt's partitioner is where the training-memory
+levers act: the min-cut partitioner with ``Config.memory_budget`` today, reversible
+reconstruction (rebuilding block inputs from outputs instead of saving them) as it lands.
+It also records what the forward graph saves, for the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from memopt._torch_compat import (
+    CustomPartitionerFn,
+    StorageWeakRef,
+    activation_memory_budget,
+    get_hash_for_files,
+    min_cut_rematerialization_partition,
+)
+from memopt.config import Config
+from memopt.estimate import storage_nbytes, tensor_values
+from memopt.report import Report
+
+
+def partition(
+    joint: torch.fx.GraphModule,
+    joint_inputs: Sequence[Any],
+    config: Config,
+    report: Report | None = None,
+    **kwargs: Any,
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """Split a joint graph into forward and backward graphs under memopt's config."""
+    kwargs.setdefault("compiler", "inductor")
+    with activation_memory_budget(config.memory_budget):
+        forward, backward = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+    if report is not None:
+        count, nbytes = saved_activations(forward, kwargs["num_fwd_outputs"])
+        report.saved_activations = count
+        report.saved_activation_bytes = nbytes
+    return forward, backward
+
+
+def saved_activations(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> tuple[int, int]:
+    """How many tensors, and how many bytes, a partitioned forward graph saves for backward.
+
+    Saved values are the forward outputs past the first ``num_fwd_outputs``; graph inputs
+    (parameters, user inputs) among them cost nothing extra and are not counted. Bytes are
+    per storage, so two saved views of one tensor count once.
+    """
+    output = forward.graph.find_nodes(op="output")[0]
+    saved = [node for node in output.args[0][num_fwd_outputs:] if isinstance(node, torch.fx.Node)]
+    storages: dict[StorageWeakRef, int] = {}
+    count = 0
+    for node in saved:
+        if node.op == "placeholder":
+            continue
+        for tensor in tensor_values(node):
+            count += 1
+            storages[StorageWeakRef(tensor.untyped_storage())] = storage_nbytes(tensor)
+    return count, sum(storages.values())
+
+
+class MemoptPartitioner(CustomPartitionerFn):
+    """:func:`partition` in the form Inductor's ``custom_partitioner_fn`` config takes."""
+
+    def __init__(self, config: Config, report: Report | None = None) -> None:
+        self.config = config
+        self.report = report
+
+    def __call__(
+        self, gm: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any
+    ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        return partition(gm, joint_inputs, self.config, self.report, **kwargs)
+
+    def uuid(self) -> Any:
+        # Inductor's FX graph cache keys on this: the code and every option it reads.
+        return (get_hash_for_files((__file__,)), self.config.memory_budget)

@@ -1,0 +1,139 @@
+"""What memopt did to a graph: one ``PassResult`` per pass, gathered in a ``Report``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger("memopt")
+
+
+@dataclasses.dataclass
+class PassResult:
+    """The outcome of one pass on one graph."""
+
+    name: str
+    rewrites: int = 0
+    """Subgraphs the pass replaced."""
+    bytes_saved: int = 0
+    """Estimated bytes of peak memory saved by those rewrites."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """What the pass skipped and why, and anything a user should know (approximations)."""
+    matched: int = 0
+    """Candidate sites the pass looked at (rewritten or not)."""
+    details: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Per-site rows (algorithm chosen, error measured, ...), for reports and tables."""
+    error: str | None = None
+    """Set when the pass raised and was skipped (the graph is then left as it was)."""
+    changes_results: bool = False
+    """True for opt-in passes that change results on purpose (notes say by how much)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Report:
+    """What memopt did to one graph that Dynamo handed it."""
+
+    graph_index: int
+    training: bool
+    device: str
+    nodes_before: int
+    nodes_after: int = 0
+    peak_before: int = 0
+    """Estimated peak bytes of intermediates (``memopt.estimate``) before the passes."""
+    peak_after: int = 0
+    """The same after the passes."""
+    passes: list[PassResult] = dataclasses.field(default_factory=list)
+    saved_activation_bytes: int | None = None
+    """Training only: bytes the forward graph saves for the backward (graph inputs excluded)."""
+    saved_activations: int | None = None
+    """Training only: how many tensors the forward graph saves for the backward."""
+    timeline_before: list[int] = dataclasses.field(default_factory=list, repr=False)
+    timeline_after: list[int] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def rewrites(self) -> int:
+        return sum(result.rewrites for result in self.passes)
+
+    @property
+    def bytes_saved(self) -> int:
+        return sum(result.bytes_saved for result in self.passes)
+
+    def to_dict(self, timelines: bool = False) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not timelines:
+            data.pop("timeline_before")
+            data.pop("timeline_after")
+        return data
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        kind = "training" if self.training else "inference"
+        lines = [
+            f"graph {self.graph_index} ({kind}, {self.device}): {self.nodes_before} nodes -> "
+            f"{self.nodes_after}, estimated peak {format_bytes(self.peak_before)} -> "
+            f"{format_bytes(self.peak_after)}"
+        ]
+        if self.saved_activation_bytes is not None:
+            lines.append(
+                f"  saved for backward: {self.saved_activations} tensors, "
+                f"{format_bytes(self.saved_activation_bytes)}"
+            )
+        for result in self.passes:
+            status = "FAILED, skipped" if result.error else f"{result.rewrites} rewritten"
+            lines.append(
+                f"  pass {result.name}: {result.matched} matched, {status}, "
+                f"~{format_bytes(result.bytes_saved)} saved"
+                + (" [changes results]" if result.changes_results else "")
+            )
+            lines.extend(f"    - {note}" for note in result.notes)
+        if not self.passes:
+            lines.append("  no pass enabled")
+        return "\n".join(lines)
+
+
+def format_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+_state = threading.local()
+_last: list[Report] = []
+
+
+def record(report: Report) -> None:
+    """Make ``report`` the last report, and hand it to any active :func:`collect_reports`."""
+    _last[:] = [report]
+    for sink in getattr(_state, "sinks", ()):
+        sink.append(report)
+
+
+def last_report() -> Report | None:
+    """The report of the most recent graph memopt compiled in this process (None if none)."""
+    return _last[0] if _last else None
+
+
+@contextmanager
+def collect_reports() -> Iterator[list[Report]]:
+    """Gather the reports of every graph compiled inside the ``with`` block, in order."""
+    sink: list[Report] = []
+    sinks = getattr(_state, "sinks", None)
+    if sinks is None:
+        sinks = _state.sinks = []
+    sinks.append(sink)
+    try:
+        yield sink
+    finally:
+        sinks.remove(sink)
