@@ -5,6 +5,7 @@
     print(memopt.last_report().summary())                   # what memopt changed
 """
 
+import memopt.ops  # noqa: F401  (registers torch.ops.memopt.*)
 from memopt.backend import compile, memopt_backend
 from memopt.config import Config
 from memopt.estimate import MemoryTimeline, estimate

@@ -1,33 +1,26 @@
 """Every private PyTorch API memopt touches, in one place.
 
 A PyTorch upgrade that moves one of these should be a one-file diff. Import the names
-from here, never from ``torch._*`` directly.
+from here, never from ``torch._*`` directly. Inductor and AOTAutograd are imported on
+first use, so ``import memopt`` stays cheap.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch._dynamo.backends.common import aot_autograd
-from torch._functorch import config as functorch_config
-from torch._functorch.aot_autograd import make_boxed_func
-from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor.compile_fx import compile_fx
-from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = [
-    "CustomPartitionerFn",
-    "FakeTensor",
     "StorageWeakRef",
     "activation_memory_budget",
     "aot_autograd",
     "compile_fx",
+    "custom_partitioner",
     "dynamo_explain",
-    "get_hash_for_files",
     "make_boxed_func",
     "min_cut_rematerialization_partition",
     "profiler_allocations",
@@ -35,10 +28,66 @@ __all__ = [
 ]
 
 
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: list[Any], config_patches: dict[str, Any]) -> Any:
+    """Inductor's entry point (handles inference and, through AOTAutograd, training)."""
+    from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
+
+    return inductor_compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def aot_autograd(**kwargs: Any) -> Callable[..., Any]:
+    """A Dynamo backend running AOTAutograd with the given compilers and partition function."""
+    from torch._dynamo.backends.common import aot_autograd as dynamo_aot_autograd
+
+    return dynamo_aot_autograd(**kwargs)
+
+
+def make_boxed_func(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adapt ``fn(*args)`` to AOTAutograd's boxed calling convention (one list argument)."""
+    from torch._functorch.aot_autograd import make_boxed_func as functorch_make_boxed_func
+
+    return functorch_make_boxed_func(fn)
+
+
+def min_cut_rematerialization_partition(
+    joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The min-cut partitioner Inductor uses for training graphs."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition as partition
+
+    return partition(joint, joint_inputs, **kwargs)
+
+
+def custom_partitioner(fn: Callable[..., Any], uuid: Callable[[], Any]) -> Any:
+    """Wrap ``fn(joint, joint_inputs, **kwargs)`` as Inductor's ``custom_partitioner_fn``.
+
+    ``uuid()`` keys Inductor's FX graph cache: it must change whenever ``fn`` would.
+    """
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+    class _Partitioner(CustomPartitionerFn):
+        def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
+            return fn(gm, joint_inputs, **kwargs)
+
+        def uuid(self) -> Any:
+            return uuid()
+
+    return _Partitioner()
+
+
+def hash_of_files(*paths: str) -> bytes:
+    """A hash of source files, for cache keys."""
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+
+    return get_hash_for_files(paths)
+
+
 def activation_memory_budget(budget: float | None) -> contextlib.AbstractContextManager[Any]:
     """Scope the min-cut partitioner's activation-memory budget to one partitioning call."""
     if budget is None:
         return contextlib.nullcontext()
+    from torch._functorch import config as functorch_config
+
     return functorch_config.patch(activation_memory_budget=float(budget))
 
 

@@ -44,6 +44,7 @@ def memopt_backend(
         training=training,
         device=str(device),
         nodes_before=len(gm.graph.nodes),
+        op_counts=op_counts(gm),
         peak_before=before.peak_bytes,
         timeline_before=before.live_bytes,
     )
@@ -57,6 +58,34 @@ def memopt_backend(
     compiled = lower(gm, example_inputs, config, report)
     log.info("%s", report.summary())
     return compiled
+
+
+def op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """How many times each function, method or module is called in ``gm``, most common first."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            name = op_name(node)
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """A short readable name for what a node calls (``conv2d``, ``Tensor.view``, ``aten.mm``)."""
+    target = node.target
+    if node.op == "call_method":
+        return f"Tensor.{target}"
+    if node.op == "call_module":
+        return str(target)
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return f"{target._qualified_op_name.replace('::', '.')}"
+    name = getattr(target, "__name__", str(target))
+    module = getattr(target, "__module__", "") or ""
+    if module.startswith("_operator") or module == "operator":
+        return f"operator.{name}"
+    return name
 
 
 def _graph_device(example_inputs: Sequence[Any]) -> torch.device:

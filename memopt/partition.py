@@ -17,10 +17,10 @@ import torch
 import torch.fx
 
 from memopt._torch_compat import (
-    CustomPartitionerFn,
     StorageWeakRef,
     activation_memory_budget,
-    get_hash_for_files,
+    custom_partitioner,
+    hash_of_files,
     min_cut_rematerialization_partition,
 )
 from memopt.config import Config
@@ -66,18 +66,11 @@ def saved_activations(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> tu
     return count, sum(storages.values())
 
 
-class MemoptPartitioner(CustomPartitionerFn):
+def inductor_partitioner(config: Config, report: Report | None = None) -> Any:
     """:func:`partition` in the form Inductor's ``custom_partitioner_fn`` config takes."""
 
-    def __init__(self, config: Config, report: Report | None = None) -> None:
-        self.config = config
-        self.report = report
+    def partition_fn(joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
+        return partition(joint, joint_inputs, config, report, **kwargs)
 
-    def __call__(
-        self, gm: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any
-    ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-        return partition(gm, joint_inputs, self.config, self.report, **kwargs)
-
-    def uuid(self) -> Any:
-        # Inductor's FX graph cache keys on this: the code and every option it reads.
-        return (get_hash_for_files((__file__,)), self.config.memory_budget)
+    # Inductor's FX graph cache keys on this: the code and every option it reads.
+    return custom_partitioner(partition_fn, lambda: (hash_of_files(__file__), config.memory_budget))

@@ -45,6 +45,8 @@ class Report:
     device: str
     nodes_before: int
     nodes_after: int = 0
+    op_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    """How often each op appears in the graph Dynamo captured (before the passes)."""
     peak_before: int = 0
     """Estimated peak bytes of intermediates (``memopt.estimate``) before the passes."""
     peak_after: int = 0

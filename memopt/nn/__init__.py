@@ -1,0 +1,1 @@
+"""Modules for people who build memory-efficient models by hand (applied before compiling)."""

@@ -1,0 +1,6 @@
+"""memopt's custom operators, ``torch.ops.memopt.*``.
+
+Importing this package registers every op (one module per op, each with fake, autograd,
+CPU and CUDA implementations). Triton is imported lazily by the CUDA implementations, so
+registering costs little and works without Triton.
+"""

@@ -1,0 +1,154 @@
+"""memopt matches eager, outputs and gradients, on a zoo of models (no pass required)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+import memopt
+from conftest import assert_close
+import zoo
+
+ZOO = ["mlp", "conv_bn", "transformer_block", "gpt2", "bert", "unet2d"]
+# Inductor compiles take tens of seconds each on 2 cores: the whole zoo runs with the
+# eager lowering (same passes, same AOTAutograd partitioning), and a representative subset
+# also through Inductor.
+INDUCTOR_ZOO = ["mlp", "conv_bn", "transformer_block"]
+CASES = [(name, "eager") for name in ZOO] + [
+    pytest.param(name, "inductor", marks=pytest.mark.slow) for name in INDUCTOR_ZOO
+]
+
+
+def make(name: str):
+    torch.manual_seed(0)
+    model = getattr(zoo, name)()
+    inputs = getattr(zoo, f"{name}_inputs")()
+    return model, inputs
+
+
+def float_leaves(value) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+
+
+def training_step(model, inputs, weights=None):
+    """One forward + backward with a random (fixed) weighting of every float output."""
+    model.zero_grad(set_to_none=True)
+    outputs = float_leaves(model(*inputs))
+    if weights is None:
+        generator = torch.Generator().manual_seed(7)
+        weights = [torch.randn(out.shape, generator=generator) for out in outputs]
+    loss = sum((out * weight).sum() for out, weight in zip(outputs, weights))
+    loss.backward()
+    grads = {
+        name.removeprefix("_orig_mod."): p.grad.clone()
+        for name, p in model.named_parameters()
+        if p.grad is not None
+    }
+    return outputs, grads, weights
+
+
+@pytest.mark.parametrize(("name", "lowering"), CASES)
+def test_inference_matches_eager(name, lowering):
+    model, inputs = make(name)
+    model.eval()
+    with torch.no_grad():
+        expected = model(*inputs)
+        compiled = memopt.compile(model, lowering=lowering)
+        actual = compiled(*inputs)
+    assert_close(float_leaves(actual), float_leaves(expected), what=f"{name} outputs")
+    report = memopt.last_report()
+    assert report is not None and not report.training
+
+
+@pytest.mark.parametrize(("name", "lowering"), CASES)
+def test_training_matches_eager(name, lowering):
+    model, inputs = make(name)
+    reference = copy.deepcopy(model)
+    model.train()
+    reference.train()
+    expected_out, expected_grads, weights = training_step(reference, inputs)
+    compiled = memopt.compile(model, lowering=lowering)
+    actual_out, actual_grads, _ = training_step(compiled, inputs, weights)
+
+    assert_close(actual_out, expected_out, what=f"{name} outputs")
+    assert actual_grads.keys() == expected_grads.keys()
+    for key in expected_grads:
+        assert_close(actual_grads[key], expected_grads[key], what=f"{name} grad {key}")
+    # BatchNorm statistics are updated exactly once, as in eager.
+    for (key, buffer), (_, expected_buffer) in zip(model.named_buffers(), reference.named_buffers()):
+        assert_close(buffer, expected_buffer, what=f"{name} buffer {key}")
+    report = memopt.last_report()
+    assert report.training
+    assert report.saved_activations is not None and report.saved_activations > 0
+
+
+def test_input_gradients_match_eager():
+    model, (x,) = make("transformer_block")
+    x_eager = x.clone().requires_grad_()
+    x_compiled = x.clone().requires_grad_()
+    weight = torch.randn(x.shape)
+    (model(x_eager) * weight).sum().backward()
+    (memopt.compile(model, lowering="eager")(x_compiled) * weight).sum().backward()
+    assert_close(x_compiled.grad, x_eager.grad, what="input grad")
+
+
+class CountingBackend:
+    """Counts the graphs Dynamo hands to a backend."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        self.graphs += 1
+        return self.backend(gm, example_inputs, **kwargs)
+
+
+def test_no_graph_breaks_beyond_dynamos_own():
+    """memopt sees exactly the graphs any backend sees: it adds no break of its own."""
+    model, inputs = make("graph_break_net")
+    with torch.no_grad():
+        expected = model(*inputs)
+        reference = CountingBackend(lambda gm, example_inputs: gm.forward)
+        torch.compile(model, backend=reference)(*inputs)
+        torch._dynamo.reset()
+        with memopt.collect_reports() as reports:
+            actual = memopt.compile(model, lowering="eager")(*inputs)
+    assert reference.graphs >= 2, "the model breaks its graph on purpose"
+    assert len(reports) == reference.graphs
+    assert_close(actual, expected)
+
+
+def test_fullgraph_model_is_one_graph():
+    model, inputs = make("transformer_block")
+    with torch.no_grad(), memopt.collect_reports() as reports:
+        memopt.compile(model, fullgraph=True, lowering="eager")(*inputs)
+    assert len(reports) == 1
+    assert reports[0].op_counts.get("scaled_dot_product_attention") == 1
+
+
+def test_memory_budget_saves_fewer_activations():
+    """memory_budget is a real lever: a smaller budget makes the forward save fewer bytes."""
+    model, inputs = make("transformer_block")
+    model.train()
+    saved = {}
+    grads = {}
+    for budget in (None, 0.05):
+        torch._dynamo.reset()
+        compiled = memopt.compile(copy.deepcopy(model), lowering="eager", memory_budget=budget)
+        _, grads[budget], _ = training_step(compiled, inputs)
+        saved[budget] = memopt.last_report().saved_activation_bytes
+    assert saved[0.05] < saved[None], saved
+    for key in grads[None]:
+        assert_close(grads[0.05][key], grads[None][key], what=f"grad {key} under memory_budget")
+
+
+def test_torch_compile_by_name_reads_options():
+    model, inputs = make("mlp")
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="memopt", options={"lowering": "eager"})
+        assert_close(compiled(*inputs), model(*inputs))
+    assert memopt.last_report() is not None

@@ -1,0 +1,161 @@
+"""Small models with random weights that memopt must compile exactly.
+
+Every function here is a model factory (also usable as a ``memopt inspect`` target such as
+``tests/zoo.py:conv_bn``) with a matching ``<name>_inputs()`` that makes fresh random inputs.
+Models from ``transformers`` and ``diffusers`` are built from tiny configs: nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(17, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
+
+
+def mlp_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(9, 17),)
+
+
+class ConvBN(nn.Module):
+    """Conv -> BatchNorm -> ReLU twice, a strided conv, pooling and a classifier (odd sizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 12, 3, padding=1, groups=3)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.down = nn.Conv2d(12, 20, 3, stride=2)
+        self.fc = nn.Linear(20, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = x + F.relu(self.bn2(self.conv2(x)))
+        x = F.silu(self.down(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def conv_bn() -> nn.Module:
+    return ConvBN()
+
+
+def conv_bn_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(3, 3, 15, 13),)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block with scaled-dot-product attention (causal) and a GELU MLP."""
+
+    def __init__(self, dim: int = 48, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(attended.transpose(1, 2).reshape(batch, tokens, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+def transformer_block() -> nn.Module:
+    return TransformerBlock()
+
+
+def transformer_block_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(2, 11, 48),)
+
+
+class GraphBreakNet(nn.Module):
+    """Breaks the graph on purpose (a data-dependent Python branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.second = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.first(x))
+        if x.sum().item() > 0:  # .item() ends Dynamo's graph here
+            x = x * 2
+        return self.second(x)
+
+
+def graph_break_net() -> nn.Module:
+    return GraphBreakNet()
+
+
+def graph_break_net_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(4, 8),)
+
+
+def gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def gpt2_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, 97, (2, 13)),)
+
+
+def bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertModel(config)
+
+
+def bert_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, 101, (2, 11)),)
+
+
+class UNetWrapper(nn.Module):
+    """A tiny ``diffusers`` UNet2DConditionModel called the way a pipeline calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=16,
+            attention_head_dim=4,
+        )
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def unet2d() -> nn.Module:
+    return UNetWrapper()
+
+
+def unet2d_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 16))
