@@ -19,7 +19,8 @@ __all__ = [
     "activation_memory_budget",
     "aot_autograd",
     "compile_fx",
-    "custom_partitioner",
+    "custom_partitioner_base",
+    "hash_of_files",
     "dynamo_explain",
     "make_boxed_func",
     "min_cut_rematerialization_partition",
@@ -29,10 +30,17 @@ __all__ = [
 
 
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: list[Any], config_patches: dict[str, Any]) -> Any:
-    """Inductor's entry point (handles inference and, through AOTAutograd, training)."""
+    """Inductor's entry point (handles inference and, through AOTAutograd, training).
+
+    AOTAutograd's whole-graph cache is off for this call: a hit would skip memopt's
+    partitioner, and with it the report of what the forward saves. Inductor's per-graph FX
+    cache stays on, so the expensive code generation is still cached.
+    """
+    from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
 
-    return inductor_compile_fx(gm, example_inputs, config_patches=config_patches)
+    with functorch_config.patch(enable_autograd_cache=False):
+        return inductor_compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
 def aot_autograd(**kwargs: Any) -> Callable[..., Any]:
@@ -58,21 +66,11 @@ def min_cut_rematerialization_partition(
     return partition(joint, joint_inputs, **kwargs)
 
 
-def custom_partitioner(fn: Callable[..., Any], uuid: Callable[[], Any]) -> Any:
-    """Wrap ``fn(joint, joint_inputs, **kwargs)`` as Inductor's ``custom_partitioner_fn``.
-
-    ``uuid()`` keys Inductor's FX graph cache: it must change whenever ``fn`` would.
-    """
+def custom_partitioner_base() -> type:
+    """Inductor's base class for a ``custom_partitioner_fn`` (imports Inductor)."""
     from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-    class _Partitioner(CustomPartitionerFn):
-        def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
-            return fn(gm, joint_inputs, **kwargs)
-
-        def uuid(self) -> Any:
-            return uuid()
-
-    return _Partitioner()
+    return CustomPartitionerFn
 
 
 def hash_of_files(*paths: str) -> bytes:

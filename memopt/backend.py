@@ -19,7 +19,6 @@ import torch.fx
 from memopt.config import Config
 from memopt.driver import run_passes
 from memopt.estimate import estimate
-from memopt.lowering import lower
 from memopt.passes import PassContext
 from memopt.report import Report, record
 
@@ -55,6 +54,8 @@ def memopt_backend(
     report.peak_after = after.peak_bytes
     report.timeline_after = after.live_bytes
     record(report)
+    from memopt.lowering import lower  # imports Inductor: only once something is compiled
+
     compiled = lower(gm, example_inputs, config, report)
     log.info("%s", report.summary())
     return compiled

@@ -76,10 +76,15 @@ class DemoNet(nn.Module):
         return self.head(self.norm(tokens).mean(1))
 
 
+DEMO_DEPTH = 2
+DEMO_BATCH = 16
+DEMO_IMAGE_SIZE = 64
+
+
 def demo_model() -> DemoNet:
     """The demo's model (also a valid ``memopt inspect`` target: ``memopt.demo:demo_model``)."""
     torch.manual_seed(0)
-    return DemoNet()
+    return DemoNet(depth=DEMO_DEPTH)
 
 
 # Each row: a label, then how to compile (None = eager), and memopt options where relevant.
@@ -91,7 +96,7 @@ ROWS: list[tuple[str, str | None, dict[str, Any]]] = [
 ]
 
 
-def run_demo(batch: int = 16, image_size: int = 64, repeat: int = 3) -> list[dict[str, Any]]:
+def run_demo(batch: int = DEMO_BATCH, image_size: int = DEMO_IMAGE_SIZE, repeat: int = 3) -> list[dict[str, Any]]:
     """Measure every row of ``ROWS`` on ``demo_model`` and return one dict per row."""
     base = demo_model()
     generator = torch.Generator().manual_seed(1)
@@ -179,7 +184,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     )
     lines = [
-        f"memopt demo: {DemoNet.__name__} (conv stem + 4 transformer blocks), batch 16, 64x64 images, "
+        f"memopt demo: {DemoNet.__name__} (conv stem + {DEMO_DEPTH} transformer blocks), batch {DEMO_BATCH}, "
+        f"{DEMO_IMAGE_SIZE}x{DEMO_IMAGE_SIZE} images, "
         f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU'} "
         f"({torch.get_num_threads()} threads)",
         "",

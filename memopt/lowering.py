@@ -14,7 +14,7 @@ import torch.fx
 
 from memopt._torch_compat import aot_autograd, compile_fx, make_boxed_func
 from memopt.config import Config
-from memopt.partition import inductor_partitioner, partition
+from memopt.partition import InductorPartitioner, partition
 from memopt.report import Report
 
 
@@ -26,7 +26,7 @@ def lower(
 ) -> Callable[..., Any]:
     """Compile ``gm`` for ``example_inputs`` with the lowering ``config`` names."""
     if config.lowering == "inductor":
-        patches = {"custom_partitioner_fn": inductor_partitioner(config, report)}
+        patches = {"custom_partitioner_fn": InductorPartitioner(config, report)}
         patches.update(config.inductor_config)
         return compile_fx(gm, list(example_inputs), config_patches=patches)
     if config.lowering == "eager":

@@ -1,4 +1,4 @@
-"""memopt's partition function for training graphs.
+"""memopt's partition function for training graphs (imported on first compile: it needs Inductor).
 
 AOTAutograd traces the forward and backward into one joint graph and asks a partition
 function to split it into a forward graph (which saves some values) and a backward graph
@@ -19,7 +19,7 @@ import torch.fx
 from memopt._torch_compat import (
     StorageWeakRef,
     activation_memory_budget,
-    custom_partitioner,
+    custom_partitioner_base,
     hash_of_files,
     min_cut_rematerialization_partition,
 )
@@ -66,11 +66,26 @@ def saved_activations(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> tu
     return count, sum(storages.values())
 
 
-def inductor_partitioner(config: Config, report: Report | None = None) -> Any:
+class InductorPartitioner(custom_partitioner_base()):
     """:func:`partition` in the form Inductor's ``custom_partitioner_fn`` config takes."""
 
-    def partition_fn(joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
-        return partition(joint, joint_inputs, config, report, **kwargs)
+    def __init__(self, config: Config, report: Report | None = None) -> None:
+        self.config = config
+        self.report = report
 
-    # Inductor's FX graph cache keys on this: the code and every option it reads.
-    return custom_partitioner(partition_fn, lambda: (hash_of_files(__file__), config.memory_budget))
+    def __call__(
+        self, gm: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any
+    ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        return partition(gm, joint_inputs, self.config, self.report, **kwargs)
+
+    def uuid(self) -> Any:
+        # Inductor's FX graph cache keys on this: the code and every option it reads.
+        return (hash_of_files(__file__), self.config.memory_budget)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Inductor pickles its whole config into cache keys: only what changes the partition
+        # belongs there, not the report this compile writes into.
+        return {"uuid": self.uuid()}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InductorPartitioner:
+        return self
