@@ -21,6 +21,7 @@ __all__ = [
     "compile_fx",
     "custom_partitioner_base",
     "hash_of_files",
+    "inductor_decompositions",
     "dynamo_explain",
     "make_boxed_func",
     "min_cut_rematerialization_partition",
@@ -48,6 +49,13 @@ def aot_autograd(**kwargs: Any) -> Callable[..., Any]:
     from torch._dynamo.backends.common import aot_autograd as dynamo_aot_autograd
 
     return dynamo_aot_autograd(**kwargs)
+
+
+def inductor_decompositions() -> dict[Any, Callable[..., Any]]:
+    """The decompositions Inductor applies while tracing with AOTAutograd."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
 
 
 def make_boxed_func(fn: Callable[..., Any]) -> Callable[..., Any]:

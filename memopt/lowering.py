@@ -1,7 +1,8 @@
 """Lowering a rewritten graph: Inductor (default) or op-by-op eager (``lowering="eager"``).
 
-Both go through AOTAutograd, so training graphs are partitioned by memopt's partitioner in
-either case; only the compiler of the resulting forward/backward graphs differs.
+Both go through AOTAutograd with Inductor's decompositions, so training graphs are traced
+and partitioned the same way in either case; only the compiler of the resulting
+forward/backward graphs differs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt._torch_compat import aot_autograd, compile_fx, make_boxed_func
+from memopt._torch_compat import aot_autograd, compile_fx, inductor_decompositions, make_boxed_func
 from memopt.config import Config
 from memopt.partition import InductorPartitioner, partition
 from memopt.report import Report
@@ -42,4 +43,13 @@ def _eager_backend(config: Config, report: Report | None) -> Callable[..., Any]:
     def partition_fn(joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
         return partition(joint, joint_inputs, config, report, **kwargs)
 
-    return aot_autograd(fw_compiler=_run_eagerly, bw_compiler=_run_eagerly, partition_fn=partition_fn)
+    # Inductor's decompositions make the eager lowering trace and partition the same graphs
+    # as the Inductor lowering (it mirrors it for debugging); undecomposed training-mode
+    # batch_norm would also let the min-cut partitioner recompute it from running statistics
+    # the forward has already updated in place.
+    return aot_autograd(
+        fw_compiler=_run_eagerly,
+        bw_compiler=_run_eagerly,
+        partition_fn=partition_fn,
+        decompositions=inductor_decompositions(),
+    )
