@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch import config as functorch_config
+from torch._guards import detect_fake_mode
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.compile_fx import compile_fx
@@ -26,6 +27,7 @@ __all__ = [
     "activation_memory_budget",
     "aot_autograd",
     "compile_fx",
+    "detect_fake_mode",
     "dynamo_explain",
     "get_hash_for_files",
     "make_boxed_func",
