@@ -3,26 +3,28 @@
 im2win ("Im2win: An Efficient Convolution Paradigm on GPU") reorders a convolution's input
 ``x[N, C, H, W]`` into windows, one per output row::
 
-    win[n, c, i, m * K_h + h] = x_padded[n, c, i * stride_h + h * dilation_h, m]
+    win[n, c, i, m * K_h + h] = x_rows_padded[n, c, i * stride_h + h * dilation_h, m]
 
-so ``win`` is ``[N, C, H_out, W_pad * K_h]``. For output pixel ``(i, j)`` every tap
-``(h, w)`` of channel ``c`` lies in one contiguous run of ``win[n, c, i]`` starting at
-``j * stride_w * K_h`` (with dilation 1), and the convolution is a GEMM with
+so ``win`` is ``[N, C, H_out, W * K_h]``. For output pixel ``(i, j)`` every tap ``(h, w)``
+of channel ``c`` lies in one contiguous run of ``win[n, c, i]`` starting at
+``(j * stride_w - pad_w) * K_h`` (with dilation 1), and the convolution is a GEMM with
 ``M = N * H_out * W_out`` (pixels), ``N = C_out`` and ``K = C * K_h * K_w`` whose K-slices
-are those runs. The window tensor holds ``W_pad * K_h`` values per output row where im2col
-holds ``W_out * K_h * K_w``: about ``stride_w / K_w`` of im2col's workspace (0.34x for 3x3,
-stride 1 on a 56-wide image).
+are those runs. The window tensor holds ``W * K_h`` values per output row where im2col holds
+``W_out * K_h * K_w``: about ``stride_w / K_w`` of im2col's workspace (one third for 3x3,
+stride 1, padding 1). Vertical zero padding is stored (it costs no extra rows: there are
+``H_out`` window rows either way) but horizontal padding is not: the paper's layout with
+padded columns would be ``(W + 2) / 3W`` of im2col, 0.43x on a 7-wide layer, while masking
+the ``pad_w`` columns at the edges keeps every 3x3 stride-1 layer at 1/3.
 
 Two ways to feed the GEMM are implemented and tested, chosen by the ``window`` argument:
 
-* ``"materialized"`` (the paper): ``window_transform`` builds ``win`` (padding baked in, one
-  strided copy), and the kernel reads the runs from it without bounds masks.
+* ``"materialized"`` (the paper): ``window_transform`` builds ``win`` (one strided copy),
+  and the kernel reads the runs from it, masking only the ``pad_w`` edge columns.
 * ``"implicit"``: the kernel reads the same ``(c, h, w)`` taps straight from ``x`` with
   masked loads for the padding; no workspace at all.
 
 Which one is faster depends on the layer (the implicit form moves fewer bytes; the
-materialized form has unmasked, ``K_h``-strided loads and no padding arithmetic in the inner
-loop). Neither has been timed on a GPU yet, so both stay: ``benchmarks/im2win.py`` times
+materialized form reads each run contiguously and masks columns only, not rows). Neither has been timed on a GPU yet, so both stay: ``benchmarks/im2win.py`` times
 both, and the ``im2win`` pass's ``"auto"`` mode times aten, implicit and materialized per
 layer on CUDA and keeps the fastest. ``DEFAULT_WINDOW`` is the form used when nothing was
 measured; it is ``"implicit"`` because it needs no workspace (a choice, not a measurement).
@@ -86,13 +88,9 @@ class ConvGeometry:
     def out_width(self) -> int:
         return _out_size(self.width, self.kernel_w, self.stride[1], self.padding[1], self.dilation[1])
 
-    @property
-    def padded_width(self) -> int:
-        return self.width + 2 * self.padding[1]
-
     def window_numel(self) -> int:
-        """Elements of im2win's window tensor ``[N, C, H_out, W_pad * K_h]``."""
-        return self.batch * self.in_channels * self.out_height * self.padded_width * self.kernel_h
+        """Elements of im2win's window tensor ``[N, C, H_out, W * K_h]``."""
+        return self.batch * self.in_channels * self.out_height * self.width * self.kernel_h
 
     def im2col_numel(self) -> int:
         """Elements of im2col's column matrix ``[N, C * K_h * K_w, H_out * W_out]``."""
@@ -182,37 +180,49 @@ def window_transform(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> torch.Tensor:
-    """im2win's window tensor ``win[N, C, H_out, W_pad * K_h]`` of ``x`` (one strided copy).
+    """im2win's window tensor ``win[N, C, H_out, W * K_h]`` of ``x`` (one strided copy).
 
-    ``win[n, c, i, m * K_h + h] = x_padded[n, c, i * stride_h + h * dilation_h, m]``. A
-    channels-last ``x`` gives a channels-last window tensor (``C`` innermost), so each
-    ``(w, h)`` run holds all channels of a group contiguously.
+    ``win[n, c, i, m * K_h + h] = x_rows_padded[n, c, i * stride_h + h * dilation_h, m]``
+    where ``x_rows_padded`` has ``padding[0]`` zero rows above and below (horizontal padding
+    is left to the GEMM's edge masks, see the module docstring). A channels-last ``x`` gives
+    a channels-last window tensor (``C`` innermost), so each ``(w, h)`` run holds all
+    channels of a group contiguously.
     """
-    batch, channels, _, _ = x.shape
-    x_padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    batch, channels, _, width = x.shape
+    x_padded = F.pad(x, (0, 0, padding[0], padding[0]))
     span = dilation[0] * (kernel_h - 1) + 1
-    rows = x_padded.unfold(2, span, stride[0])[..., :: dilation[0]]  # [N, C, H_out, W_pad, K_h]
-    out_height, padded_width = rows.shape[2], rows.shape[3]
-    shape = (batch, channels, out_height, padded_width * kernel_h)
+    rows = x_padded.unfold(2, span, stride[0])[..., :: dilation[0]]  # [N, C, H_out, W, K_h]
+    out_height = rows.shape[2]
+    shape = (batch, channels, out_height, width * kernel_h)
     if is_channels_last(x):
         win = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     else:
         win = torch.empty(shape, dtype=x.dtype, device=x.device)
-    win.unflatten(3, (padded_width, kernel_h)).copy_(rows)
+    win.unflatten(3, (width, kernel_h)).copy_(rows)
     return win
 
 
-def window_view(win: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
-    """``win`` seen as ``[N, C, H_out, W_out, K_w, K_h]``: the run each output pixel reads.
+def valid_columns(geo: ConvGeometry, w: int) -> tuple[int, int]:
+    """Output columns ``[first, stop)`` whose tap ``w`` falls inside the (unpadded) input."""
+    stride, padding, dilation = geo.stride[1], geo.padding[1], geo.dilation[1]
+    first = max(0, -((w * dilation - padding) // stride))  # ceil((padding - w*d) / stride)
+    stop = min(geo.out_width, (geo.width - 1 + padding - w * dilation) // stride + 1)
+    return first, max(first, stop)
 
-    A view (no copy): ``view[n, c, i, j, w, h] = win[n, c, i, (j*stride_w + w*dilation_w)*K_h + h]``.
+
+def window_run(win: torch.Tensor, geo: ConvGeometry, w: int, first: int, stop: int) -> torch.Tensor:
+    """The runs tap column ``w`` reads for output columns ``[first, stop)``, as a view
+    ``[N, C, H_out, stop - first, K_h]`` of ``win`` (no copy)::
+
+        run[n, c, i, j - first, h] = win[n, c, i, (j*stride_w - pad_w + w*dilation_w) * K_h + h]
     """
     s_n, s_c, s_i, s_m = win.stride()
     k_h = geo.kernel_h
+    column = first * geo.stride[1] - geo.padding[1] + w * geo.dilation[1]
     return win.as_strided(
-        (geo.batch, geo.in_channels, geo.out_height, geo.out_width, geo.kernel_w, k_h),
-        (s_n, s_c, s_i, geo.stride[1] * k_h * s_m, geo.dilation[1] * k_h * s_m, s_m),
-        win.storage_offset(),
+        (geo.batch, geo.in_channels, geo.out_height, stop - first, k_h),
+        (s_n, s_c, s_i, geo.stride[1] * k_h * s_m, s_m),
+        win.storage_offset() + column * k_h * s_m,
     )
 
 
@@ -246,22 +256,25 @@ def im2win_conv2d_reference(
     geo = geometry(x.shape, weight.shape, stride, padding, dilation, groups)
     accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
     win = window_transform(x, geo.kernel_h, geo.stride, geo.padding, geo.dilation)
-    view = window_view(win, geo)  # [N, C, H_out, W_out, K_w, K_h]
     g = groups
     in_group, out_group = geo.in_channels // g, geo.out_channels // g
-    pixels = geo.batch * geo.out_height * geo.out_width
-    # [G, N, H_out, W_out, K_w, K_h, C/g]: pixels major, (h, c) contiguous per kernel column.
-    grouped = view.unflatten(1, (g, in_group)).permute(1, 0, 3, 4, 5, 6, 2)
     # weight [C_out, C/g, K_h, K_w] -> [G, K_w, K_h * C/g, C_out/g]
     weight_matrix = weight.unflatten(0, (g, out_group)).permute(0, 4, 3, 2, 1).reshape(
         g, geo.kernel_w, geo.kernel_h * in_group, out_group
     )
-    acc = torch.zeros(g, pixels, out_group, dtype=accumulate, device=x.device)
+    acc = torch.zeros(g, geo.batch, geo.out_height, geo.out_width, out_group, dtype=accumulate, device=x.device)
     for w in range(geo.kernel_w):
-        columns = grouped[:, :, :, :, w].reshape(g, pixels, geo.kernel_h * in_group)
-        acc += torch.bmm(columns, weight_matrix[:, w]).to(accumulate)
+        first, stop = valid_columns(geo, w)
+        if first == stop:
+            continue  # tap column w only ever reads horizontal padding
+        run = window_run(win, geo, w, first, stop)  # [N, C, H_out, J, K_h]
+        # [G, N, H_out, J, K_h, C/g]: pixels major, (h, c) contiguous.
+        columns = run.unflatten(1, (g, in_group)).permute(1, 0, 3, 4, 5, 2)
+        columns = columns.reshape(g, -1, geo.kernel_h * in_group)
+        partial = torch.bmm(columns, weight_matrix[:, w]).to(accumulate)
+        acc[:, :, :, first:stop] += partial.view(g, geo.batch, geo.out_height, stop - first, out_group)
     # [G, N, H_out, W_out, C_out/g] -> [N, H_out, W_out, C_out] -> logical NCHW
-    out = acc.unflatten(1, (geo.batch, geo.out_height, geo.out_width)).permute(1, 2, 3, 0, 4)
+    out = acc.permute(1, 2, 3, 0, 4)
     out = out.reshape(geo.batch, geo.out_height, geo.out_width, geo.out_channels).permute(0, 3, 1, 2)
     if bias is not None:
         out = out + bias.to(accumulate)[None, :, None, None]
@@ -311,8 +324,8 @@ _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
 @functools.cache
-def _kernels() -> tuple[Any, Any]:
-    """Build the Triton kernel (and its autotuned twin) on first use."""
+def _kernel() -> Any:
+    """Build the Triton kernel on first use (Triton is imported here, not at module import)."""
     import triton
     import triton.language as tl
 
@@ -347,12 +360,12 @@ def _kernels() -> tuple[Any, Any]:
         # Address of tap (c, h, w) for pixel p splits into a pixel part and a K part, so each
         # tile is one outer sum. int64 pixel offsets: batch-128 layers pass 2**31 elements.
         channel0 = group * IN_GROUP
+        col0 = j * STRIDE_W - PAD_W
         if MATERIALIZED:
-            # win[n, c, i, (j*S_W + w*D_W)*K_H + h]; padding is already in the window tensor.
-            base_p = n.to(tl.int64) * src_sn + i.to(tl.int64) * src_srow + (j * STRIDE_W * K_H).to(tl.int64) * src_scol
+            # win[n, c, i, (j*S_W - P_W + w*D_W)*K_H + h]; vertical padding is in the window.
+            base_p = n.to(tl.int64) * src_sn + i.to(tl.int64) * src_srow + (col0 * K_H).to(tl.int64) * src_scol
         else:
             row0 = i * STRIDE_H - PAD_H
-            col0 = j * STRIDE_W - PAD_W
             base_p = n.to(tl.int64) * src_sn + row0.to(tl.int64) * src_srow + col0.to(tl.int64) * src_scol
         base_p += channel0.to(tl.int64) * src_sc
 
@@ -372,13 +385,14 @@ def _kernels() -> tuple[Any, Any]:
                 tap = offs_k // K_H
                 w = tap % K_W
                 c = tap // K_W
+            col = col0[:, None] + (w * DIL_W)[None, :]
             if MATERIALIZED:
                 off_k = c * src_sc + ((w * DIL_W) * K_H + h) * src_scol
-                a_mask = mask_p[:, None] & mask_k[None, :]
+                inside = (col >= 0) & (col < SRC_W)
+                a_mask = mask_p[:, None] & mask_k[None, :] & inside
             else:
                 off_k = c * src_sc + (h * DIL_H) * src_srow + (w * DIL_W) * src_scol
                 row = row0[:, None] + (h * DIL_H)[None, :]
-                col = col0[:, None] + (w * DIL_W)[None, :]
                 inside = (row >= 0) & (row < SRC_H) & (col >= 0) & (col < SRC_W)
                 a_mask = mask_p[:, None] & mask_k[None, :] & inside
             a = tl.load(src_ptr + base_p[:, None] + off_k[None, :], mask=a_mask, other=0.0)
@@ -411,11 +425,18 @@ def _kernels() -> tuple[Any, Any]:
             mask=mask_p[:, None] & mask_co[None, :],
         )
 
-    autotuned = triton.autotune(
-        configs=[_triton_config(triton, config) for config in AUTOTUNE_CONFIGS],
+    return im2win_conv_kernel
+
+
+@functools.cache
+def _autotuned(configs: tuple[TileConfig, ...]) -> Any:
+    """The kernel autotuned over ``configs`` (one wrapper, and one tuning cache, per set)."""
+    import triton
+
+    return triton.autotune(
+        configs=[_triton_config(triton, config) for config in configs],
         key=["PIXELS", "OUT_HW", "IN_GROUP", "OUT_GROUP", "K_TOTAL", "MATERIALIZED", "CHANNELS_INNER"],
-    )(im2win_conv_kernel)
-    return im2win_conv_kernel, autotuned
+    )(_kernel())
 
 
 def _triton_config(triton: Any, config: TileConfig) -> Any:
@@ -444,7 +465,7 @@ def im2win_conv2d_triton(
     groups: int = 1,
     activation: str = "none",
     window: str = DEFAULT_WINDOW,
-    config: TileConfig | None = None,
+    config: TileConfig | Sequence[TileConfig] | None = None,
     allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """Launch the im2win Triton kernel.
@@ -452,7 +473,8 @@ def im2win_conv2d_triton(
     ``window``: ``"implicit"`` (taps read from ``x`` by addressing) or ``"materialized"``
     (``window_transform`` first, as in the paper). ``config``: one fixed ``TileConfig``
     (what the CPU tests use under ``TRITON_INTERPRET=1``, where autotuning would time every
-    config in the interpreter), or ``None`` to autotune over ``AUTOTUNE_CONFIGS``.
+    config in the interpreter), a sequence of them to autotune over, or ``None`` to
+    autotune over ``AUTOTUNE_CONFIGS``.
     ``allow_tf32``: float32 inputs use TF32 tensor cores when true; ``None`` follows
     ``torch.backends.cudnn.allow_tf32``, the flag that governs the convolution this replaces.
     """
@@ -477,7 +499,6 @@ def im2win_conv2d_triton(
     precision = "tf32" if (allow_tf32 and x.dtype == torch.float32 and x.is_cuda) else "ieee"
     in_group, out_group = geo.in_channels // groups, geo.out_channels // groups
     pixels = geo.batch * geo.out_height * geo.out_width
-    kernel, autotuned = _kernels()
     args = (
         src, weights, bias if bias is not None else weights, out,
         pixels, geo.out_height * geo.out_width, geo.out_width, geo.height, geo.width,
@@ -497,10 +518,10 @@ def im2win_conv2d_triton(
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return (math.ceil(pixels / meta["BLOCK_P"]), math.ceil(out_group / meta["BLOCK_CO"]), groups)
 
-    if config is None:
-        autotuned[grid](*args, **constants)
+    if config is None or not isinstance(config, TileConfig):
+        _autotuned(tuple(config or AUTOTUNE_CONFIGS))[grid](*args, **constants)
     else:
-        kernel[grid](
+        _kernel()[grid](
             *args, **constants,
             BLOCK_P=config.block_pixels, BLOCK_CO=config.block_channels, BLOCK_K=config.block_k,
             num_warps=config.num_warps, num_stages=config.num_stages,
