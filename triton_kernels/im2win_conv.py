@@ -258,10 +258,7 @@ def im2win_conv2d_reference(
     win = window_transform(x, geo.kernel_h, geo.stride, geo.padding, geo.dilation)
     g = groups
     in_group, out_group = geo.in_channels // g, geo.out_channels // g
-    # weight [C_out, C/g, K_h, K_w] -> [G, K_w, K_h * C/g, C_out/g]
-    weight_matrix = weight.unflatten(0, (g, out_group)).permute(0, 4, 3, 2, 1).reshape(
-        g, geo.kernel_w, geo.kernel_h * in_group, out_group
-    )
+    grouped_weight = weight.unflatten(0, (g, out_group))  # [G, C_out/g, C/g, K_h, K_w]
     acc = torch.zeros(g, geo.batch, geo.out_height, geo.out_width, out_group, dtype=accumulate, device=x.device)
     for w in range(geo.kernel_w):
         first, stop = valid_columns(geo, w)
@@ -271,7 +268,9 @@ def im2win_conv2d_reference(
         # [G, N, H_out, J, K_h, C/g]: pixels major, (h, c) contiguous.
         columns = run.unflatten(1, (g, in_group)).permute(1, 0, 3, 4, 5, 2)
         columns = columns.reshape(g, -1, geo.kernel_h * in_group)
-        partial = torch.bmm(columns, weight_matrix[:, w]).to(accumulate)
+        # One kernel column of the weight at a time: [G, K_h * C/g, C_out/g], 1/K_w of its size.
+        weight_column = grouped_weight[..., w].permute(0, 3, 2, 1).reshape(g, geo.kernel_h * in_group, out_group)
+        partial = torch.bmm(columns, weight_column).to(accumulate)
         acc[:, :, :, first:stop] += partial.view(g, geo.batch, geo.out_height, stop - first, out_group)
     # [G, N, H_out, W_out, C_out/g] -> [N, H_out, W_out, C_out] -> logical NCHW
     out = acc.permute(1, 2, 3, 0, 4)
