@@ -95,7 +95,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             result.notes.append(f"{conv.name}: left to aten: {reason}")
         result.details.append(row)
     if result.rewrites:
-        graph.eliminate_dead_code()
         result.bytes_saved = max(0, peak_before - estimate(gm).peak_bytes)
     return result
 
@@ -300,6 +299,9 @@ def cache_path(options: Im2winOptions) -> str:
     return os.path.expanduser(options.cache_path or DEFAULT_CACHE_PATH)
 
 
+_ALGORITHMS = ("aten", *(f"im2win-{window}" for window in im2win_conv.WINDOWS))
+
+
 class _Chooser:
     """Picks aten or im2win for a site: forced, from the cache, or by timing both once."""
 
@@ -314,8 +316,8 @@ class _Chooser:
             return f"im2win-{window}", "forced", None
         key = site.cache_key(device)
         entries = self._load()
-        if key in entries:
-            entry = entries[key]
+        entry = entries.get(key)
+        if isinstance(entry, dict) and entry.get("algorithm") in _ALGORITHMS:
             return entry["algorithm"], "cached", entry.get("times_ms")
         times = _time_candidates(site, device)
         best = min((name for name in times if name != "aten"), key=times.__getitem__)

@@ -378,6 +378,7 @@ def small_net():
 
 def test_pass_auto_measures_and_caches(tmp_path):
     cache = tmp_path / "im2win.json"
+    cache.write_text("{not json")  # a damaged cache is ignored and rewritten
     model, x = small_net(), torch.randn(1, 3, 9, 9)
     options = {"mode": "auto", "cache_path": str(cache)}
     torch._dynamo.reset()
