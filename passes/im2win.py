@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import os
 import platform
 import statistics
@@ -46,6 +47,8 @@ from memopt.estimate import estimate
 from memopt.passes.base import GraphPass, PassContext
 from memopt.report import PassResult
 from memopt.triton_kernels import im2win_conv
+
+log = logging.getLogger("memopt")
 
 DEFAULT_CACHE_PATH = os.path.join("~", ".cache", "memopt", "im2win.json")
 """Where ``"auto"`` caches its measured choices unless ``Im2winOptions.cache_path`` says otherwise."""
@@ -320,8 +323,9 @@ class _Chooser:
         if isinstance(entry, dict) and entry.get("algorithm") in _ALGORITHMS:
             return entry["algorithm"], "cached", entry.get("times_ms")
         times = _time_candidates(site, device)
-        best = min((name for name in times if name != "aten"), key=times.__getitem__)
-        if times["aten"] >= self.options.min_speedup * times[best]:
+        viable = [name for name, ms in times.items() if name != "aten" and ms is not None]
+        best = min(viable, key=times.__getitem__, default=None)
+        if best is not None and times["aten"] >= self.options.min_speedup * times[best]:
             algorithm = best
         else:
             algorithm = "aten"
@@ -353,8 +357,13 @@ class _Chooser:
             pass
 
 
-def _time_candidates(site: _Site, device: torch.device, repeat: int = 5) -> dict[str, float]:
-    """Median milliseconds of aten and of each im2win form on fresh random tensors."""
+def _time_candidates(site: _Site, device: torch.device, repeat: int = 5) -> dict[str, float | None]:
+    """Median milliseconds of aten and of each im2win form on fresh random tensors.
+
+    A candidate that fails (a Triton compile error on an untested GPU, out of memory) gets
+    ``None`` and is never chosen. One whose first timed call is already more than twice
+    aten's median stops there: it cannot win, and the CPU implementation can be slow.
+    """
     x = _random_like(site.x_val)
     weight = _random_like(site.weight_val)
     bias = _random_like(site.bias_val) if site.bias_val is not None else None
@@ -364,22 +373,29 @@ def _time_candidates(site: _Site, device: torch.device, repeat: int = 5) -> dict
     def aten() -> torch.Tensor:
         return im2win_conv.apply_activation(F.conv2d(x, weight, bias, stride, padding, dilation, groups), activation)
 
-    candidates: dict[str, Callable[[], torch.Tensor]] = {"aten": aten}
+    times: dict[str, float | None] = {}
     windows = im2win_conv.WINDOWS if device.type == "cuda" else ("materialized",)
-    for window in windows:
-        candidates[f"im2win-{window}"] = (
-            lambda window=window: torch.ops.memopt.im2win_conv2d(
-                x, weight, bias, stride, padding, dilation, groups, activation, window
-            )
-        )
-    times = {}
     with torch.no_grad():
-        for name, fn in candidates.items():
-            times[name] = round(_median_ms(fn, device, repeat), 4)
+        aten_ms = _median_ms(aten, device, repeat)
+        times["aten"] = round(aten_ms, 4)
+        for window in windows:
+
+            def im2win(window: str = window) -> torch.Tensor:
+                return torch.ops.memopt.im2win_conv2d(
+                    x, weight, bias, stride, padding, dilation, groups, activation, window
+                )
+
+            try:
+                times[f"im2win-{window}"] = round(_median_ms(im2win, device, repeat, give_up_ms=2 * aten_ms), 4)
+            except Exception as error:  # noqa: BLE001 -- any failure just means "not this one"
+                log.warning("im2win: timing the %s form failed (%s); not using it", window, error)
+                times[f"im2win-{window}"] = None
     return times
 
 
-def _median_ms(fn: Callable[[], torch.Tensor], device: torch.device, repeat: int) -> float:
+def _median_ms(
+    fn: Callable[[], torch.Tensor], device: torch.device, repeat: int, give_up_ms: float | None = None
+) -> float:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -392,6 +408,8 @@ def _median_ms(fn: Callable[[], torch.Tensor], device: torch.device, repeat: int
         fn()
         sync()
         samples.append((time.perf_counter() - begin) * 1e3)
+        if give_up_ms is not None and samples[0] > give_up_ms:
+            break
     return statistics.median(samples)
 
 

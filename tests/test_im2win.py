@@ -451,3 +451,25 @@ def test_config_validation():
     options = Config(im2win={"cache_path": "/tmp/x.json"}).im2win
     assert options == Im2winOptions(mode="auto", cache_path="/tmp/x.json")
     assert Config(im2win={"mode": False}).im2win is False
+
+
+def test_pass_auto_failed_candidate_keeps_aten(tmp_path, monkeypatch):
+    """An im2win form that fails while being timed (say a Triton compile error) is never chosen."""
+    from memopt.passes import im2win as im2win_pass
+
+    real_median_ms = im2win_pass._median_ms
+
+    def failing_for_im2win(fn, device, repeat, give_up_ms=None):
+        if give_up_ms is not None:  # only the im2win candidates get a give-up time
+            raise RuntimeError("simulated kernel failure")
+        return real_median_ms(fn, device, repeat)
+
+    monkeypatch.setattr(im2win_pass, "_median_ms", failing_for_im2win)
+    model, x = small_net(), torch.randn(1, 3, 9, 9)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = memopt.compile(model, lowering="eager", im2win={"cache_path": str(tmp_path / "c.json")})(x)
+    result = im2win_result(memopt.last_report())
+    assert result.rewrites == 0 and result.error is None
+    assert all(row["times_ms"]["im2win-materialized"] is None for row in result.details)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
