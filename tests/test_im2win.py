@@ -205,6 +205,30 @@ def test_triton_autotuned_launch_path():
     assert_close_scaled(out, ref, torch.float32)
 
 
+@needs_triton
+def test_triton_autotune_prunes_to_the_problem():
+    """Depthwise (C_out/g = 1, K = 9): pruning leaves the one 16-wide config, which the
+    autotuner then runs without timing -- so this path runs in the interpreter too."""
+    device = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+    case = CASES[2]
+    x, weight, bias = make_inputs(case, torch.float32, channels_last=False, device=device, seed=6)
+    configs = (TileConfig(32, 32, 32, 1, 1), INTERPRETER_CONFIG, TileConfig(16, 32, 16, 1, 1))
+    out = im2win_conv2d_triton(x, weight, bias, *conv_args(case), "none", "implicit", config=configs, allow_tf32=False)
+    ref = F.conv2d(x.double(), weight.double(), None, *conv_args(case))
+    assert_close_scaled(out, ref, torch.float32)
+
+
+def test_prune_configs_keeps_what_fits():
+    triton = pytest.importorskip("triton", reason="pruning works on triton.Config objects")
+    configs = [im2win_conv._triton_config(triton, config) for config in im2win_conv.AUTOTUNE_CONFIGS]
+    depthwise = im2win_conv.prune_configs(configs, {"PIXELS": 4096, "OUT_GROUP": 1, "K_TOTAL": 9})
+    assert {(c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_K"]) for c in depthwise} == {(16, 16)}
+    wide = im2win_conv.prune_configs(configs, {"PIXELS": 10**6, "OUT_GROUP": 256, "K_TOTAL": 1152})
+    assert len(wide) == len(configs)
+    tiny = im2win_conv.prune_configs(configs, {"PIXELS": 1, "OUT_GROUP": 1, "K_TOTAL": 1})
+    assert len(tiny) == 1 and tiny[0].kwargs["BLOCK_P"] == 64
+
+
 @needs_cuda
 @pytest.mark.parametrize("window", im2win_conv.WINDOWS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

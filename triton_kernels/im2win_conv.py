@@ -435,7 +435,27 @@ def _autotuned(configs: tuple[TileConfig, ...]) -> Any:
     return triton.autotune(
         configs=[_triton_config(triton, config) for config in configs],
         key=["PIXELS", "OUT_HW", "IN_GROUP", "OUT_GROUP", "K_TOTAL", "MATERIALIZED", "CHANNELS_INNER"],
+        prune_configs_by={"early_config_prune": prune_configs},
     )(_kernel())
+
+
+def prune_configs(configs: list[Any], named_args: dict[str, Any], **_kwargs: Any) -> list[Any]:
+    """Drop tile configs wider than the problem before timing them: a depthwise layer
+    (C_out/g = 1, K = 9) gains nothing from 128-wide channel or 64-deep K tiles, and timing
+    them only lengthens autotuning. Keeps the smallest config when none fits."""
+
+    def cap(size: int) -> int:
+        return max(16, 1 << max(0, int(size) - 1).bit_length())
+
+    limits = {
+        "BLOCK_P": cap(named_args["PIXELS"]),
+        "BLOCK_CO": cap(named_args["OUT_GROUP"]),
+        "BLOCK_K": cap(named_args["K_TOTAL"]),
+    }
+    kept = [config for config in configs if all(config.kwargs[name] <= limit for name, limit in limits.items())]
+    if kept:
+        return kept
+    return [min(configs, key=lambda config: tuple(config.kwargs[name] for name in limits))]
 
 
 def _triton_config(triton: Any, config: TileConfig) -> Any:
