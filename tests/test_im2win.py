@@ -239,6 +239,78 @@ def test_triton_kernel_bf16_autotuned_gpu(case, channels_last, window):
     assert_close_scaled(out, expected(case, x, weight, bias), torch.bfloat16)
 
 
+def _ptxas_available() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    nvidia = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(nvidia)
+
+
+# (dtype, window, channels_last, activation, input_precision, compute capability)
+CUDA_COMPILE_VARIANTS = [
+    ("fp32", "implicit", False, "gelu", "tf32", 90),
+    ("bf16", "materialized", True, "silu", "ieee", 90),
+    ("fp16", "implicit", True, "relu", "ieee", 80),
+]
+
+
+_COMPILE_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from memopt.triton_kernels import im2win_conv
+
+triton.knobs.cache.dir = sys.argv[1]
+kernel = im2win_conv._kernel()
+results = []
+for dtype, window, channels_last, activation, precision, capability in json.loads(sys.argv[2]):
+    constants = dict(
+        STRIDE_H=1, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=2, K_H=3, K_W=3,
+        MATERIALIZED=window == "materialized", CHANNELS_INNER=channels_last, HAS_BIAS=True,
+        ACTIVATION=im2win_conv.ACTIVATIONS.index(activation), INPUT_PRECISION=precision,
+        BLOCK_P=128, BLOCK_CO=64, BLOCK_K=32,
+    )
+    signature = {
+        name: "constexpr" if name in constants else (f"*{dtype}" if name.endswith("_ptr") else "i32")
+        for name in kernel.arg_names
+    }
+    constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": 4, "num_stages": 3},
+    )
+    ptx = compiled.asm["ptx"]
+    results.append({"cubin": bool(compiled.asm.get("cubin")), "mma": "mma" in ptx})
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas to compile for CUDA")
+def test_triton_kernel_compiles_for_cuda(tmp_path):
+    """The compiled (not interpreted) kernel builds to a cubin for Hopper and Ampere without a
+    GPU, bf16 included, and the 16-bit variants use tensor-core MMA instructions. Runs in a
+    subprocess: under TRITON_INTERPRET=1 this process's Triton only interprets."""
+    import json
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    completed = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, str(tmp_path), json.dumps(CUDA_COMPILE_VARIANTS)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert len(results) == len(CUDA_COMPILE_VARIANTS)
+    for variant, result in zip(CUDA_COMPILE_VARIANTS, results):
+        assert result["cubin"], variant
+        assert result["mma"] == (variant[0] != "fp32" or variant[4] == "tf32"), variant
+
+
 def test_tile_config_validation():
     with pytest.raises(ValueError, match="power of two"):
         TileConfig(block_pixels=24)
