@@ -9,8 +9,9 @@ Option ``im2win`` (``Config.im2win``):
 
 * ``"auto"`` (default): a site is rewritten only where im2win measured faster than aten's
   convolution on ``ctx.device``: each (shapes, dtype, layout, activation, device, versions)
-  is timed once on random tensors -- aten vs the op's CPU implementation on CPU; aten vs
-  the implicit and materialized Triton kernels on CUDA -- and the choice is cached in a JSON
+  is timed once on random tensors (fastest of 7 interleaved runs) -- aten vs the op's CPU
+  implementation on CPU; aten vs the implicit and materialized Triton kernels on CUDA --
+  and the choice is cached in a JSON
   file (``Im2winOptions.cache_path``, default ``~/.cache/memopt/im2win.json``). im2win must
   beat aten by ``min_speedup`` (default 5%) to be picked, so noise never swaps in a slower
   algorithm.
@@ -25,12 +26,12 @@ that needs asymmetric padding (even effective kernel), non-constant arguments.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import logging
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -322,7 +323,10 @@ class _Chooser:
         entry = entries.get(key)
         if isinstance(entry, dict) and entry.get("algorithm") in _ALGORITHMS:
             return entry["algorithm"], "cached", entry.get("times_ms")
-        times = _time_candidates(site, device)
+        try:
+            times = _time_candidates(site, device)
+        except Exception as error:  # aten itself failed to run on random inputs (out of memory?)
+            raise _Skip(f"could not time aten's convolution ({type(error).__name__}: {error})") from None
         viable = [name for name, ms in times.items() if name != "aten" and ms is not None]
         best = min(viable, key=times.__getitem__, default=None)
         if best is not None and times["aten"] >= self.options.min_speedup * times[best]:
@@ -357,12 +361,16 @@ class _Chooser:
             pass
 
 
-def _time_candidates(site: _Site, device: torch.device, repeat: int = 5) -> dict[str, float | None]:
-    """Median milliseconds of aten and of each im2win form on fresh random tensors.
+def _time_candidates(site: _Site, device: torch.device, rounds: int = 7) -> dict[str, float | None]:
+    """Fastest of ``rounds`` runs, in milliseconds, of aten and of each im2win form on fresh
+    random tensors.
 
-    A candidate that fails (a Triton compile error on an untested GPU, out of memory) gets
-    ``None`` and is never chosen. One whose first timed call is already more than twice
-    aten's median stops there: it cannot win, and the CPU implementation can be slow.
+    The candidates run interleaved, one call each per round, so a burst of load from other
+    processes slows all of them alike; and the fastest run is compared, not the median,
+    because interference only ever adds time (on a shared CPU, a multi-threaded oneDNN call
+    can take 100x longer in a bad moment). A candidate that fails (a Triton compile error on
+    an untested GPU, out of memory) gets ``None`` and is never chosen. One whose first run
+    is over four times aten's is not run again: it cannot win.
     """
     x = _random_like(site.x_val)
     weight = _random_like(site.weight_val)
@@ -373,44 +381,42 @@ def _time_candidates(site: _Site, device: torch.device, repeat: int = 5) -> dict
     def aten() -> torch.Tensor:
         return im2win_conv.apply_activation(F.conv2d(x, weight, bias, stride, padding, dilation, groups), activation)
 
-    times: dict[str, float | None] = {}
+    candidates: dict[str, Callable[[], torch.Tensor]] = {"aten": aten}
     windows = im2win_conv.WINDOWS if device.type == "cuda" else ("materialized",)
+    for window in windows:
+        candidates[f"im2win-{window}"] = functools.partial(
+            torch.ops.memopt.im2win_conv2d, x, weight, bias, stride, padding, dilation, groups, activation, window
+        )
+    samples: dict[str, list[float] | None] = {name: [] for name in candidates}
+    active = list(candidates)
     with torch.no_grad():
-        aten_ms = _median_ms(aten, device, repeat)
-        times["aten"] = round(aten_ms, 4)
-        for window in windows:
+        for round_index in range(-1, rounds):  # round -1: warm-up (and Triton autotuning)
+            for name in list(active):
+                try:
+                    elapsed = _run_ms(candidates[name], device)
+                except Exception as error:
+                    if name == "aten":
+                        raise
+                    log.warning("im2win: running the %s form failed (%s); not using it", name, error)
+                    samples[name] = None
+                    active.remove(name)
+                    continue
+                if round_index >= 0:
+                    samples[name].append(elapsed)
+            if round_index == 0:
+                aten_first = samples["aten"][0]
+                active = [name for name in active if name == "aten" or samples[name][0] <= 4 * aten_first]
+    return {name: round(min(runs), 4) if runs else None for name, runs in samples.items()}
 
-            def im2win(window: str = window) -> torch.Tensor:
-                return torch.ops.memopt.im2win_conv2d(
-                    x, weight, bias, stride, padding, dilation, groups, activation, window
-                )
 
-            try:
-                times[f"im2win-{window}"] = round(_median_ms(im2win, device, repeat, give_up_ms=2 * aten_ms), 4)
-            except Exception as error:  # noqa: BLE001 -- any failure just means "not this one"
-                log.warning("im2win: timing the %s form failed (%s); not using it", window, error)
-                times[f"im2win-{window}"] = None
-    return times
-
-
-def _median_ms(
-    fn: Callable[[], torch.Tensor], device: torch.device, repeat: int, give_up_ms: float | None = None
-) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()  # warm-up (and Triton autotuning on CUDA)
-    sync()
-    samples = []
-    for _ in range(repeat):
-        begin = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - begin) * 1e3)
-        if give_up_ms is not None and samples[0] > give_up_ms:
-            break
-    return statistics.median(samples)
+def _run_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    begin = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - begin) * 1e3
 
 
 def _random_like(val: torch.Tensor) -> torch.Tensor:
