@@ -11,10 +11,9 @@ Option ``im2win`` (``Config.im2win``):
   convolution on ``ctx.device``: each (shapes, dtype, layout, activation, device, versions)
   is timed once on random tensors (fastest of 7 interleaved runs) -- aten vs the op's CPU
   implementation on CPU; aten vs the implicit and materialized Triton kernels on CUDA --
-  and the choice is cached in a JSON
-  file (``Im2winOptions.cache_path``, default ``~/.cache/memopt/im2win.json``). im2win must
-  beat aten by ``min_speedup`` (default 5%) to be picked, so noise never swaps in a slower
-  algorithm.
+  and the choice is cached in a JSON file (``Im2winOptions.cache_path``, default
+  ``~/.cache/memopt/im2win.json``). im2win must beat aten by ``min_speedup`` (default 5%)
+  to be picked, so noise never swaps in a slower algorithm.
 * ``True``: every supported site is rewritten (CUDA uses ``DEFAULT_WINDOW``).
 * ``False``: the pass does not run.
 
