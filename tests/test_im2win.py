@@ -335,8 +335,12 @@ def op_call_args(case: Case, x, weight, bias, window="implicit"):
             case.activation, window)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("case", CASES[:4], ids=CASE_IDS[:4])
+OPCHECK_CASES = [(CASES[0], False), (CASES[0], True), (CASES[1], False), (CASES[2], True)]
+
+
+@pytest.mark.parametrize(
+    ("case", "channels_last"), OPCHECK_CASES, ids=[f"{c.name}-{'cl' if cl else 'nchw'}" for c, cl in OPCHECK_CASES]
+)
 def test_op_opcheck(case, channels_last):
     x, weight, bias = make_inputs(case, torch.float32, channels_last)
     x.requires_grad_()
