@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._guards import detect_fake_mode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "custom_partitioner_base",
     "hash_of_files",
     "inductor_decompositions",
+    "detect_fake_mode",
     "dynamo_explain",
     "make_boxed_func",
     "min_cut_rematerialization_partition",

@@ -12,6 +12,41 @@ from collections.abc import Mapping
 from typing import Any
 
 LOWERINGS = ("inductor", "eager")
+IM2WIN_MODES = ("auto", True, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Im2winOptions:
+    """The ``im2win`` option in dict form, e.g. ``{"mode": "auto", "cache_path": "/tmp/c.json"}``."""
+
+    mode: str | bool = "auto"
+    """``"auto"``, ``True`` or ``False``, as for the plain ``im2win`` option."""
+    cache_path: str | None = None
+    """JSON file caching ``"auto"``'s measured choices; ``None`` is
+    ``~/.cache/memopt/im2win.json`` (see ``docs/passes/im2win.md``)."""
+    min_speedup: float = 1.05
+    """``"auto"`` picks im2win only when aten's time is at least this multiple of im2win's,
+    so measurement noise never swaps in a slower algorithm."""
+
+    def __post_init__(self) -> None:
+        _check_choice("im2win.mode", self.mode, IM2WIN_MODES)
+        if self.cache_path is not None and not isinstance(self.cache_path, str):
+            raise ValueError(f"memopt option 'im2win.cache_path' must be a path string or None, got {self.cache_path!r}")
+        speedup = self.min_speedup
+        if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not speedup >= 1:
+            raise ValueError(f"memopt option 'im2win.min_speedup' must be a number >= 1, got {speedup!r}")
+        object.__setattr__(self, "min_speedup", float(speedup))
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> Im2winOptions:
+        valid = tuple(field.name for field in dataclasses.fields(cls))
+        unknown = sorted(str(key) for key in options if key not in valid)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {', '.join(map(repr, unknown))} in memopt option 'im2win'; "
+                f"valid keys are: {', '.join(valid)}"
+            )
+        return cls(**options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +75,22 @@ class Config:
     """Extra Inductor ``config_patches`` for ``lowering="inductor"`` (e.g.
     ``{"max_autotune": True}``); Inductor validates the keys."""
 
+    im2win: str | bool | Im2winOptions = "auto"
+    """Rewrite 2-D convolutions (and a following ReLU/SiLU/GELU) into
+    ``memopt::im2win_conv2d`` (``passes/im2win.py``). ``"auto"``: only where im2win measured
+    faster than aten's convolution on the device at hand (timed once per layer shape, dtype and
+    device; the choice is cached on disk). ``True``: wherever the configuration is supported.
+    ``False``: never. A dict ``{"mode": ..., "cache_path": ..., "min_speedup": ...}`` (see
+    :class:`Im2winOptions`) sets the cache file and the margin too."""
+
     def __post_init__(self) -> None:
         _check_choice("lowering", self.lowering, LOWERINGS)
+        if isinstance(self.im2win, Mapping):
+            object.__setattr__(self, "im2win", Im2winOptions.from_dict(self.im2win))
+        elif not isinstance(self.im2win, Im2winOptions):
+            _check_choice("im2win", self.im2win, IM2WIN_MODES)
+        if isinstance(self.im2win, Im2winOptions) and self.im2win.mode is False:
+            object.__setattr__(self, "im2win", False)
         if self.memory_budget is not None:
             budget = self.memory_budget
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:

@@ -14,6 +14,17 @@ TOLERANCES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def im2win_choices_in_a_temporary_cache(tmp_path_factory):
+    """`im2win="auto"` caches its measured choices on disk: never in the user's home."""
+    import memopt.passes.im2win as im2win
+
+    original = im2win.DEFAULT_CACHE_PATH
+    im2win.DEFAULT_CACHE_PATH = str(tmp_path_factory.mktemp("memopt-cache") / "im2win.json")
+    yield
+    im2win.DEFAULT_CACHE_PATH = original
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Every test compiles from scratch: no cached graph from an earlier test."""

@@ -4,3 +4,5 @@ Importing this package registers every op (one module per op, each with fake, au
 CPU and CUDA implementations). Triton is imported lazily by the CUDA implementations, so
 registering costs little and works without Triton.
 """
+
+from memopt.ops import im2win_conv2d  # noqa: F401  (torch.ops.memopt.im2win_conv2d)

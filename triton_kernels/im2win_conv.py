@@ -1,0 +1,548 @@
+"""im2win convolution: the window transform, a Triton GEMM over windows, and a PyTorch reference.
+
+im2win ("Im2win: An Efficient Convolution Paradigm on GPU") reorders a convolution's input
+``x[N, C, H, W]`` into windows, one per output row::
+
+    win[n, c, i, m * K_h + h] = x_rows_padded[n, c, i * stride_h + h * dilation_h, m]
+
+so ``win`` is ``[N, C, H_out, W * K_h]``. For output pixel ``(i, j)`` every tap ``(h, w)``
+of channel ``c`` lies in one contiguous run of ``win[n, c, i]`` starting at
+``(j * stride_w - pad_w) * K_h`` (with dilation 1), and the convolution is a GEMM with
+``M = N * H_out * W_out`` (pixels), ``N = C_out`` and ``K = C * K_h * K_w`` whose K-slices
+are those runs. The window tensor holds ``W * K_h`` values per output row where im2col holds
+``W_out * K_h * K_w``: about ``stride_w / K_w`` of im2col's workspace (one third for 3x3,
+stride 1, padding 1). Vertical zero padding is stored (it costs no extra rows: there are
+``H_out`` window rows either way) but horizontal padding is not: the paper's layout with
+padded columns would be ``(W + 2) / 3W`` of im2col, 0.43x on a 7-wide layer, while masking
+the ``pad_w`` columns at the edges keeps every 3x3 stride-1 layer at 1/3.
+
+Two ways to feed the GEMM are implemented and tested, chosen by the ``window`` argument:
+
+* ``"materialized"`` (the paper): ``window_transform`` builds ``win`` (one strided copy),
+  and the kernel reads the runs from it, masking only the ``pad_w`` edge columns.
+* ``"implicit"``: the kernel reads the same ``(c, h, w)`` taps straight from ``x`` with
+  masked loads for the padding; no workspace at all.
+
+Which one is faster depends on the layer (the implicit form moves fewer bytes; the
+materialized form reads each run contiguously and masks columns only, not rows). Neither has been timed on a GPU yet, so both stay: ``benchmarks/im2win.py`` times
+both, and the ``im2win`` pass's ``"auto"`` mode times aten, implicit and materialized per
+layer on CUDA and keeps the fastest. ``DEFAULT_WINDOW`` is the form used when nothing was
+measured; it is ``"implicit"`` because it needs no workspace (a choice, not a measurement).
+
+NCHW and channels-last inputs are both supported: the K index is decomposed so that its
+fastest-varying part follows the input's contiguous dimension (``h`` of the window for NCHW,
+``c`` for channels-last), and the weight matrix is laid out to match.
+
+The backward pass (``memopt::im2win_conv2d``'s autograd) uses aten's
+``convolution_backward``: the input gradient is a transposed convolution and the weight
+gradient a reduction over pixels, neither of which has the window structure this kernel
+exploits, and cuDNN's backward algorithms are strong.
+
+Only ``torch`` is imported at module level; Triton is imported when a kernel is first
+launched, so the PyTorch reference works (and ``import memopt`` stays fast) without Triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("none", "relu", "silu", "gelu")
+WINDOWS = ("implicit", "materialized")
+DEFAULT_WINDOW = "implicit"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# Geometry shared by the reference, the launcher, the op and the pass
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Sizes of one 2-D convolution (symmetric zero padding)."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @property
+    def out_height(self) -> int:
+        return _out_size(self.height, self.kernel_h, self.stride[0], self.padding[0], self.dilation[0])
+
+    @property
+    def out_width(self) -> int:
+        return _out_size(self.width, self.kernel_w, self.stride[1], self.padding[1], self.dilation[1])
+
+    def window_numel(self) -> int:
+        """Elements of im2win's window tensor ``[N, C, H_out, W * K_h]``."""
+        return self.batch * self.in_channels * self.out_height * self.width * self.kernel_h
+
+    def im2col_numel(self) -> int:
+        """Elements of im2col's column matrix ``[N, C * K_h * K_w, H_out * W_out]``."""
+        return (
+            self.batch * self.in_channels * self.kernel_h * self.kernel_w * self.out_height * self.out_width
+        )
+
+    def flops(self) -> int:
+        """Multiply-adds times two of the convolution."""
+        per_output = 2 * (self.in_channels // self.groups) * self.kernel_h * self.kernel_w
+        return per_output * self.batch * self.out_channels * self.out_height * self.out_width
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def geometry(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> ConvGeometry:
+    batch, channels, height, width = (int(size) for size in x_shape)
+    out_channels, _, kernel_h, kernel_w = (int(size) for size in weight_shape)
+    return ConvGeometry(
+        batch, channels, height, width, out_channels, kernel_h, kernel_w,
+        (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[1])),
+        (int(dilation[0]), int(dilation[1])), int(groups),
+    )
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when ``x`` is laid out channels-last (and not also plain contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout of the result: channels-last when the input or weight is, as aten's
+    convolution does, so swapping one for the other keeps every downstream stride."""
+    if is_channels_last(x) or is_channels_last(weight):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_arguments(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    activation: str,
+    window: str,
+) -> None:
+    """Raise ``ValueError`` for anything the op does not support."""
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"im2win_conv2d takes 4-D input and weight, got {x.dim()}-D and {weight.dim()}-D")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError("im2win_conv2d needs input, weight and bias of one dtype")
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise ValueError("im2win_conv2d takes stride, padding and dilation as two ints each")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or groups < 1:
+        raise ValueError(f"bad stride/padding/dilation/groups: {stride}, {padding}, {dilation}, {groups}")
+    if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(
+            f"im2win_conv2d: input channels {x.shape[1]} and weight {tuple(weight.shape)} do not match groups={groups}"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Pure-PyTorch reference: explicit window transform + GEMM over the windows
+# --------------------------------------------------------------------------------------
+
+
+def window_transform(
+    x: torch.Tensor,
+    kernel_h: int,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    """im2win's window tensor ``win[N, C, H_out, W * K_h]`` of ``x`` (one strided copy).
+
+    ``win[n, c, i, m * K_h + h] = x_rows_padded[n, c, i * stride_h + h * dilation_h, m]``
+    where ``x_rows_padded`` has ``padding[0]`` zero rows above and below (horizontal padding
+    is left to the GEMM's edge masks, see the module docstring). A channels-last ``x`` gives
+    a channels-last window tensor (``C`` innermost), so each ``(w, h)`` run holds all
+    channels of a group contiguously.
+    """
+    batch, channels, _, width = x.shape
+    x_padded = F.pad(x, (0, 0, padding[0], padding[0]))
+    span = dilation[0] * (kernel_h - 1) + 1
+    rows = x_padded.unfold(2, span, stride[0])[..., :: dilation[0]]  # [N, C, H_out, W, K_h]
+    out_height = rows.shape[2]
+    shape = (batch, channels, out_height, width * kernel_h)
+    if is_channels_last(x):
+        win = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    else:
+        win = torch.empty(shape, dtype=x.dtype, device=x.device)
+    win.unflatten(3, (width, kernel_h)).copy_(rows)
+    return win
+
+
+def valid_columns(geo: ConvGeometry, w: int) -> tuple[int, int]:
+    """Output columns ``[first, stop)`` whose tap ``w`` falls inside the (unpadded) input."""
+    stride, padding, dilation = geo.stride[1], geo.padding[1], geo.dilation[1]
+    first = max(0, -((w * dilation - padding) // stride))  # ceil((padding - w*d) / stride)
+    stop = min(geo.out_width, (geo.width - 1 + padding - w * dilation) // stride + 1)
+    return first, max(first, stop)
+
+
+def window_run(win: torch.Tensor, geo: ConvGeometry, w: int, first: int, stop: int) -> torch.Tensor:
+    """The runs tap column ``w`` reads for output columns ``[first, stop)``, as a view
+    ``[N, C, H_out, stop - first, K_h]`` of ``win`` (no copy)::
+
+        run[n, c, i, j - first, h] = win[n, c, i, (j*stride_w - pad_w + w*dilation_w) * K_h + h]
+    """
+    s_n, s_c, s_i, s_m = win.stride()
+    k_h = geo.kernel_h
+    column = first * geo.stride[1] - geo.padding[1] + w * geo.dilation[1]
+    return win.as_strided(
+        (geo.batch, geo.in_channels, geo.out_height, stop - first, k_h),
+        (s_n, s_c, s_i, geo.stride[1] * k_h * s_m, s_m),
+        win.storage_offset() + column * k_h * s_m,
+    )
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    return y
+
+
+def im2win_conv2d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    groups: int = 1,
+    activation: str = "none",
+) -> torch.Tensor:
+    """The convolution in plain PyTorch, the im2win way: window transform, then for each kernel
+    column ``w`` one batched GEMM ``[pixels, C/g * K_h] @ [C/g * K_h, C_out/g]`` over the
+    windows, accumulated in float32 (float64 stays float64). The result has aten's layout.
+
+    This is also the op's CPU implementation. Its workspace is the window tensor plus one
+    ``1/K_w``-of-im2col slice per GEMM, never the full im2col matrix.
+    """
+    geo = geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    win = window_transform(x, geo.kernel_h, geo.stride, geo.padding, geo.dilation)
+    g = groups
+    in_group, out_group = geo.in_channels // g, geo.out_channels // g
+    grouped_weight = weight.unflatten(0, (g, out_group))  # [G, C_out/g, C/g, K_h, K_w]
+    acc = torch.zeros(g, geo.batch, geo.out_height, geo.out_width, out_group, dtype=accumulate, device=x.device)
+    for w in range(geo.kernel_w):
+        first, stop = valid_columns(geo, w)
+        if first == stop:
+            continue  # tap column w only ever reads horizontal padding
+        run = window_run(win, geo, w, first, stop)  # [N, C, H_out, J, K_h]
+        # [G, N, H_out, J, K_h, C/g]: pixels major, (h, c) contiguous.
+        columns = run.unflatten(1, (g, in_group)).permute(1, 0, 3, 4, 5, 2)
+        columns = columns.reshape(g, -1, geo.kernel_h * in_group)
+        # One kernel column of the weight at a time: [G, K_h * C/g, C_out/g], 1/K_w of its size.
+        weight_column = grouped_weight[..., w].permute(0, 3, 2, 1).reshape(g, geo.kernel_h * in_group, out_group)
+        partial = torch.bmm(columns, weight_column).to(accumulate)
+        acc[:, :, :, first:stop] += partial.view(g, geo.batch, geo.out_height, stop - first, out_group)
+    # [G, N, H_out, W_out, C_out/g] -> [N, H_out, W_out, C_out] -> logical NCHW
+    out = acc.permute(1, 2, 3, 0, 4)
+    out = out.reshape(geo.batch, geo.out_height, geo.out_width, geo.out_channels).permute(0, 3, 1, 2)
+    if bias is not None:
+        out = out + bias.to(accumulate)[None, :, None, None]
+    out = apply_activation(out, activation).to(x.dtype)
+    return out.contiguous(memory_format=output_memory_format(x, weight))
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernel and launcher
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One tile configuration of the Triton kernel: pixels x output channels x reduction."""
+
+    block_pixels: int = 64
+    block_channels: int = 64
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_pixels", "block_channels", "block_k"):
+            value = getattr(self, name)
+            # tl.dot needs every tile side >= 16 and a power of two.
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value}")
+
+
+# The autotuned set on GPUs: large tiles for the wide layers (C_out >= 128), narrow-channel
+# tiles for C_out = 64 and the first layers, and 16-wide channel tiles for depthwise/grouped
+# convolutions whose per-group C_out is tiny.
+AUTOTUNE_CONFIGS: tuple[TileConfig, ...] = (
+    TileConfig(128, 128, 32, 8, 3),
+    TileConfig(128, 128, 64, 8, 3),
+    TileConfig(128, 64, 32, 4, 4),
+    TileConfig(64, 128, 32, 4, 4),
+    TileConfig(256, 64, 32, 8, 3),
+    TileConfig(64, 64, 32, 4, 4),
+    TileConfig(128, 32, 32, 4, 4),
+    TileConfig(128, 16, 16, 4, 3),
+    TileConfig(64, 16, 16, 2, 3),
+)
+
+_ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
+@functools.cache
+def _kernel() -> Any:
+    """Build the Triton kernel on first use (Triton is imported here, not at module import)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def im2win_conv_kernel(
+        src_ptr, w_ptr, bias_ptr, out_ptr,
+        PIXELS, OUT_HW, OUT_W, SRC_H, SRC_W,
+        IN_GROUP, OUT_GROUP, K_TOTAL,
+        src_sn, src_sc, src_srow, src_scol,
+        out_sn, out_sc, out_sh, out_sw,
+        STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+        PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+        DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+        K_H: tl.constexpr, K_W: tl.constexpr,
+        MATERIALIZED: tl.constexpr, CHANNELS_INNER: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        pid_co = tl.program_id(1)
+        group = tl.program_id(2)
+
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+        mask_p = offs_p < PIXELS
+        mask_co = offs_co < OUT_GROUP
+        n = offs_p // OUT_HW
+        rest = offs_p % OUT_HW
+        i = rest // OUT_W
+        j = rest % OUT_W
+
+        # Address of tap (c, h, w) for pixel p splits into a pixel part and a K part, so each
+        # tile is one outer sum. int64 pixel offsets: batch-128 layers pass 2**31 elements.
+        channel0 = group * IN_GROUP
+        col0 = j * STRIDE_W - PAD_W
+        if MATERIALIZED:
+            # win[n, c, i, (j*S_W - P_W + w*D_W)*K_H + h]; vertical padding is in the window.
+            base_p = n.to(tl.int64) * src_sn + i.to(tl.int64) * src_srow + (col0 * K_H).to(tl.int64) * src_scol
+        else:
+            row0 = i * STRIDE_H - PAD_H
+            base_p = n.to(tl.int64) * src_sn + row0.to(tl.int64) * src_srow + col0.to(tl.int64) * src_scol
+        base_p += channel0.to(tl.int64) * src_sc
+
+        acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+        w_rows = (group * OUT_GROUP + offs_co).to(tl.int64) * K_TOTAL
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K_TOTAL
+            # Fastest-varying part of K follows the source's contiguous dimension.
+            if CHANNELS_INNER:
+                c = offs_k % IN_GROUP
+                tap = offs_k // IN_GROUP
+                w = tap // K_H
+                h = tap % K_H
+            else:
+                h = offs_k % K_H
+                tap = offs_k // K_H
+                w = tap % K_W
+                c = tap // K_W
+            col = col0[:, None] + (w * DIL_W)[None, :]
+            if MATERIALIZED:
+                off_k = c * src_sc + ((w * DIL_W) * K_H + h) * src_scol
+                inside = (col >= 0) & (col < SRC_W)
+                a_mask = mask_p[:, None] & mask_k[None, :] & inside
+            else:
+                off_k = c * src_sc + (h * DIL_H) * src_srow + (w * DIL_W) * src_scol
+                row = row0[:, None] + (h * DIL_H)[None, :]
+                inside = (row >= 0) & (row < SRC_H) & (col >= 0) & (col < SRC_W)
+                a_mask = mask_p[:, None] & mask_k[None, :] & inside
+            a = tl.load(src_ptr + base_p[:, None] + off_k[None, :], mask=a_mask, other=0.0)
+            b = tl.load(
+                w_ptr + w_rows[None, :] + offs_k[:, None],
+                mask=mask_k[:, None] & mask_co[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + group * OUT_GROUP + offs_co, mask=mask_co, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        if ACTIVATION == 1:
+            acc = tl.maximum(acc, 0.0)
+        elif ACTIVATION == 2:
+            acc = acc / (1.0 + tl.exp(-acc))
+        elif ACTIVATION == 3:
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+
+        channel = group * OUT_GROUP + offs_co
+        out_off = (
+            n.to(tl.int64)[:, None] * out_sn
+            + channel.to(tl.int64)[None, :] * out_sc
+            + (i * out_sh + j * out_sw).to(tl.int64)[:, None]
+        )
+        tl.store(
+            out_ptr + out_off,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mask_p[:, None] & mask_co[None, :],
+        )
+
+    return im2win_conv_kernel
+
+
+@functools.cache
+def _autotuned(configs: tuple[TileConfig, ...]) -> Any:
+    """The kernel autotuned over ``configs`` (one wrapper, and one tuning cache, per set)."""
+    import triton
+
+    return triton.autotune(
+        configs=[_triton_config(triton, config) for config in configs],
+        key=["PIXELS", "OUT_HW", "IN_GROUP", "OUT_GROUP", "K_TOTAL", "MATERIALIZED", "CHANNELS_INNER"],
+        prune_configs_by={"early_config_prune": prune_configs},
+    )(_kernel())
+
+
+def prune_configs(configs: list[Any], named_args: dict[str, Any], **_kwargs: Any) -> list[Any]:
+    """Drop tile configs wider than the problem before timing them: a depthwise layer
+    (C_out/g = 1, K = 9) gains nothing from 128-wide channel or 64-deep K tiles, and timing
+    them only lengthens autotuning. Keeps the smallest config when none fits."""
+
+    def cap(size: int) -> int:
+        return max(16, 1 << max(0, int(size) - 1).bit_length())
+
+    limits = {
+        "BLOCK_P": cap(named_args["PIXELS"]),
+        "BLOCK_CO": cap(named_args["OUT_GROUP"]),
+        "BLOCK_K": cap(named_args["K_TOTAL"]),
+    }
+    kept = [config for config in configs if all(config.kwargs[name] <= limit for name, limit in limits.items())]
+    if kept:
+        return kept
+    return [min(configs, key=lambda config: tuple(config.kwargs[name] for name in limits))]
+
+
+def _triton_config(triton: Any, config: TileConfig) -> Any:
+    return triton.Config(
+        {"BLOCK_P": config.block_pixels, "BLOCK_CO": config.block_channels, "BLOCK_K": config.block_k},
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def weight_matrix(weight: torch.Tensor, groups: int, channels_inner: bool) -> torch.Tensor:
+    """``weight [C_out, C/g, K_h, K_w]`` as the kernel's ``[C_out, K]`` matrix, K ordered like
+    the source reads: ``(w, h, c)`` for channels-last, ``(c, w, h)`` for NCHW."""
+    if channels_inner:
+        return weight.permute(0, 3, 2, 1).reshape(weight.shape[0], -1).contiguous()
+    return weight.permute(0, 1, 3, 2).reshape(weight.shape[0], -1).contiguous()
+
+
+def im2win_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    groups: int = 1,
+    activation: str = "none",
+    window: str = DEFAULT_WINDOW,
+    config: TileConfig | Sequence[TileConfig] | None = None,
+    allow_tf32: bool | None = None,
+) -> torch.Tensor:
+    """Launch the im2win Triton kernel.
+
+    ``window``: ``"implicit"`` (taps read from ``x`` by addressing) or ``"materialized"``
+    (``window_transform`` first, as in the paper). ``config``: one fixed ``TileConfig``
+    (what the CPU tests use under ``TRITON_INTERPRET=1``, where autotuning would time every
+    config in the interpreter), a sequence of them to autotune over, or ``None`` to
+    autotune over ``AUTOTUNE_CONFIGS``.
+    ``allow_tf32``: float32 inputs use TF32 tensor cores when true; ``None`` follows
+    ``torch.backends.cudnn.allow_tf32``, the flag that governs the convolution this replaces.
+    """
+    check_arguments(x, weight, bias, stride, padding, dilation, groups, activation, window)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"im2win Triton kernel supports {DTYPES}, got {x.dtype}")
+    geo = geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    channels_last = is_channels_last(x)
+    if window == "materialized":
+        src = window_transform(x, geo.kernel_h, geo.stride, geo.padding, geo.dilation)
+    else:
+        src = x if channels_last else x.contiguous()
+    weights = weight_matrix(weight, groups, channels_last)
+    out = torch.empty(
+        (geo.batch, geo.out_channels, geo.out_height, geo.out_width),
+        dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, weight),
+    )
+    if out.numel() == 0:
+        return out
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+    precision = "tf32" if (allow_tf32 and x.dtype == torch.float32 and x.is_cuda) else "ieee"
+    in_group, out_group = geo.in_channels // groups, geo.out_channels // groups
+    pixels = geo.batch * geo.out_height * geo.out_width
+    args = (
+        src, weights, bias if bias is not None else weights, out,
+        pixels, geo.out_height * geo.out_width, geo.out_width, geo.height, geo.width,
+        in_group, out_group, in_group * geo.kernel_h * geo.kernel_w,
+        *src.stride(), *out.stride(),
+    )
+    constants = dict(
+        STRIDE_H=geo.stride[0], STRIDE_W=geo.stride[1],
+        PAD_H=geo.padding[0], PAD_W=geo.padding[1],
+        DIL_H=geo.dilation[0], DIL_W=geo.dilation[1],
+        K_H=geo.kernel_h, K_W=geo.kernel_w,
+        MATERIALIZED=window == "materialized", CHANNELS_INNER=channels_last,
+        HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation],
+        INPUT_PRECISION=precision,
+    )
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
+        return (math.ceil(pixels / meta["BLOCK_P"]), math.ceil(out_group / meta["BLOCK_CO"]), groups)
+
+    if config is None or not isinstance(config, TileConfig):
+        _autotuned(tuple(config or AUTOTUNE_CONFIGS))[grid](*args, **constants)
+    else:
+        _kernel()[grid](
+            *args, **constants,
+            BLOCK_P=config.block_pixels, BLOCK_CO=config.block_channels, BLOCK_K=config.block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return out
