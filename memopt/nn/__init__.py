@@ -1,0 +1,1 @@
+from memopt.nn.monarch import MonarchLinear, MonarchReplacement, monarchize
