@@ -27,7 +27,6 @@ Six grouped GEMMs make the forward and the backward; one Triton kernel serves al
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
@@ -157,6 +156,16 @@ def _kernels() -> tuple[Any, Any]:
     import triton
     import triton.language as tl
 
+    @triton.heuristics(
+        {
+            # A tile that never straddles a split segment is contiguous along its split axis
+            # (base + arange * lo), which lets Triton vectorize the loads/stores; the general
+            # form (i // S) * hi + (i % S) * lo is only needed when S is not a multiple of the tile.
+            "A_K_ALIGNED": lambda args: args["a_ksplit"] % args["BLOCK_K"] == 0,
+            "B_N_ALIGNED": lambda args: args["b_nsplit"] % args["BLOCK_N"] == 0,
+            "C_N_ALIGNED": lambda args: args["c_nsplit"] % args["BLOCK_N"] == 0,
+        }
+    )
     @triton.jit
     def grouped_matmul_kernel(
         a_ptr, b_ptr, c_ptr,
@@ -166,6 +175,7 @@ def _kernels() -> tuple[Any, Any]:
         c_sg, c_sm, c_nsplit, c_sn_hi, c_sn_lo,
         INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        A_K_ALIGNED: tl.constexpr, B_N_ALIGNED: tl.constexpr, C_N_ALIGNED: tl.constexpr,
     ):  # fmt: skip
         # C[g][m, n] = sum_k A[g][m, k] * B[g][k, n], g = program_id(2). A dimension marked
         # "split" with split S is addressed as (i // S) * hi + (i % S) * lo: that is how the
@@ -173,24 +183,37 @@ def _kernels() -> tuple[Any, Any]:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         group = tl.program_id(2).to(tl.int64)
+        n0 = pid_n * BLOCK_N
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < M
         col_mask = cols < N
         a_base = a_ptr + group * a_sg + rows.to(tl.int64)[:, None] * a_sm
-        b_col = (cols // b_nsplit).to(tl.int64) * b_sn_hi + (cols % b_nsplit).to(tl.int64) * b_sn_lo
+        if B_N_ALIGNED:
+            b_col = (n0 // b_nsplit).to(tl.int64) * b_sn_hi + (n0 % b_nsplit).to(tl.int64) * b_sn_lo
+            b_col = b_col + tl.arange(0, BLOCK_N).to(tl.int64) * b_sn_lo
+        else:
+            b_col = (cols // b_nsplit).to(tl.int64) * b_sn_hi + (cols % b_nsplit).to(tl.int64) * b_sn_lo
         b_base = b_ptr + group * b_sg + b_col[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < K
-            a_k = (ks // a_ksplit).to(tl.int64) * a_sk_hi + (ks % a_ksplit).to(tl.int64) * a_sk_lo
+            if A_K_ALIGNED:
+                a_k = (k0 // a_ksplit).to(tl.int64) * a_sk_hi + (k0 % a_ksplit).to(tl.int64) * a_sk_lo
+                a_k = a_k + tl.arange(0, BLOCK_K).to(tl.int64) * a_sk_lo
+            else:
+                a_k = (ks // a_ksplit).to(tl.int64) * a_sk_hi + (ks % a_ksplit).to(tl.int64) * a_sk_lo
             a = tl.load(a_base + a_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(
                 b_base + ks.to(tl.int64)[:, None] * b_sk, mask=k_mask[:, None] & col_mask[None, :], other=0.0
             )
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        c_col = (cols // c_nsplit).to(tl.int64) * c_sn_hi + (cols % c_nsplit).to(tl.int64) * c_sn_lo
+        if C_N_ALIGNED:
+            c_col = (n0 // c_nsplit).to(tl.int64) * c_sn_hi + (n0 % c_nsplit).to(tl.int64) * c_sn_lo
+            c_col = c_col + tl.arange(0, BLOCK_N).to(tl.int64) * c_sn_lo
+        else:
+            c_col = (cols // c_nsplit).to(tl.int64) * c_sn_hi + (cols % c_nsplit).to(tl.int64) * c_sn_lo
         c_ptrs = c_ptr + group * c_sg + rows.to(tl.int64)[:, None] * c_sm + c_col[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -208,13 +231,10 @@ def _kernels() -> tuple[Any, Any]:
     return grouped_matmul_kernel, autotuned
 
 
-def _interpreting() -> bool:
-    # Triton's own switch: kernels on CPU tensors run in its interpreter (tests, CI).
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _interpreting() and torch.backends.cuda.matmul.allow_tf32:
+def _input_precision(tensor: torch.Tensor) -> str:
+    # Follow PyTorch's TF32 switch for float32 on GPU, as cuBLAS does; CPU tensors mean Triton's
+    # interpreter (TRITON_INTERPRET=1), which computes in full precision.
+    if tensor.dtype == torch.float32 and tensor.is_cuda and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -235,11 +255,14 @@ def _grouped_matmul(
     import triton
 
     kernel, autotuned = _kernels()
-    precision = _input_precision(a.dtype)
-    if _interpreting():
-        # Tiny fixed tiles: the interpreter runs every program in Python.
+    precision = _input_precision(a)
+    if not a.is_cuda:
+        # CPU tensors: Triton's interpreter (TRITON_INTERPRET=1), which runs every program in
+        # Python; tiny fixed tiles keep it quick.
         grid = (triton.cdiv(M, 16), triton.cdiv(N, 16), groups)
-        kernel[grid](a, b, c, M, N, K, *a_strides, *b_strides, *c_strides, precision, 16, 16, 16)
+        kernel[grid](
+            a, b, c, M, N, K, *a_strides, *b_strides, *c_strides, precision, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16
+        )
         return
 
     def grid(meta: dict[str, int]) -> tuple[int, int, int]:

@@ -76,6 +76,8 @@ class MonarchLinear(nn.Module):
         self.w1 = nn.Parameter(torch.empty(nblocks, mid, self.in_block, **factory))
         self.w2 = nn.Parameter(torch.empty(nblocks, self.out_block, mid, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.projection_error: float | None = None
+        """Relative error ``||W - M|| / ||W||`` when built by :meth:`from_dense`."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
