@@ -34,6 +34,14 @@ OP_SHAPES = [(7, 3, 5, 2, 9), (1, 2, 16, 3, 17), (33, 4, 8, 1, 4), (21, 2, 8, 16
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch (no graph cached by an earlier test's compile)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).abs().max() / expected.abs().max())
@@ -354,7 +362,7 @@ def test_pass_is_inference_only_and_off_by_default():
     memopt.compile(model, lowering="eager", monarch={"min_features": 8})(x).sum().backward()
     report = memopt.last_report()
     assert report.training and report.passes == []
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # the same model again, now for inference
     with torch.no_grad():
         memopt.compile(model, lowering="eager")(x)
     assert memopt.last_report().passes == []

@@ -232,11 +232,12 @@ def _kernels() -> tuple[Any, Any]:
 
 
 def _input_precision(tensor: torch.Tensor) -> str:
-    # Follow PyTorch's TF32 switch for float32 on GPU, as cuBLAS does; CPU tensors mean Triton's
-    # interpreter (TRITON_INTERPRET=1), which computes in full precision.
-    if tensor.dtype == torch.float32 and tensor.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+    # Only float32 operands consult it: "tf32" (Triton's default) leaves 16-bit dots on the
+    # tensor cores. float32 follows PyTorch's TF32 switch on GPU, as cuBLAS does; CPU tensors
+    # mean Triton's interpreter (TRITON_INTERPRET=1), which computes in full precision.
+    if tensor.dtype != torch.float32:
         return "tf32"
-    return "ieee"
+    return "tf32" if tensor.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 _NO_SPLIT = 1 << 30  # a split larger than any dimension: plain stride `lo`
