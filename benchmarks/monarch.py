@@ -53,7 +53,9 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), pick(0.2), pick(0.8)
 
 
-def time_interleaved(fns: dict[str, object], device: str, warmup: int, repeat: int, inner: int) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[tuple, object], device: str, warmup: int, repeat: int, inner: int
+) -> dict[tuple, list[float]]:
     """Seconds per call of each ``fns`` entry, over ``repeat`` rounds that call every entry in
     turn (``inner`` calls per timing): on a shared machine, load changes hit all variants
     alike instead of skewing whichever happened to run during a busy spell."""
@@ -109,7 +111,8 @@ def run(args: argparse.Namespace) -> str:
             peak = peak_bytes(fn, device)
             rows.append([n, nblocks, name, median * 1e3, f"{p20 * 1e3:.3g}-{p80 * 1e3:.3g}", dense_time / median,
                          peak / 2**20, weights[key] / 2**20, weights[key] / weights[("dense", "-")]])  # fmt: skip
-            print(f"n={n} nblocks={nblocks} {name}: {median * 1e3:.1f} ms ({dense_time / median:.2f}x)", file=sys.stderr)
+            speedup = dense_time / median
+            print(f"n={n} nblocks={nblocks} {name}: {median * 1e3:.1f} ms ({speedup:.2f}x)", file=sys.stderr)
         del x, dense, layers, fns
     headers = ["n", "nblocks", "layer", "median ms", "p20-p80 ms", "speedup vs dense", "peak MiB",
                "weight MiB", "weight / dense"]  # fmt: skip

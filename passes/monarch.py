@@ -18,6 +18,7 @@ Two parts (docs/passes/monarch.md):
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import operator
 import re
 from typing import Any
@@ -100,16 +101,22 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not isinstance(weight, torch.nn.Parameter) or isinstance(weight, FakeTensor):
             continue  # activations times activations, or a weight computed in the graph: not a layer
         result.matched += 1
-        if options.targets is not None and not any(_fnmatch(site.name, pattern) for pattern in options.targets):
+        targets = options.targets
+        if targets is not None and not any(fnmatch.fnmatchcase(site.name, pattern) for pattern in targets):
             outside_targets += 1
             continue
         if weight.dim() != 2 or not weight.is_floating_point():
-            result.notes.append(f"{site.name}: weight {tuple(weight.shape)} {weight.dtype} is not a float matrix; left dense")
+            result.notes.append(
+                f"{site.name}: weight {tuple(weight.shape)} {weight.dtype} is not a float matrix; left dense"
+            )
             continue
         dense = weight.detach().t() if site.transposed else weight.detach()
         out_features, in_features = dense.shape
         x_val = _meta_value(site.x)
-        if not isinstance(x_val, torch.Tensor) or x_val.dtype != dense.dtype or x_val.device != dense.device:
+        if not isinstance(x_val, torch.Tensor) or not isinstance(_meta_value(site.node), torch.Tensor):
+            result.notes.append(f"{site.name}: no tensor metadata on the layer's input or output; left dense")
+            continue
+        if x_val.dtype != dense.dtype or x_val.device != dense.device:
             result.notes.append(f"{site.name}: input and weight differ in dtype or device (autocast?); left dense")
             continue
         if min(in_features, out_features) < options.min_features:
@@ -160,7 +167,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result.details.append(row)
         if recorded is not None and site.node in recorded:
             row["output_rel_error"] = _output_error(*recorded[site.node], w1, w2, row["out_features"])
-    gm.graph.eliminate_dead_code()
     gm.recompile()
 
     saved_bytes = sum(row["weight_bytes_saved"] for row in result.details if row["rewritten"])
@@ -185,7 +191,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph_error = _graph_output_error(gm, ctx, recorded)
         if graph_error is not None:
             result.details.append({"layer": "<graph outputs>", "output_rel_error": graph_error, "rewritten": True})
-            result.notes.append(f"measured relative error of the graph outputs on the example inputs: {graph_error:.3g}")
+            result.notes.append(
+                f"measured relative error of the graph outputs on the example inputs: {graph_error:.3g}"
+            )
     return result
 
 
@@ -194,12 +202,6 @@ def _attribute(gm: torch.fx.GraphModule, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part, None)
     return value
-
-
-def _fnmatch(name: str, pattern: str) -> bool:
-    import fnmatch
-
-    return fnmatch.fnmatchcase(name, pattern)
 
 
 def _fake_mode(gm: torch.fx.GraphModule) -> Any:
@@ -213,7 +215,7 @@ def _fake_mode(gm: torch.fx.GraphModule) -> Any:
 def _rewrite(
     gm: torch.fx.GraphModule, site: _Site, w1: torch.Tensor, w2: torch.Tensor, index: int, fake_mode: Any
 ) -> None:
-    """Replace ``site.node`` by ``[pad] -> monarch_matmul -> [slice] -> [+ bias] [-> view]``."""
+    """Replace ``site.node`` by ``[pad] -> monarch_matmul -> [slice] -> [+ bias] [-> contiguous]``."""
     graph = gm.graph
     stem = re.sub(r"\W", "_", site.name)
     w1_name, w2_name = f"monarch_{index}_{stem}_w1", f"monarch_{index}_{stem}_w2"
