@@ -181,8 +181,10 @@ def _kernels() -> tuple[Any, Any]:
         # C[g][m, n] = sum_k A[g][m, k] * B[g][k, n], g = program_id(2). A dimension marked
         # "split" with split S is addressed as (i // S) * hi + (i % S) * lo: that is how the
         # Monarch permutation is read and written without ever being materialized.
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        # N tiles vary fastest: the programs running together share one A row tile (read from
+        # HBM once, then L2) and sweep B, which is one small weight block per group.
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
         group = tl.program_id(2).to(tl.int64)
         n0 = pid_n * BLOCK_N
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -257,18 +259,21 @@ def _grouped_matmul(
     import triton
 
     kernel, autotuned = _kernels()
+    if triton.cdiv(M, 64) > 65535:
+        # M tiles sit on grid axis 1 (at most 65535 programs): ~4M rows at BLOCK_M >= 64.
+        raise ValueError(f"monarch_matmul: {M} rows exceed the Triton launcher's grid limit")
     precision = _input_precision(a)
     if not a.is_cuda:
         # CPU tensors: Triton's interpreter (TRITON_INTERPRET=1), which runs every program in
         # Python; tiny fixed tiles keep it quick.
-        grid = (triton.cdiv(M, 16), triton.cdiv(N, 16), groups)
+        grid = (triton.cdiv(N, 16), triton.cdiv(M, 16), groups)
         kernel[grid](
             a, b, c, M, N, K, *a_strides, *b_strides, *c_strides, precision, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16
         )
         return
 
     def grid(meta: dict[str, int]) -> tuple[int, int, int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), groups)
+        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), groups)
 
     autotuned[grid](a, b, c, M, N, K, *a_strides, *b_strides, *c_strides, precision)
 
