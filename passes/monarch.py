@@ -28,7 +28,7 @@ import torch.fx
 import torch.nn.functional as F
 
 import memopt.ops.monarch  # noqa: F401  (registers torch.ops.memopt.monarch_matmul)
-from memopt._torch_compat import FakeTensor
+from memopt._torch_compat import fake_tensor_mode
 from memopt.config import MonarchOptions
 from memopt.nn.monarch import monarch_block_rank
 from memopt.passes.base import GraphPass, PassContext
@@ -98,7 +98,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         weight = real_value.get(site.weight_node)
         if site.weight_node.op == "get_attr":
             weight = _attribute(gm, site.weight_node.target)
-        if not isinstance(weight, torch.nn.Parameter) or isinstance(weight, FakeTensor):
+        if not isinstance(weight, torch.nn.Parameter) or fake_tensor_mode(weight) is not None:
             continue  # activations times activations, or a weight computed in the graph: not a layer
         result.matched += 1
         targets = options.targets
@@ -206,9 +206,9 @@ def _attribute(gm: torch.fx.GraphModule, target: str) -> Any:
 
 def _fake_mode(gm: torch.fx.GraphModule) -> Any:
     for node in gm.graph.nodes:
-        value = _meta_value(node)
-        if isinstance(value, FakeTensor):
-            return value.fake_mode
+        mode = fake_tensor_mode(_meta_value(node))
+        if mode is not None:
+            return mode
     return None
 
 
@@ -272,7 +272,7 @@ def _record_dense_run(
 ) -> dict[Any, Any] | None:
     """Run the graph once (before the rewrite) on the example inputs, keeping each site's input
     and output and the graph outputs. ``None`` (with a note) when the inputs are not real."""
-    if any(isinstance(value, FakeTensor) for value in ctx.example_inputs):
+    if any(fake_tensor_mode(value) is not None for value in ctx.example_inputs):
         result.notes.append("example inputs are fake tensors: the output error is not measured")
         return None
     wanted = {site.node for site in sites}
