@@ -226,7 +226,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
     reason="Triton kernels need triton and either TRITON_INTERPRET=1 (CPU interpreter) or a CUDA GPU",
 )
 @pytest.mark.parametrize("shape", OP_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # no bf16 dot in the interpreter
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float16,
+        pytest.param(
+            torch.bfloat16,
+            marks=pytest.mark.skipif(
+                _INTERPRET or not torch.cuda.is_available(),
+                reason="bfloat16 tl.dot needs a GPU: Triton's interpreter has no bfloat16 dot",
+            ),
+        ),
+    ],
+)
 def test_triton_kernels_match_reference(shape, dtype):
     from memopt.triton_kernels.monarch import monarch_backward_triton, monarch_matmul_triton
 
@@ -243,6 +256,25 @@ def test_triton_kernels_match_reference(shape, dtype):
     for actual, reference in zip(grads, expected_grads):
         assert actual.shape == reference.shape
         assert _rel(actual.cpu(), reference) < RTOL[dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA implementation needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_on_cuda_dispatches_to_triton_and_matches_reference(dtype):
+    x, w1, w2 = _factors(300, 4, 64, 16, 64, dtype=torch.float64, lead=(2,))
+    grad = torch.randn(*x.shape[:-1], 4 * 64, dtype=torch.float64)
+    expected = monarch_matmul_reference(x, w1, w2)
+    expected_grads = monarch_backward_reference(grad, x, w1, w2)
+    inputs = [t.to("cuda", dtype).requires_grad_() for t in (x, w1, w2)]
+    out = torch.ops.memopt.monarch_matmul(*inputs)
+    out.backward(grad.to("cuda", dtype))
+    # float32 on GPU uses TF32 when PyTorch allows it, like cuBLAS: x, w1, h and w2 are each
+    # rounded to 10 mantissa bits (2**-11 = 4.9e-4), about 2e-3 compounded over both stages.
+    rtol = 5e-3 if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else RTOL[dtype]
+    assert _rel(out.cpu(), expected) < rtol
+    for tensor, expected_grad in zip(inputs, expected_grads):
+        assert _rel(tensor.grad.cpu(), expected_grad) < rtol
+    torch.library.opcheck(torch.ops.memopt.monarch_matmul, tuple(t.detach() for t in inputs))
 
 
 # ------------------------------------------------------------------------------------ config
