@@ -142,7 +142,7 @@ def test_from_dense_linear_and_error():
     linear = torch.nn.Linear(40, 24)
     layer = MonarchLinear.from_dense(linear, nblocks=2)
     dense = linear.weight.detach()
-    assert abs(float((layer.to_dense() - dense).norm() / dense.norm()) - layer.projection_error) < 1e-5
+    assert abs(float((layer.to_dense().detach() - dense).norm() / dense.norm()) - layer.projection_error) < 1e-5
     assert 0 < layer.projection_error < 1
     torch.testing.assert_close(layer.bias.detach(), linear.bias.detach())
 
@@ -163,7 +163,7 @@ def test_monarchize_replaces_matching_layers():
     assert isinstance(model.head, torch.nn.Linear)  # not in targets
     first = replaced[0]
     assert first.monarch_params == model.up.w1.numel() + model.up.w2.numel() < first.dense_params == 64 * 128
-    assert abs(float((model.up.to_dense() - up_weight).norm() / up_weight.norm()) - first.rel_error) < 1e-5
+    assert abs(float((model.up.to_dense().detach() - up_weight).norm() / up_weight.norm()) - first.rel_error) < 1e-5
     assert model(x).shape == (6, 10)
     # min_features keeps small layers dense; already-Monarch layers are not touched again.
     assert monarchize(model, nblocks=4, min_features=65) == []
