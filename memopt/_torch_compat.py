@@ -25,6 +25,7 @@ __all__ = [
     "inductor_decompositions",
     "detect_fake_mode",
     "dynamo_explain",
+    "fake_tensor_mode",
     "make_boxed_func",
     "min_cut_rematerialization_partition",
     "profiler_allocations",
@@ -134,3 +135,10 @@ def profiler_allocations(prof: torch.profiler.profile, device: str) -> list[tupl
 def dynamo_explain(model: Any, *args: Any, **kwargs: Any) -> Any:
     """``torch._dynamo.explain``: the graphs and graph breaks (with reasons) of one call."""
     return torch._dynamo.explain(model)(*args, **kwargs)
+
+
+def fake_tensor_mode(value: Any) -> Any:
+    """The ``FakeTensorMode`` of ``value`` when it is a fake tensor (graph metadata), else None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return value.fake_mode if isinstance(value, FakeTensor) else None

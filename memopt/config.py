@@ -83,6 +83,14 @@ class Config:
     ``False``: never. A dict ``{"mode": ..., "cache_path": ..., "min_speedup": ...}`` (see
     :class:`Im2winOptions`) sets the cache file and the margin too."""
 
+    monarch: bool | MonarchOptions = False
+    """Opt-in, changes results: replace dense linear layers of inference graphs (weights that
+    are parameters) by their optimal Monarch projections, frozen as constants (see
+    ``docs/passes/monarch.md``). ``False`` (default): off. ``True``: on with the defaults of
+    :class:`MonarchOptions`. A dict with keys ``nblocks``, ``min_features``, ``targets``,
+    ``max_rel_error`` sets them. ``memopt.nn.MonarchLinear`` layers need no option: they are
+    one ``memopt.monarch_matmul`` op in every graph."""
+
     def __post_init__(self) -> None:
         _check_choice("lowering", self.lowering, LOWERINGS)
         if isinstance(self.im2win, Mapping):
@@ -91,6 +99,7 @@ class Config:
             _check_choice("im2win", self.im2win, IM2WIN_MODES)
         if isinstance(self.im2win, Im2winOptions) and self.im2win.mode is False:
             object.__setattr__(self, "im2win", False)
+        object.__setattr__(self, "monarch", MonarchOptions.from_option(self.monarch))
         if self.memory_budget is not None:
             budget = self.memory_budget
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
@@ -149,4 +158,70 @@ def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if not any(type(value) is type(choice) and value == choice for choice in choices):
         raise ValueError(
             f"memopt option {name!r} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MonarchOptions:
+    """Options of the ``monarch`` pass (``Config.monarch``)."""
+
+    nblocks: int = 4
+    """Blocks per Monarch factor (>= 2): weight bytes and FLOPs become about ``2/nblocks``
+    of a square dense layer's."""
+
+    min_features: int = 512
+    """Layers with ``min(in_features, out_features)`` below this stay dense."""
+
+    targets: tuple[str, ...] | None = None
+    """``fnmatch`` patterns over module names (e.g. ``("*.mlp.*",)``); ``None``: every layer."""
+
+    max_rel_error: float | None = None
+    """Layers whose relative projection error ``||W - M||/||W||`` exceeds this stay dense
+    (with a note); ``None``: no limit."""
+
+    def __post_init__(self) -> None:
+        nblocks = self.nblocks
+        if isinstance(nblocks, bool) or not isinstance(nblocks, int) or nblocks < 2:
+            raise ValueError(f"memopt option 'monarch': 'nblocks' must be an int >= 2, got {nblocks!r}")
+        min_features = self.min_features
+        if isinstance(min_features, bool) or not isinstance(min_features, int) or min_features < 1:
+            raise ValueError(f"memopt option 'monarch': 'min_features' must be an int >= 1, got {min_features!r}")
+        targets = self.targets
+        if targets is not None:
+            if isinstance(targets, str):
+                targets = (targets,)
+            if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+                raise ValueError(
+                    f"memopt option 'monarch': 'targets' must be None or a list of name patterns, got {targets!r}"
+                )
+            object.__setattr__(self, "targets", tuple(targets))
+        limit = self.max_rel_error
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+                raise ValueError(
+                    f"memopt option 'monarch': 'max_rel_error' must be None or a number > 0, got {limit!r}"
+                )
+            object.__setattr__(self, "max_rel_error", float(limit))
+
+    @classmethod
+    def from_option(cls, value: Any) -> MonarchOptions | bool:
+        """``False``/``None`` -> ``False``; ``True`` -> defaults; a dict -> validated options."""
+        if value is False or value is None:
+            return False
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            valid = tuple(field.name for field in dataclasses.fields(cls))
+            unknown = sorted(str(key) for key in value if key not in valid)
+            if unknown:
+                raise ValueError(
+                    f"unknown key(s) {', '.join(map(repr, unknown))} in memopt option 'monarch'; "
+                    f"valid keys are: {', '.join(valid)}"
+                )
+            return cls(**value)
+        raise ValueError(
+            "memopt option 'monarch' must be False, True or a dict with keys nblocks, min_features, "
+            f"targets, max_rel_error; got {value!r}"
         )

@@ -1,0 +1,337 @@
+"""The ``monarch`` pass: dense linear layers of an inference graph -> Monarch projections.
+
+Two parts (docs/passes/monarch.md):
+
+(a) ``memopt.nn.MonarchLinear`` layers need nothing here: their forward calls
+    ``torch.ops.memopt.monarch_matmul``, so Dynamo records one op node per layer in every
+    graph (inference and training), which lowers to the Triton kernels on CUDA.
+(b) Opt-in (``Config.monarch``), inference graphs only, changes results: each dense layer
+    whose weight is a parameter (``linear(x, W, b)``; ``addmm(b, x, W)`` from transformers'
+    ``Conv1D``) and that passes the options' filters is replaced by the Frobenius-optimal
+    Monarch projection of its weight, frozen as two constant buffers of the graph module.
+    A layer whose relative projection error exceeds ``max_rel_error`` stays dense (a note).
+    The pass runs the graph once before and once after the rewrite on the example inputs and
+    reports per layer the weight error, the layer's output error, the weight bytes and FLOPs
+    saved, and the graph's output error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import operator
+import re
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+import memopt.ops.monarch  # noqa: F401  (registers torch.ops.memopt.monarch_matmul)
+from memopt._torch_compat import fake_tensor_mode
+from memopt.config import MonarchOptions
+from memopt.nn.monarch import monarch_block_rank
+from memopt.passes.base import GraphPass, PassContext
+from memopt.report import PassResult, format_bytes
+from memopt.triton_kernels.monarch import project
+
+_LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+_ADDMM_TARGETS = (torch.addmm,)
+
+
+class _Site:
+    """One dense layer found in the graph."""
+
+    def __init__(self, node: torch.fx.Node, x: torch.fx.Node, weight: torch.fx.Node, bias: Any, transposed: bool):
+        self.node = node
+        self.x = x
+        self.weight_node = weight
+        self.bias = bias
+        self.transposed = transposed  # addmm(b, x, W): W is (in, out)
+        self.name = _module_name(node, weight)
+
+
+def _find_sites(gm: torch.fx.GraphModule) -> list[_Site]:
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _LINEAR_TARGETS:
+            args = list(node.args) + [None] * (3 - len(node.args))
+            x = node.kwargs.get("input", args[0])
+            weight = node.kwargs.get("weight", args[1])
+            bias = node.kwargs.get("bias", args[2])
+            if isinstance(x, torch.fx.Node) and isinstance(weight, torch.fx.Node):
+                sites.append(_Site(node, x, weight, bias, transposed=False))
+        elif node.target in _ADDMM_TARGETS and len(node.args) == 3 and not node.kwargs:
+            bias, x, weight = node.args
+            if isinstance(x, torch.fx.Node) and isinstance(weight, torch.fx.Node):
+                sites.append(_Site(node, x, weight, bias, transposed=True))
+    return sites
+
+
+def _module_name(node: torch.fx.Node, weight: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        path = re.sub(r"^L\['[^']*'\]", "", path)
+        path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+        path = re.sub(r"\[['\"]?([^]'\"]*)['\"]?\]", r".\1", path)
+        return path.strip(".") or weight.name
+    return weight.name
+
+
+def _meta_value(node: Any) -> Any:
+    if isinstance(node, torch.fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return node
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    options: MonarchOptions = ctx.option if isinstance(ctx.option, MonarchOptions) else MonarchOptions()
+    result = PassResult("monarch")
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    real_value = dict(zip(placeholders, ctx.example_inputs)) if len(placeholders) == len(ctx.example_inputs) else {}
+    outside_targets = 0
+    plans = []
+    for site in _find_sites(gm):
+        weight = real_value.get(site.weight_node)
+        if site.weight_node.op == "get_attr":
+            weight = _attribute(gm, site.weight_node.target)
+        if not isinstance(weight, torch.nn.Parameter) or fake_tensor_mode(weight) is not None:
+            continue  # activations times activations, or a weight computed in the graph: not a layer
+        result.matched += 1
+        targets = options.targets
+        if targets is not None and not any(fnmatch.fnmatchcase(site.name, pattern) for pattern in targets):
+            outside_targets += 1
+            continue
+        if weight.dim() != 2 or not weight.is_floating_point():
+            result.notes.append(
+                f"{site.name}: weight {tuple(weight.shape)} {weight.dtype} is not a float matrix; left dense"
+            )
+            continue
+        dense = weight.detach().t() if site.transposed else weight.detach()
+        out_features, in_features = dense.shape
+        x_val = _meta_value(site.x)
+        if not isinstance(x_val, torch.Tensor) or not isinstance(_meta_value(site.node), torch.Tensor):
+            result.notes.append(f"{site.name}: no tensor metadata on the layer's input or output; left dense")
+            continue
+        if x_val.dtype != dense.dtype or x_val.device != dense.device:
+            result.notes.append(f"{site.name}: input and weight differ in dtype or device (autocast?); left dense")
+            continue
+        if min(in_features, out_features) < options.min_features:
+            result.notes.append(
+                f"{site.name}: {in_features}->{out_features} is below min_features={options.min_features}; left dense"
+            )
+            continue
+        rank = monarch_block_rank(in_features, out_features, options.nblocks)
+        w1, w2, error = project(dense, options.nblocks, rank)
+        dense_params, monarch_params = dense.numel(), w1.numel() + w2.numel()
+        if monarch_params >= dense_params:
+            result.notes.append(
+                f"{site.name}: a Monarch layer with nblocks={options.nblocks} would not be smaller "
+                f"({monarch_params} >= {dense_params} weights); left dense"
+            )
+            continue
+        row = {
+            "layer": site.name,
+            "in_features": in_features,
+            "out_features": out_features,
+            "nblocks": options.nblocks,
+            "rel_error": error,
+            "weight_bytes_dense": dense_params * dense.element_size(),
+            "weight_bytes_monarch": monarch_params * dense.element_size(),
+            "weight_bytes_saved": (dense_params - monarch_params) * dense.element_size(),
+            "flops_per_token_dense": 2 * dense_params,
+            "flops_per_token_monarch": 2 * monarch_params,
+            "rewritten": False,
+        }
+        if options.max_rel_error is not None and error > options.max_rel_error:
+            result.notes.append(
+                f"{site.name}: projection error {error:.3g} exceeds max_rel_error={options.max_rel_error:g}; left dense"
+            )
+            result.details.append(row)
+            continue
+        plans.append((site, w1, w2, row))
+    if outside_targets:
+        result.notes.append(f"{outside_targets} dense layer(s) outside targets {list(options.targets)} left dense")
+    if not plans:
+        return result
+
+    recorded = _record_dense_run(gm, ctx, [site for site, *_ in plans], result)
+    fake_mode = _fake_mode(gm)
+    for index, (site, w1, w2, row) in enumerate(plans):
+        _rewrite(gm, site, w1, w2, index, fake_mode)
+        row["rewritten"] = True
+        result.rewrites += 1
+        result.details.append(row)
+        if recorded is not None and site.node in recorded:
+            row["output_rel_error"] = _output_error(*recorded[site.node], w1, w2, row["out_features"])
+    gm.recompile()
+
+    saved_bytes = sum(row["weight_bytes_saved"] for row in result.details if row["rewritten"])
+    saved_flops = sum(
+        row["flops_per_token_dense"] - row["flops_per_token_monarch"] for row in result.details if row["rewritten"]
+    )
+    for row in result.details:
+        if row["rewritten"]:
+            measured = row.get("output_rel_error")
+            result.notes.append(
+                f"{row['layer']}: Monarch nblocks={row['nblocks']}, weight rel. error {row['rel_error']:.3g}"
+                + (f", output rel. error {measured:.3g}" if measured is not None else "")
+                + f", weights {format_bytes(row['weight_bytes_dense'])} -> {format_bytes(row['weight_bytes_monarch'])}"
+                f", FLOPs/token {row['flops_per_token_dense']} -> {row['flops_per_token_monarch']}"
+            )
+    result.notes.append(
+        f"changes results: {result.rewrites} layer(s) approximated, {format_bytes(saved_bytes)} of weights and "
+        f"{saved_flops} FLOPs per token replaced; the dense parameters stay in the model (graph inputs), so peak "
+        "memory drops only where they are freed (memopt.nn.monarchize replaces the modules themselves)"
+    )
+    if recorded is not None:
+        graph_error = _graph_output_error(gm, ctx, recorded)
+        if graph_error is not None:
+            result.details.append({"layer": "<graph outputs>", "output_rel_error": graph_error, "rewritten": True})
+            result.notes.append(
+                f"measured relative error of the graph outputs on the example inputs: {graph_error:.3g}"
+            )
+    return result
+
+
+def _attribute(gm: torch.fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _fake_mode(gm: torch.fx.GraphModule) -> Any:
+    for node in gm.graph.nodes:
+        mode = fake_tensor_mode(_meta_value(node))
+        if mode is not None:
+            return mode
+    return None
+
+
+def _rewrite(
+    gm: torch.fx.GraphModule, site: _Site, w1: torch.Tensor, w2: torch.Tensor, index: int, fake_mode: Any
+) -> None:
+    """Replace ``site.node`` by ``[pad] -> monarch_matmul -> [slice] -> [+ bias] [-> contiguous]``."""
+    graph = gm.graph
+    stem = re.sub(r"\W", "_", site.name)
+    w1_name, w2_name = f"monarch_{index}_{stem}_w1", f"monarch_{index}_{stem}_w2"
+    gm.register_buffer(w1_name, w1.contiguous())
+    gm.register_buffer(w2_name, w2.contiguous())
+    nblocks, _, in_block = w1.shape
+    out_block = w2.shape[1]
+    dense_val = _meta_value(site.node)
+    out_features = dense_val.shape[-1]
+    in_features = _meta_value(site.x).shape[-1]
+
+    def fake(value: torch.Tensor) -> torch.Tensor:
+        return fake_mode.from_tensor(value, static_shapes=True) if fake_mode is not None else value
+
+    def emit(kind: str, target: Any, args: tuple, value: Any) -> torch.fx.Node:
+        node = graph.get_attr(target) if kind == "get_attr" else graph.call_function(target, args)
+        node.meta["val"] = value
+        node.meta["example_value"] = value
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in site.node.meta:
+                node.meta[key] = site.node.meta[key]
+        return node
+
+    with graph.inserting_before(site.node), fake_mode if fake_mode is not None else contextlib.nullcontext():
+        w1_fake, w2_fake = fake(gm.get_buffer(w1_name)), fake(gm.get_buffer(w2_name))
+        w1_node = emit("get_attr", w1_name, (), w1_fake)
+        w2_node = emit("get_attr", w2_name, (), w2_fake)
+        x_node, x_val = site.x, _meta_value(site.x)
+        pad = nblocks * in_block - in_features
+        if pad:
+            x_val = F.pad(x_val, (0, pad))
+            x_node = emit("call_function", F.pad, (x_node, (0, pad)), x_val)
+        y_val = torch.ops.memopt.monarch_matmul.default(x_val, w1_fake, w2_fake)
+        y_node = emit("call_function", torch.ops.memopt.monarch_matmul.default, (x_node, w1_node, w2_node), y_val)
+        if nblocks * out_block != out_features:
+            index_ = (Ellipsis, slice(None, out_features))
+            y_val = y_val[index_]
+            y_node = emit("call_function", operator.getitem, (y_node, index_), y_val)
+        if site.bias is not None:
+            bias_val = _meta_value(site.bias)
+            y_val = y_val + bias_val
+            y_node = emit("call_function", operator.add, (y_node, site.bias), y_val)
+        if tuple(y_val.stride()) != tuple(dense_val.stride()):
+            # Keep the replaced node's layout (contiguous, like linear's output): later nodes'
+            # metadata assume it.
+            y_val = y_val.contiguous()
+            y_node = emit("call_function", torch.Tensor.contiguous, (y_node,), y_val)
+    site.node.replace_all_uses_with(y_node)
+    graph.erase_node(site.node)
+
+
+def _record_dense_run(
+    gm: torch.fx.GraphModule, ctx: PassContext, sites: list[_Site], result: PassResult
+) -> dict[Any, Any] | None:
+    """Run the graph once (before the rewrite) on the example inputs, keeping each site's input
+    and output and the graph outputs. ``None`` (with a note) when the inputs are not real."""
+    if any(fake_tensor_mode(value) is not None for value in ctx.example_inputs):
+        result.notes.append("example inputs are fake tensors: the output error is not measured")
+        return None
+    wanted = {site.node for site in sites}
+    operands = {site.node: (site.x, site.bias) for site in sites}
+    recorded: dict[Any, Any] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            value = super().run_node(node)
+            if node in wanted:
+                x, bias = operands[node]
+                recorded[node] = (self.env[x], self.env[bias] if isinstance(bias, torch.fx.Node) else bias, value)
+            return value
+
+    try:
+        with torch.no_grad():
+            recorded["<outputs>"] = Recorder(gm).run(*ctx.example_inputs)
+    except Exception as error:  # measuring is best effort; the rewrite does not depend on it
+        result.notes.append(f"could not run the graph to measure errors ({type(error).__name__}: {error})")
+        return None
+    return recorded
+
+
+def _output_error(
+    x: torch.Tensor, bias: Any, y_dense: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out_features: int
+) -> float:
+    """Relative error of one rewritten layer's output on the input it saw in the dense run."""
+    with torch.no_grad():
+        pad = w1.shape[0] * w1.shape[2] - x.shape[-1]
+        y = torch.ops.memopt.monarch_matmul(F.pad(x, (0, pad)) if pad else x, w1, w2)[..., :out_features]
+        if bias is not None:
+            y = y + bias
+        return _relative(y.float(), y_dense.float())
+
+
+def _graph_output_error(gm: torch.fx.GraphModule, ctx: PassContext, recorded: dict[Any, Any]) -> float | None:
+    try:
+        with torch.no_grad():
+            after = torch.fx.Interpreter(gm).run(*ctx.example_inputs)
+    except Exception:
+        return None
+    before = recorded["<outputs>"]
+    errors = [
+        _relative(a.float(), b.float())
+        for a, b in zip(torch.utils._pytree.tree_leaves(after), torch.utils._pytree.tree_leaves(before))
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point()
+    ]
+    return max(errors) if errors else None
+
+
+def _relative(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    norm = exact.norm()
+    return float((approx - exact).norm() / norm) if norm > 0 else float((approx - exact).norm())
+
+
+MONARCH = GraphPass(
+    name="monarch",
+    config_field="monarch",
+    run=run,
+    changes_results=True,
+    applies_to="inference",
+)

@@ -1,0 +1,501 @@
+"""Monarch: projection, MonarchLinear, monarchize, the memopt::monarch_matmul op, the Triton
+kernels (TRITON_INTERPRET=1 on CPU), the monarch pass, and a tiny GPT-2 trained with Monarch MLPs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memopt
+from memopt.config import Config, MonarchOptions
+from memopt.nn import MonarchLinear, monarchize
+from memopt.triton_kernels.monarch import (
+    monarch_backward_reference,
+    monarch_dense,
+    monarch_matmul_reference,
+    project,
+)
+
+# (in_features, out_features, nblocks): square, rectangular both ways, sizes that need padding,
+# and nblocks**2 == n (the paper's case, block rank 1).
+LAYER_SHAPES = [(64, 64, 4), (64, 64, 8), (48, 80, 4), (96, 32, 2), (37, 53, 3)]
+
+# (tokens, nblocks, p, r, s): odd block sizes, a single token, block rank 1, and r = 16 (the
+# Triton kernels' tile-aligned split addressing; the others take the general path).
+OP_SHAPES = [(7, 3, 5, 2, 9), (1, 2, 16, 3, 17), (33, 4, 8, 1, 4), (21, 2, 8, 16, 5)]
+
+# Relative tolerance (max abs error / max abs reference, reference in float64). float32
+# accumulates ~p+q products per output: ~1e-6 observed; bfloat16 rounds x, w and the
+# intermediate h to 8 mantissa bits (2**-8 = 4e-3 each), so a few 1e-3 relative per output.
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch (no graph cached by an earlier test's compile)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def _factors(tokens, nblocks, p, r, s, dtype, seed=0, lead=()):
+    gen = torch.Generator().manual_seed(seed)
+    q = nblocks * r
+    x = torch.randn(*lead, tokens, nblocks * p, generator=gen, dtype=torch.float64)
+    w1 = torch.randn(nblocks, q, p, generator=gen, dtype=torch.float64) / p**0.5
+    w2 = torch.randn(nblocks, s, q, generator=gen, dtype=torch.float64) / q**0.5
+    return x.to(dtype), w1.to(dtype), w2.to(dtype)
+
+
+# ------------------------------------------------------------------------------- projection
+
+
+@pytest.mark.parametrize("in_features,out_features,nblocks", LAYER_SHAPES)
+def test_projection_of_a_monarch_matrix_returns_it(in_features, out_features, nblocks):
+    torch.manual_seed(0)
+    layer = MonarchLinear(in_features, out_features, nblocks, dtype=torch.float64)
+    dense = layer.to_dense().detach()
+    w1, w2, error = project(dense, nblocks, layer.block_rank)
+    recovered = monarch_dense(w1, w2)[:out_features, :in_features]
+    assert error < 1e-5
+    assert float((recovered - dense).norm() / dense.norm()) < 1e-5
+    # float32 weights are projected in float32: still well under 1e-5.
+    w1, w2, error32 = project(dense.float(), nblocks, layer.block_rank)
+    assert error32 < 1e-5
+    assert float((monarch_dense(w1, w2)[:out_features, :in_features].double() - dense).norm() / dense.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("in_features,out_features,nblocks", LAYER_SHAPES)
+def test_projection_of_a_random_matrix_is_optimal(in_features, out_features, nblocks):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64)
+    layer = MonarchLinear(in_features, out_features, nblocks, dtype=torch.float64)
+    w1, w2, error = project(weight, nblocks, layer.block_rank)
+    approx = monarch_dense(w1, w2)[:out_features, :in_features]
+    assert abs(float((approx - weight).norm() / weight.norm()) - error) < 1e-12
+    # Eckart-Young per block: the squared error is the energy of the dropped singular values.
+    p, s = layer.in_block, layer.out_block
+    padded = torch.zeros(nblocks * s, nblocks * p, dtype=torch.float64)
+    padded[:out_features, :in_features] = weight
+    sigma = torch.linalg.svdvals(padded.view(nblocks, s, nblocks, p).permute(0, 2, 1, 3))
+    dropped = sigma[..., layer.block_rank :].square().sum().sqrt() / weight.norm()
+    assert abs(float(dropped) - error) < 1e-10
+    # No random perturbation of the factors does better.
+    for scale in (1e-3, 1e-2, 1e-1):
+        for _ in range(4):
+            pw1 = w1 + scale * torch.randn(w1.shape, generator=gen, dtype=torch.float64)
+            pw2 = w2 + scale * torch.randn(w2.shape, generator=gen, dtype=torch.float64)
+            perturbed = monarch_dense(pw1, pw2)[:out_features, :in_features]
+            assert float((perturbed - weight).norm() / weight.norm()) >= error - 1e-12
+
+
+# ------------------------------------------------------------------------------ MonarchLinear
+
+
+@pytest.mark.parametrize("in_features,out_features,nblocks", LAYER_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_monarch_linear_equals_its_dense_product(in_features, out_features, nblocks, bias):
+    torch.manual_seed(2)
+    layer = MonarchLinear(in_features, out_features, nblocks, bias=bias, dtype=torch.float64)
+    x = torch.randn(3, 5, in_features, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 5, out_features, dtype=torch.float64)
+    out = layer(x)
+    out.backward(grad)
+    grads = [x.grad, layer.w1.grad, layer.w2.grad]
+    # The same function written with the dense matrix: outputs and gradients agree.
+    x2 = x.detach().clone().requires_grad_()
+    w1 = layer.w1.detach().clone().requires_grad_()
+    w2 = layer.w2.detach().clone().requires_grad_()
+    ref = x2 @ monarch_dense(w1, w2)[:out_features, :in_features].T
+    if bias:
+        ref = ref + layer.bias.detach()
+    ref.backward(grad)
+    assert out.shape == (3, 5, out_features)
+    assert _rel(out, ref) < RTOL[torch.float64]
+    for actual, expected in zip(grads, [x2.grad, w1.grad, w2.grad]):
+        assert _rel(actual, expected) < 1e-10
+    # Parameter count of the square layers: 2 n^2 / nblocks.
+    if in_features == out_features and in_features % nblocks**2 == 0:
+        assert layer.w1.numel() + layer.w2.numel() == 2 * in_features**2 // nblocks
+
+
+def test_monarch_linear_init_scale_matches_linear():
+    torch.manual_seed(3)
+    x = torch.randn(4096, 256)
+    with torch.no_grad():
+        monarch_std = MonarchLinear(256, 256, 4, bias=False)(x).std()
+        dense_std = torch.nn.Linear(256, 256, bias=False)(x).std()
+    assert 0.8 < float(monarch_std / dense_std) < 1.25
+
+
+def test_from_dense_linear_and_error():
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(40, 24)
+    layer = MonarchLinear.from_dense(linear, nblocks=2)
+    dense = linear.weight.detach()
+    assert abs(float((layer.to_dense().detach() - dense).norm() / dense.norm()) - layer.projection_error) < 1e-5
+    assert 0 < layer.projection_error < 1
+    torch.testing.assert_close(layer.bias.detach(), linear.bias.detach())
+
+
+def test_monarchize_replaces_matching_layers():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential()
+    model.add_module("up", torch.nn.Linear(64, 128))
+    model.add_module("act", torch.nn.GELU())
+    model.add_module("down", torch.nn.Linear(128, 64))
+    model.add_module("head", torch.nn.Linear(64, 10))
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        up_weight = model.up.weight.clone()
+    replaced = monarchize(model, nblocks=4, min_features=32, targets=["up", "down"])
+    assert [r.name for r in replaced] == ["up", "down"]
+    assert isinstance(model.up, MonarchLinear) and isinstance(model.down, MonarchLinear)
+    assert isinstance(model.head, torch.nn.Linear)  # not in targets
+    first = replaced[0]
+    assert first.monarch_params == model.up.w1.numel() + model.up.w2.numel() < first.dense_params == 64 * 128
+    assert abs(float((model.up.to_dense().detach() - up_weight).norm() / up_weight.norm()) - first.rel_error) < 1e-5
+    assert model(x).shape == (6, 10)
+    # min_features keeps small layers dense; already-Monarch layers are not touched again.
+    assert monarchize(model, nblocks=4, min_features=65) == []
+    with pytest.raises(ValueError, match="nblocks"):
+        monarchize(model, nblocks=1)
+
+
+# ----------------------------------------------------------------------------------- the op
+
+
+@pytest.mark.parametrize("shape", OP_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_matches_reference_outputs_and_gradients(shape, dtype):
+    x, w1, w2 = _factors(*shape, dtype=torch.float64, lead=(2,))
+    grad = torch.randn(*x.shape[:-1], shape[1] * shape[4], dtype=torch.float64)
+    expected = monarch_matmul_reference(x, w1, w2)
+    expected_grads = monarch_backward_reference(grad, x, w1, w2)
+    inputs = [t.to(dtype).requires_grad_() for t in (x, w1, w2)]
+    out = torch.ops.memopt.monarch_matmul(*inputs)
+    out.backward(grad.to(dtype))
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert _rel(out, expected) < RTOL[dtype]
+    for tensor, expected_grad in zip(inputs, expected_grads):
+        assert _rel(tensor.grad, expected_grad) < RTOL[dtype]
+
+
+def test_reference_backward_matches_autograd():
+    x, w1, w2 = _factors(5, 3, 4, 2, 7, dtype=torch.float64)
+    inputs = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    grad = torch.randn(5, 21, dtype=torch.float64)
+    monarch_matmul_reference(*inputs).backward(grad)
+    for tensor, expected in zip(inputs, monarch_backward_reference(grad, x, w1, w2)):
+        assert _rel(tensor.grad, expected) < 1e-12
+
+
+def test_opcheck():
+    x, w1, w2 = _factors(6, 3, 5, 2, 7, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.memopt.monarch_matmul, (x, w1.requires_grad_(), w2.requires_grad_()))
+    torch.library.opcheck(torch.ops.memopt.monarch_matmul, (x.view(2, 3, 15), w1.detach(), w2.detach()))
+    grad = torch.randn(6, 21)
+    torch.library.opcheck(torch.ops.memopt.monarch_matmul_backward, (grad, x, w1.detach(), w2.detach()))
+
+
+def test_op_rejects_bad_shapes():
+    x, w1, w2 = _factors(4, 2, 3, 2, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="features"):
+        torch.ops.memopt.monarch_matmul(x[:, :-1], w1, w2)
+    with pytest.raises(ValueError, match="w2"):
+        torch.ops.memopt.monarch_matmul(x, w1, w2[:, :, :-1])
+
+
+# ---------------------------------------------------------------------------- Triton kernels
+
+_TRITON = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(
+    not (_TRITON and (_INTERPRET or torch.cuda.is_available())),
+    reason="Triton kernels need triton and either TRITON_INTERPRET=1 (CPU interpreter) or a CUDA GPU",
+)
+@pytest.mark.parametrize("shape", OP_SHAPES)
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float16,
+        pytest.param(
+            torch.bfloat16,
+            marks=pytest.mark.skipif(
+                _INTERPRET or not torch.cuda.is_available(),
+                reason="bfloat16 tl.dot needs a GPU: Triton's interpreter has no bfloat16 dot",
+            ),
+        ),
+    ],
+)
+def test_triton_kernels_match_reference(shape, dtype):
+    from memopt.triton_kernels.monarch import monarch_backward_triton, monarch_matmul_triton
+
+    device = "cpu" if _INTERPRET else "cuda"
+    x, w1, w2 = _factors(*shape, dtype=torch.float64)
+    grad = torch.randn(x.shape[0], shape[1] * shape[4], dtype=torch.float64)
+    expected = monarch_matmul_reference(x, w1, w2)
+    expected_grads = monarch_backward_reference(grad, x, w1, w2)
+    args = [t.to(device, dtype) for t in (x, w1, w2)]
+    out = monarch_matmul_triton(*args)
+    grads = monarch_backward_triton(grad.to(device, dtype), *args)
+    assert out.dtype == dtype
+    assert _rel(out.cpu(), expected) < RTOL[dtype]
+    for actual, reference in zip(grads, expected_grads):
+        assert actual.shape == reference.shape
+        assert _rel(actual.cpu(), reference) < RTOL[dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA implementation needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_on_cuda_dispatches_to_triton_and_matches_reference(dtype):
+    x, w1, w2 = _factors(300, 4, 64, 16, 64, dtype=torch.float64, lead=(2,))
+    grad = torch.randn(*x.shape[:-1], 4 * 64, dtype=torch.float64)
+    expected = monarch_matmul_reference(x, w1, w2)
+    expected_grads = monarch_backward_reference(grad, x, w1, w2)
+    inputs = [t.to("cuda", dtype).requires_grad_() for t in (x, w1, w2)]
+    out = torch.ops.memopt.monarch_matmul(*inputs)
+    out.backward(grad.to("cuda", dtype))
+    # float32 on GPU uses TF32 when PyTorch allows it, like cuBLAS: x, w1, h and w2 are each
+    # rounded to 10 mantissa bits (2**-11 = 4.9e-4), about 2e-3 compounded over both stages.
+    rtol = 5e-3 if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else RTOL[dtype]
+    assert _rel(out.cpu(), expected) < rtol
+    for tensor, expected_grad in zip(inputs, expected_grads):
+        assert _rel(tensor.grad.cpu(), expected_grad) < rtol
+    torch.library.opcheck(torch.ops.memopt.monarch_matmul, tuple(t.detach() for t in inputs))
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_config_monarch_option():
+    assert Config().monarch is False
+    assert Config(monarch=True).monarch == MonarchOptions()
+    options = Config.from_options({"monarch": {"nblocks": 2, "targets": ["*.fc"], "max_rel_error": 0.5}}).monarch
+    assert options == MonarchOptions(nblocks=2, targets=("*.fc",), max_rel_error=0.5)
+    for bad, message in [
+        ({"nblock": 2}, "valid keys are: nblocks, min_features, targets, max_rel_error"),
+        ({"nblocks": 1}, "nblocks"),
+        ({"min_features": 0}, "min_features"),
+        ({"targets": [3]}, "targets"),
+        ({"max_rel_error": 0}, "max_rel_error"),
+        ("yes", "must be False, True or a dict"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Config(monarch=bad)
+
+
+# ------------------------------------------------------------------------------------- pass
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, width: int = 48, hidden: int = 80, out: int = 12):
+        super().__init__()
+        self.up = torch.nn.Linear(width, hidden)
+        self.down = torch.nn.Linear(hidden, width, bias=False)
+        self.head = torch.nn.Linear(width, out)
+
+    def forward(self, x):
+        return self.head(self.down(F.gelu(self.up(x))) + x)
+
+
+def _near_monarch_(linear: torch.nn.Linear, nblocks: int, noise: float) -> None:
+    """Set ``linear``'s weight to a Monarch matrix plus ``noise`` (relative) dense noise."""
+    with torch.no_grad():
+        monarch = MonarchLinear(linear.in_features, linear.out_features, nblocks, bias=False).to_dense()
+        linear.weight.copy_(monarch + noise * monarch.std() * torch.randn_like(monarch))
+
+
+def monarch_results(report):
+    """The monarch pass's results in a report (other default passes may report too)."""
+    return [result for result in report.passes if result.name == "monarch"]
+
+
+def _compile_capturing(model, **options):
+    graphs = []  # the graphs Dynamo captured, before memopt's passes
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return memopt.memopt_backend(gm, example_inputs, options)
+
+    return torch.compile(model, backend=backend), graphs
+
+
+def test_pass_rewrites_dense_layers_within_reported_error():
+    torch.manual_seed(6)
+    model = _MLP()
+    _near_monarch_(model.up, 4, 0.02)
+    _near_monarch_(model.down, 4, 0.02)
+    x = torch.randn(3, 7, 48)
+    with torch.no_grad():
+        expected = model(x)
+        with memopt.collect_reports() as reports:
+            out = memopt.compile(model, lowering="eager", monarch={"nblocks": 4, "min_features": 40})(x)
+    (result,) = monarch_results(reports[0])
+    assert result.name == "monarch" and result.changes_results and result.error is None
+    assert result.matched == 3 and result.rewrites == 2  # head (48->12) is below min_features
+    assert any("head" in note and "min_features" in note for note in result.notes)
+    rows = {row["layer"]: row for row in result.details}
+    assert rows["up"]["rewritten"] and rows["down"]["rewritten"]
+    for name in ("up", "down"):
+        assert rows[name]["weight_bytes_monarch"] < rows[name]["weight_bytes_dense"]
+        assert rows[name]["flops_per_token_monarch"] < rows[name]["flops_per_token_dense"]
+        assert 0.005 < rows[name]["rel_error"] < 0.05  # the 2% noise, most of it off the Monarch class
+    measured = float((out - expected).norm() / expected.norm())
+    reported = rows["<graph outputs>"]["output_rel_error"]
+    assert 0 < measured < 0.05
+    assert abs(measured - reported) <= 1e-5 * max(1.0, reported)
+
+
+def test_pass_max_rel_error_keeps_layers_dense():
+    torch.manual_seed(7)
+    model = _MLP()
+    _near_monarch_(model.up, 4, 0.01)  # `down` keeps its random weight: large projection error
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        expected = model(x)
+        options = {"nblocks": 4, "min_features": 40, "max_rel_error": 0.1}
+        out = memopt.compile(model, lowering="eager", monarch=options)(x)
+    (result,) = monarch_results(memopt.last_report())
+    assert result.rewrites == 1
+    rows = {row["layer"]: row for row in result.details}
+    assert rows["up"]["rewritten"] and not rows["down"]["rewritten"] and rows["down"]["rel_error"] > 0.1
+    assert any("down" in note and "max_rel_error" in note for note in result.notes)
+    measured = float((out - expected).norm() / expected.norm())
+    assert abs(measured - rows["<graph outputs>"]["output_rel_error"]) <= 1e-5
+
+
+def test_pass_targets_and_inductor_lowering():
+    torch.manual_seed(8)
+    model = _MLP()
+    _near_monarch_(model.up, 2, 0.0)  # exactly Monarch: the rewrite is exact
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        expected = model(x)
+        options = {"nblocks": 2, "min_features": 8, "targets": ["up"]}
+        out = memopt.compile(model, monarch=options)(x)  # default lowering: Inductor
+    (result,) = monarch_results(memopt.last_report())
+    assert result.rewrites == 1 and result.details[0]["layer"] == "up"
+    assert result.details[0]["rel_error"] < 1e-5
+    assert any("outside targets" in note for note in result.notes)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pass_is_inference_only_and_off_by_default():
+    torch.manual_seed(9)
+    model = _MLP()
+    x = torch.randn(4, 48)
+    memopt.compile(model, lowering="eager", monarch={"min_features": 8})(x).sum().backward()
+    report = memopt.last_report()
+    assert report.training and monarch_results(report) == []
+    torch._dynamo.reset()  # the same model again, now for inference
+    with torch.no_grad():
+        memopt.compile(model, lowering="eager")(x)
+    assert monarch_results(memopt.last_report()) == []
+
+
+def test_monarch_linear_is_one_op_in_compiled_training_graphs():
+    torch.manual_seed(10)
+    model = torch.nn.Sequential(MonarchLinear(30, 44, 3), torch.nn.ReLU(), MonarchLinear(44, 20, 2, bias=False))
+    x = torch.randn(6, 30)
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    compiled, graphs = _compile_capturing(model, lowering="eager")
+    compiled(x).square().sum().backward()
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.memopt.monarch_matmul.default) + targets.count(torch.ops.memopt.monarch_matmul) == 2
+    # Gradients agree with the same network written with dense matrices.
+    w1a, w2a, bias_a, w1b, w2b = reference
+    hidden = torch.relu(x @ monarch_dense(w1a, w2a)[:44, :30].T + bias_a)
+    (hidden @ monarch_dense(w1b, w2b)[:20, :44].T).square().sum().backward()
+    for param, ref in zip(model.parameters(), reference):
+        torch.testing.assert_close(param.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ tiny GPT-2 (transformers)
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers", reason="the GPT-2 tests need transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(11)
+    config = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=32, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _permutation_batches(steps: int, vocab: int = 32, batch: int = 8, seq: int = 16):
+    """Sequences that follow a fixed random permutation of the vocabulary (learnable)."""
+    gen = torch.Generator().manual_seed(12)
+    successor = torch.randperm(vocab, generator=gen)
+    for _ in range(steps):
+        tokens = torch.empty(batch, seq, dtype=torch.long)
+        tokens[:, 0] = torch.randint(0, vocab, (batch,), generator=gen)
+        for t in range(1, seq):
+            tokens[:, t] = successor[tokens[:, t - 1]]
+        yield tokens
+
+
+def _train(model, steps: int = 40) -> list[float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for tokens in _permutation_batches(steps):
+        loss = model(tokens, labels=tokens).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_gpt2_with_monarch_mlps_trains_like_dense():
+    dense = _tiny_gpt2()
+    dense_losses = _train(dense)
+    model = _tiny_gpt2()
+    replaced = monarchize(model, nblocks=4, min_features=32, targets=["*.mlp.*"])
+    # transformers' Conv1D (GPT-2's MLP) is handled: 2 layers x (c_fc, c_proj).
+    assert sorted(r.name for r in replaced) == sorted(
+        f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")
+    )
+    assert all(isinstance(model.get_submodule(r.name), MonarchLinear) for r in replaced)
+    assert sum(r.monarch_params for r in replaced) < 0.35 * sum(r.dense_params for r in replaced)
+    monarch_losses = _train(model)
+    start = monarch_losses[0]
+    dense_end = sum(dense_losses[-5:]) / 5
+    monarch_end = sum(monarch_losses[-5:]) / 5
+    assert dense_end < 0.3 * dense_losses[0]
+    assert monarch_end < 0.3 * start
+    assert start - monarch_end >= 0.75 * (dense_losses[0] - dense_end)
+
+
+def test_gpt2_inference_pass_rewrites_conv1d_mlps():
+    model = _tiny_gpt2().eval()
+    for block in model.transformer.h:
+        for conv in (block.mlp.c_fc, block.mlp.c_proj):
+            with torch.no_grad():  # Conv1D stores W transposed: (in, out)
+                monarch = MonarchLinear(conv.weight.shape[0], conv.weight.shape[1], 4, bias=False).to_dense()
+                conv.weight.copy_(monarch.T + 0.01 * monarch.std() * torch.randn_like(monarch.T))
+    tokens = torch.randint(0, 32, (2, 12))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        options = {"nblocks": 4, "min_features": 32, "targets": ["*.mlp.*"]}
+        out = memopt.compile(model, lowering="eager", monarch=options)(tokens).logits
+    (result,) = monarch_results(memopt.last_report())
+    assert result.rewrites == 4
+    assert any("outside targets" in note for note in result.notes)  # the attention projections
+    measured = float((out - expected).norm() / expected.norm())
+    reported = next(row for row in result.details if row["layer"] == "<graph outputs>")["output_rel_error"]
+    assert 0 < measured < 0.05
+    assert abs(measured - reported) <= 1e-5 * max(1.0, reported)
