@@ -25,6 +25,7 @@ __all__ = [
     "StorageWeakRef",
     "activation_memory_budget",
     "aot_autograd",
+    "autograd_inside_kernel",
     "compile_fx",
     "dynamo_explain",
     "get_hash_for_files",
@@ -77,3 +78,27 @@ def profiler_allocations(prof: torch.profiler.profile, device: str) -> list[tupl
 def dynamo_explain(model: Any, *args: Any, **kwargs: Any) -> Any:
     """``torch._dynamo.explain``: the graphs and graph breaks (with reasons) of one call."""
     return torch._dynamo.explain(model)(*args, **kwargs)
+
+
+def _autograd_bits() -> int:
+    keys = torch._C.DispatchKey
+    bits = 0
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        bits |= torch._C.DispatchKeySet(key).raw_repr()
+    return bits
+
+
+@contextlib.contextmanager
+def autograd_inside_kernel() -> Any:
+    """Let autograd record inside a custom op's kernel (the dispatcher excludes it there).
+
+    ``memopt::reversible_chain_backward`` recomputes a step and differentiates it with
+    ``torch.autograd.grad`` inside its kernel; this lifts the autograd keys the dispatcher
+    put in the thread-local exclude set on the way down, for the ``with`` block only.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C.DispatchKeySet.from_raw_repr(exclude.raw_repr() & ~_autograd_bits())
+    include = include.remove(torch._C.DispatchKey.ADInplaceOrView)
+    with torch._C._ForceDispatchKeyGuard(include, exclude):
+        yield

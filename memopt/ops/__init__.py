@@ -1,0 +1,1 @@
+from memopt.ops import reversible  # noqa: F401  (registers memopt::reversible_chain)
