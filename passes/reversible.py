@@ -113,6 +113,12 @@ def _target_name(node: Node) -> str:
 
 def _is_random(node: Node) -> bool:
     name = _target_name(node)
+    if "dropout" in name and node.op == "call_function":
+        # F.dropout(input, p, training, inplace): p == 0 or training=False draws nothing.
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        if (isinstance(p, (int, float)) and p == 0) or training is False:
+            return False
     if name in _RANDOM_NAMES:
         return True
     if name == "scaled_dot_product_attention":
@@ -437,8 +443,14 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
         )
         fingerprint.append(f"{step.scale}|{step.random}|{module.code}")
     mutated = []
+    members = chain.members()
     for step in chain.steps:
         for buffer in step.mutated:
+            readers = [user for user in buffer.users if user in members]
+            if any(buffer not in _batch_norm_buffers(user) for user in readers):
+                # The backward hands the recomputation zeros for running statistics, which
+                # is only right when nothing but training-mode BatchNorm touches them.
+                raise NotReversible(f"buffer {buffer.name} is read by more than training-mode BatchNorm")
             if buffer in consts and consts.index(buffer) not in mutated:
                 mutated.append(consts.index(buffer))
     device = _value(chain.x1).device
@@ -453,7 +465,6 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
             key, _value(chain.x1), _value(chain.x2), [_value(p) for p in params], [_value(c) for c in consts]
         )
 
-    members = chain.members()
     last = chain.steps[-1].add
     anchor = last.next
     with graph.inserting_before(anchor):
@@ -478,8 +489,33 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
     return key, params, consts
 
 
+MAX_REBUILD_GAIN = reversible_ops.MAX_REBUILD_GAIN
+
+
+def _segments(steps: list[_Step]) -> list[tuple[int, int]]:
+    """``[start, end)`` step ranges of at least two steps within :data:`MAX_REBUILD_GAIN`."""
+    segments, start, gain = [], 0, 1.0
+    for i, step in enumerate(steps):
+        factor = max(1.0, 1.0 / abs(step.scale))
+        if gain * factor > MAX_REBUILD_GAIN and i - start >= 2:
+            segments.append((start, i))
+            start, gain = i, 1.0
+        gain *= factor
+    if len(steps) - start >= 2:
+        segments.append((start, len(steps)))
+    return segments
+
+
 def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Replace each reversible coupling chain of a training graph by ``memopt::reversible_chain``."""
+    """Replace each reversible coupling chain of a training graph by ``memopt::reversible_chain``.
+
+    ``details`` gets one row per coupling (two steps): ``chain``, ``block``, ``nodes`` (the
+    block's output nodes), ``reversible`` and ``reason``, ``activation_bytes_before`` (bytes of
+    every tensor the block computes: the most an ordinary backward could keep for it),
+    ``saved_bytes_after`` (what the forward keeps for it now: its RNG states, plus the
+    segment's two outputs on the segment's last block), ``segment`` and ``key``; the
+    partitioner adds ``chain_saved_bytes``, measured on the partitioned forward graph.
+    """
     result = PassResult("reversible")
     graph = _Graph(gm)
     chains = _find_chains(graph, result.notes)
@@ -494,34 +530,58 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                     "chain": number,
                     "block": block_start // 2,
                     "nodes": [step.add.name for step in block],
-                    "reversible": True,
+                    "reversible": False,
                     "reason": "",
                     "activation_bytes_before": _bytes_of(nodes),
-                    "saved_bytes_after": 0,
+                    "saved_bytes_after": _bytes_of(nodes),
                     "rng_state_bytes": 0,
                 }
             )
-        try:
-            key, _params, _consts = _rewrite(gm, chain, ctx)
-        except NotReversible as reason:
-            result.notes.append(f"chain at {chain.steps[0].add.name} left alone: {reason}")
-            for row in rows:
-                row.update(reversible=False, reason=str(reason), saved_bytes_after=row["activation_bytes_before"])
-            result.details.extend(rows)
-            continue
-        rng_bytes = reversible_ops._CHAINS[key].rng_bytes
-        for row, block_start in zip(rows, range(0, len(chain.steps), 2)):
-            row["key"] = key
-            row["rng_state_bytes"] = rng_bytes * sum(s.random for s in chain.steps[block_start : block_start + 2])
-            row["saved_bytes_after"] = row["rng_state_bytes"]
+        segments = _segments(chain.steps)
+        covered = {i for start, end in segments for i in range(start, end)}
+        for row in rows:
+            if 2 * row["block"] not in covered:
+                row["reason"] = f"rebuild would amplify rounding by more than {MAX_REBUILD_GAIN:g}x"
+        # Rewrite the last segment first: an earlier segment's outputs are the later one's inputs,
+        # and rewriting the earlier one redirects those uses to its op's outputs.
+        for segment_number in reversed(range(len(segments))):
+            start, end = segments[segment_number]
+            values = chain.values  # [x1, x2, v1, v2, ...]: step i reads values[i] and values[i + 1]
+            segment = _Chain(values[start], values[start + 1], chain.steps[start:end])
+            finals = [segment.steps[-1].add, segment.steps[-2].add]
+            final_bytes = _bytes_of(finals)
+            try:
+                key, _params, _consts = _rewrite(gm, segment, ctx)
+            except NotReversible as reason:
+                result.notes.append(f"chain at {segment.steps[0].add.name} left alone: {reason}")
+                for row in rows:
+                    if start <= 2 * row["block"] < end:
+                        row["reason"] = str(reason)
+                continue
+            rng_bytes = reversible_ops._CHAINS[key].rng_bytes
+            segment_rows = [row for row in rows if start <= 2 * row["block"] < end]
+            for row in segment_rows:
+                steps = chain.steps[2 * row["block"] : 2 * row["block"] + 2]
+                row.update(reversible=True, reason="", segment=segment_number, key=key)
+                row["rng_state_bytes"] = rng_bytes * sum(step.random for step in steps)
+                row["saved_bytes_after"] = row["rng_state_bytes"]
+            segment_rows[-1]["saved_bytes_after"] += final_bytes
+            result.rewrites += 1
+            random_steps = sum(step.random for step in segment.steps)
+            result.notes.append(
+                f"chain {number}"
+                + (f" segment {segment_number}" if len(segments) > 1 else "")
+                + f": {len(segment.steps)} steps ({segment.steps[0].add.name} .. {segment.steps[-1].add.name}) "
+                "keep only their 2 final outputs for the backward; inputs are rebuilt and F/G recomputed"
+                + (f"; {random_steps} random steps keep their RNG state" if random_steps else "")
+            )
+        if len(segments) > 1:
+            result.notes.append(
+                f"chain {number} cut into {len(segments)} segments: its scales would amplify rebuild "
+                f"rounding by more than {MAX_REBUILD_GAIN:g}x in one piece"
+            )
         result.details.extend(rows)
-        result.rewrites += 1
         result.bytes_saved += sum(row["activation_bytes_before"] - row["saved_bytes_after"] for row in rows)
-        result.notes.append(
-            f"chain {number}: {len(chain.steps)} steps ({len(rows)} blocks) from {chain.x1.name}, {chain.x2.name} "
-            f"keep only their 2 final outputs for the backward; inputs are rebuilt and F/G recomputed"
-            + (f"; {sum(s.random for s in chain.steps)} random steps keep their RNG state" if any(s.random for s in chain.steps) else "")
-        )
     return result
 
 

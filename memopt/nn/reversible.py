@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memopt.ops.reversible import Chain, ReversibleChainFunction, Step, rng_state_bytes
+from memopt.ops.reversible import MAX_REBUILD_GAIN, Chain, ReversibleChainFunction, Step, rng_state_bytes
 
 
 class RevCoupling(nn.Module):
@@ -56,10 +56,26 @@ class ReversibleSequential(nn.Module):
     backward does not grow with the number of couplings, in eager mode and when compiled
     with memopt. ``preserve_rng_state=False`` skips recording the RNG state of each branch
     (5056 bytes on CPU, 16 on CUDA) when the branches draw no random numbers.
+
+    ``segment_length``: in eager mode, rebuild at most this many couplings from one pair of
+    kept outputs (each segment keeps its own two outputs). Rounding in the rebuilt inputs
+    accumulates along a segment; deep stacks of BatchNorm + ReLU6 branches on tiny batches
+    drift measurably at 32 couplings (docs/passes/reversible.md), 8 keeps them as accurate as
+    the ordinary backward. ``None``: one segment, except where scales below 1 would amplify
+    rounding by more than 16x (as in the compiled pass).
     """
 
-    def __init__(self, *couplings: RevCoupling, dim: int = 1, preserve_rng_state: bool = True) -> None:
+    def __init__(
+        self,
+        *couplings: RevCoupling,
+        dim: int = 1,
+        preserve_rng_state: bool = True,
+        segment_length: int | None = None,
+    ) -> None:
         super().__init__()
+        if segment_length is not None and segment_length < 1:
+            raise ValueError(f"segment_length must be a positive number of couplings or None, got {segment_length}")
+        self.segment_length = segment_length
         for coupling in couplings:
             if not isinstance(coupling, RevCoupling):
                 raise TypeError(f"ReversibleSequential takes RevCoupling modules, got {type(coupling).__name__}")
@@ -81,14 +97,29 @@ class ReversibleSequential(nn.Module):
             for coupling in self.couplings:
                 x1, x2 = coupling(x1, x2)
             return x1, x2
-        chain, params, consts = self._chain(x1.device)
-        return ReversibleChainFunction.apply(chain, x1, x2, len(params), *params, *consts)
+        for segment in self._segments():
+            chain, params, consts = self._chain(segment, x1.device)
+            x1, x2 = ReversibleChainFunction.apply(chain, x1, x2, len(params), *params, *consts)
+        return x1, x2
 
-    def _chain(self, device: torch.device) -> tuple[Chain, list[torch.Tensor], list[torch.Tensor]]:
+    def _segments(self) -> list[list[RevCoupling]]:
+        segments: list[list[RevCoupling]] = [[]]
+        gain = 1.0
+        for coupling in self.couplings:
+            factor = max(1.0, 1.0 / abs(coupling.scale_x1)) * max(1.0, 1.0 / abs(coupling.scale_x2))
+            full = self.segment_length is not None and len(segments[-1]) >= self.segment_length
+            if segments[-1] and (full or gain * factor > MAX_REBUILD_GAIN):
+                segments.append([])
+                gain = 1.0
+            segments[-1].append(coupling)
+            gain *= factor
+        return segments
+
+    def _chain(self, couplings, device: torch.device) -> tuple[Chain, list[torch.Tensor], list[torch.Tensor]]:
         params: list[torch.Tensor] = []
         consts: list[torch.Tensor] = []
         steps = []
-        for coupling in self.couplings:
+        for coupling in couplings:
             for branch, scale in ((coupling.f, coupling.scale_x1), (coupling.g, coupling.scale_x2)):
                 steps.append(self._step(branch, scale, params, consts))
         # Every buffer is recomputed on a copy: BatchNorm's running statistics and
@@ -147,7 +178,13 @@ class ReversibleMBConv2d(ReversibleSequential):
     _norm: type = nn.BatchNorm2d
 
     def __init__(
-        self, channels: int, depth: int = 1, expansion: int = 4, kernel_size: int = 3, dropout: float = 0.0
+        self,
+        channels: int,
+        depth: int = 1,
+        expansion: int = 4,
+        kernel_size: int = 3,
+        dropout: float = 0.0,
+        segment_length: int | None = None,
     ) -> None:
         if channels % 2:
             raise ValueError(f"{type(self).__name__} needs an even number of channels, got {channels}")
@@ -159,7 +196,7 @@ class ReversibleMBConv2d(ReversibleSequential):
             )
             for _ in range(depth)
         ]
-        super().__init__(*couplings, dim=1)
+        super().__init__(*couplings, dim=1, segment_length=segment_length)
 
 
 class ReversibleMBConv3d(ReversibleMBConv2d):

@@ -37,6 +37,16 @@ from memopt._torch_compat import autograd_inside_kernel
 
 Tensor = torch.Tensor
 
+MAX_REBUILD_GAIN = 16.0
+"""Largest factor by which a chain may amplify rounding errors in its rebuilt inputs.
+
+Rebuilding ``v[k-2] = (v[k] - H(v[k-1])) / scale`` multiplies the error already in ``v[k]``
+by ``1/|scale|``; over a chain the factors multiply. With ``b = 0.5`` in every coupling, 32
+couplings amplify float32 rounding by 2**32 and the first blocks' gradients are garbage
+(measured: relative error ~1). Chains are therefore cut into segments whose product of
+``max(1, 1/|scale|)`` stays within this bound (16: at most 4 bits of float32's 24); each
+segment keeps its own two outputs. Scales of magnitude >= 1 never force a cut."""
+
 StepFn = Callable[[Tensor, Sequence[Tensor], Sequence[Tensor]], Tensor]
 """``H(x, params, consts) -> h``: one step's function of its stream input, its differentiable
 external tensors (parameters) and its other external tensors (buffers, masks)."""
@@ -289,19 +299,29 @@ def _setup_context(ctx, inputs, output) -> None:
     chain = _chain(key)
     ctx.key = key
     ctx.num_params = len(params)
-    # Buffers the chain updates are copied over after the op (``buffer.copy_(new)``), so the
-    # backward reads the updated copies the op returned instead: training-mode BatchNorm,
-    # the only updater, normalizes with batch statistics and never reads them.
-    updated = dict(zip(chain.mutated_consts, output[3:]))
-    kept_consts = [updated.get(i, c) for i, c in enumerate(consts)]
     ctx.num_consts = len(consts)
+    # Buffers the chain updates (BatchNorm running statistics) are not kept: the pass only
+    # accepts them as the running statistics of training-mode BatchNorm, which normalizes with
+    # the batch's own statistics and never reads them, so the recomputation gets zeros of the
+    # same shape (and writes into those, not into the real buffers).
+    ctx.mutated = {i: (consts[i].shape, consts[i].dtype, consts[i].device) for i in chain.mutated_consts}
+    kept = [c for i, c in enumerate(consts) if i not in ctx.mutated]
+    # RNG states and updated buffers carry no gradient (and buffers must not join the graph).
+    ctx.mark_non_differentiable(*output[2:])
     # Only the final stream values and the RNG states: nothing per step.
-    ctx.save_for_backward(output[0], output[1], output[2], *params, *kept_consts)
+    ctx.save_for_backward(output[0], output[1], output[2], *params, *kept)
 
 
 def _backward(ctx, grads):
     stream1, stream2, rng, *rest = ctx.saved_tensors
-    params, consts = rest[: ctx.num_params], rest[ctx.num_params :]
+    params, kept = rest[: ctx.num_params], iter(rest[ctx.num_params :])
+    consts = []
+    for i in range(ctx.num_consts):
+        if i in ctx.mutated:
+            shape, dtype, device = ctx.mutated[i]
+            consts.append(torch.zeros(shape, dtype=dtype, device=device))
+        else:
+            consts.append(next(kept))
     grad1 = grads[0] if grads[0] is not None else torch.zeros_like(stream1)
     grad2 = grads[1] if grads[1] is not None else torch.zeros_like(stream2)
     out = torch.ops.memopt.reversible_chain_backward(ctx.key, stream1, stream2, grad1, grad2, rng, params, consts)
