@@ -295,7 +295,9 @@ def _skip_users(node: Node) -> list[tuple[Node, Any]]:
     return found
 
 
-def _find_chains(graph: _Graph, notes: list[str]) -> list[_Chain]:
+def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
+    """Coupling chains of at least two steps; ``refused`` collects candidates that failed a
+    check, by output node name, with the reason."""
     chains: list[_Chain] = []
     taken: set[Node] = set()
     failures: dict[str, str] = {}
@@ -306,9 +308,10 @@ def _find_chains(graph: _Graph, notes: list[str]) -> list[_Chain]:
         if chain is not None:
             chains.append(chain)
             taken |= chain.members()
-    for reason in failures.values():
-        if not any(reason.startswith(step.add.name + ":") for chain in chains for step in chain.steps):
-            notes.append(f"left alone: {reason}")
+    accepted = {step.add.name for chain in chains for step in chain.steps}
+    for name, reason in failures.items():
+        if name not in accepted and not any(reason.startswith(a + ":") for a in accepted):
+            refused[name] = reason
     return chains
 
 
@@ -320,11 +323,13 @@ def _chain_from(graph: _Graph, first: Node, taken: set[Node], failures: dict[str
         # x2 is the stream input of F: an ancestor of h1 that a later add reads as its skip term
         # while that add's H depends on ``first`` (= y1).
         for x2 in sorted(graph.ancestors(h1), key=graph.index.__getitem__, reverse=True):
-            if x2 is first or x2 in taken or _value(x2) is None:
+            if x2 is first or x2 is h1 or x2 in taken or _value(x2) is None:
                 continue
             for second, reading2 in _skip_users(x2):
                 if second is first or second in taken or graph.index[second] <= graph.index[first]:
                     continue
+                if reading2[3] is first:
+                    continue  # x2 + y1: no H at all (a merge, not a coupling)
                 if first not in graph.ancestors(reading2[3]):
                     continue
                 forbidden = graph.descendants([x1, x2])
@@ -347,7 +352,9 @@ def _extend(graph: _Graph, chain: _Chain, forbidden: set[Node], failures: dict[s
         previous, current = chain.steps[-2].add, chain.steps[-1].add
         extended = False
         for add, reading in _skip_users(previous):
-            if graph.index[add] <= graph.index[current] or current not in graph.ancestors(reading[3]):
+            if graph.index[add] <= graph.index[current] or reading[3] is current:
+                continue
+            if current not in graph.ancestors(reading[3]):
                 continue
             try:
                 step = _find_step(graph, add, reading, current, forbidden - {current})
@@ -518,8 +525,16 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """
     result = PassResult("reversible")
     graph = _Graph(gm)
-    chains = _find_chains(graph, result.notes)
-    result.matched = len(chains) + len(result.notes)
+    refused: dict[str, str] = {}
+    chains = _find_chains(graph, refused)
+    result.matched = len(chains) + len(refused)
+    for name, reason in refused.items():
+        result.notes.append(f"left alone: {reason}")
+        # A candidate coupling that failed a check: a row so per-block reports show why.
+        result.details.append(
+            {"chain": None, "block": None, "nodes": [name], "reversible": False, "reason": reason,
+             "activation_bytes_before": None, "saved_bytes_after": None, "rng_state_bytes": 0}
+        )
     for number, chain in enumerate(chains):
         rows = []
         for block_start in range(0, len(chain.steps), 2):
@@ -588,7 +603,8 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 # --- Conversion: residual chains to the two-stream form --------------------------------
 
 
-def _residual_chains(graph: _Graph, notes: list[str]) -> list[list[_Step]]:
+def _residual_chains(graph: _Graph) -> list[list[_Step]]:
+    """Chains of at least two residual adds ``x_{k+1} = x_k + f_k(x_k)``, each ``f_k`` self-contained."""
     chains: list[list[_Step]] = []
     taken: set[Node] = set()
     for add in graph.nodes:
@@ -645,7 +661,7 @@ def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite residual chains ``x <- x + f_k(x)`` into the two-stream reversible form."""
     result = PassResult("reversible-convert")
     graph = _Graph(gm)
-    chains = _residual_chains(graph, result.notes)
+    chains = _residual_chains(graph)
     result.matched = len(chains)
     for steps in chains:
         values = [steps[0].source] + [step.add for step in steps]
