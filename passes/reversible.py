@@ -309,8 +309,10 @@ def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
             chains.append(chain)
             taken |= chain.members()
     accepted = {step.add.name for chain in chains for step in chain.steps}
-    for name, reason in failures.items():
-        if name not in accepted and not any(reason.startswith(a + ":") for a in accepted):
+    for reason in failures.values():
+        # Reasons start with the node that failed the check; report each node once.
+        name = reason.split(":", 1)[0]
+        if name not in accepted and name not in refused:
             refused[name] = reason
     return chains
 
