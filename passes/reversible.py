@@ -73,6 +73,14 @@ def _value(node: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _symint(node: Any) -> torch.SymInt | int | None:
+    """The (symbolic) integer a node holds, e.g. a size Dynamo lifted as a graph input."""
+    if not isinstance(node, Node):
+        return None
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return value if isinstance(value, (torch.SymInt, int)) and not isinstance(value, bool) else None
+
+
 def _is_add(node: Node) -> bool:
     if node.kwargs or len(node.args) != 2:
         return False
@@ -244,7 +252,7 @@ def _find_step(graph: _Graph, add: Node, reading, x: Node, forbidden: set[Node])
                 continue
             if arg in forbidden:
                 raise NotReversible(f"{add.name}: H reads {arg.name}, which depends on the other stream")
-            if _value(arg) is None:
+            if _value(arg) is None and _symint(arg) is None:
                 raise NotReversible(f"{add.name}: H reads a non-tensor value {arg.name}")
             seen_externals.add(arg)
             externals.append(arg)
@@ -423,9 +431,9 @@ def _step_module(gm: torch.fx.GraphModule, step: _Step) -> torch.fx.GraphModule:
 
 
 def _make_fn(module: torch.fx.GraphModule, order: list[tuple[str, int]]) -> reversible_ops.StepFn:
-    def fn(x, params, consts):
-        inputs = [params[i] if kind == "p" else consts[i] for kind, i in order]
-        return module(x, *inputs)
+    def fn(x, params, consts, sizes):
+        pools = {"p": params, "c": consts, "s": sizes}
+        return module(x, *[pools[kind][i] for kind, i in order])
 
     return fn
 
@@ -434,21 +442,27 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
     graph = gm.graph
     params: list[Node] = []
     consts: list[Node] = []
+    sizes: list[Node] = []
     op_steps: list[reversible_ops.Step] = []
     fingerprint = []
     for step in chain.steps:
         module = _step_module(gm, step)
-        order, param_index, const_index = [], [], []
+        order: list[tuple[str, int]] = []
+        indexes: dict[str, list[int]] = {"p": [], "c": [], "s": []}
         for external in step.externals:
             value = _value(external)
-            bucket, kind = (params, "p") if value.requires_grad else (consts, "c")
+            if value is None:
+                bucket, kind = sizes, "s"  # a symbolic size (dynamic shapes)
+            else:
+                bucket, kind = (params, "p") if value.requires_grad else (consts, "c")
             if external not in bucket:
                 bucket.append(external)
-            position = bucket.index(external)
-            (param_index if kind == "p" else const_index).append(position)
-            order.append((kind, len(param_index if kind == "p" else const_index) - 1))
+            indexes[kind].append(bucket.index(external))
+            order.append((kind, len(indexes[kind]) - 1))
         op_steps.append(
-            reversible_ops.Step(_make_fn(module, order), step.scale, param_index, const_index, step.random)
+            reversible_ops.Step(
+                _make_fn(module, order), step.scale, indexes["p"], indexes["c"], step.random, indexes["s"]
+            )
         )
         fingerprint.append(f"{step.scale}|{step.random}|{module.code}")
     mutated = []
@@ -468,10 +482,15 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
     key = reversible_ops.register_chain(op_chain, "\n".join(fingerprint))
 
     fake_mode = _fake_mode([chain.x1, *params])
-    args = (key, chain.x1, chain.x2, params, consts)
+    args = (key, chain.x1, chain.x2, params, consts, sizes)
     with fake_mode, torch.no_grad():
         fake_out = torch.ops.memopt.reversible_chain.default(
-            key, _value(chain.x1), _value(chain.x2), [_value(p) for p in params], [_value(c) for c in consts]
+            key,
+            _value(chain.x1),
+            _value(chain.x2),
+            [_value(p) for p in params],
+            [_value(c) for c in consts],
+            [_symint(n) for n in sizes],
         )
 
     last = chain.steps[-1].add

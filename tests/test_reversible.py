@@ -216,6 +216,27 @@ def test_dynamo_explain_sees_one_graph_and_no_break():
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
 
 
+def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain():
+    torch.manual_seed(0)
+    model = TransformerCouplings(3, dropout=0.2)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(
+        model, backend=memopt.memopt_backend, dynamic=True, options={"lowering": "eager", "strict": True}
+    )
+    for batch in (3, 5):
+        x = torch.randn(batch, 7, 12)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        torch.manual_seed(batch)
+        compiled(x1).square().sum().backward()
+        torch.manual_seed(batch)
+        reference(x2).square().sum().backward()
+        assert_close_grads(model, reference, x1, x2)
+        model.zero_grad()
+        reference.zero_grad()
+        result = reversible_result(memopt.last_report())
+        assert result.rewrites == 1, result.notes
+
+
 # --- Chains the pass must leave alone ----------------------------------------------------
 
 
@@ -525,11 +546,14 @@ def test_chain_registry_error_names_the_key():
 
 
 def test_reversible_chain_op_passes_opcheck_and_gradcheck():
-    def step(x, params, consts):
+    def step(x, params, consts, sizes):
         return torch.tanh(x @ params[0] + consts[0])
 
+    def reshaping_step(x, params, consts, sizes):  # reads a size, as dynamic-shape graphs do
+        return torch.tanh((x @ params[0]).reshape(sizes[0], -1) + consts[0])
+
     chain = reversible_ops.Chain(
-        [reversible_ops.Step(step, 1.0, [0], [0]), reversible_ops.Step(step, -0.5, [1], [0]),
+        [reversible_ops.Step(step, 1.0, [0], [0]), reversible_ops.Step(reshaping_step, -0.5, [1], [0], False, [0]),
          reversible_ops.Step(step, 2.0, [0], [0])],
         [],
         reversible_ops.rng_state_bytes(torch.device("cpu")),
@@ -539,10 +563,10 @@ def test_reversible_chain_op_passes_opcheck_and_gradcheck():
     weights = [torch.randn(5, 5, dtype=torch.float64) / 3 for _ in range(2)]
     bias = torch.randn(5, dtype=torch.float64)
     leaves = [t.requires_grad_(True) for t in (x1, x2, *weights)]
-    torch.library.opcheck(torch.ops.memopt.reversible_chain.default, (key, x1, x2, weights, [bias]))
+    torch.library.opcheck(torch.ops.memopt.reversible_chain.default, (key, x1, x2, weights, [bias], [3]))
 
     def run(a, b, w0, w1):
-        out = torch.ops.memopt.reversible_chain(key, a, b, [w0, w1], [bias])
+        out = torch.ops.memopt.reversible_chain(key, a, b, [w0, w1], [bias], [3])
         return out[0], out[1]
 
     assert torch.autograd.gradcheck(run, tuple(leaves))

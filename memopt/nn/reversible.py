@@ -140,7 +140,7 @@ class ReversibleSequential(nn.Module):
             buffer_names.append(name)
             const_index.append(next(i for i, c in enumerate(consts) if c is buffer))
 
-        def fn(x, step_params, step_consts):
+        def fn(x, step_params, step_consts, _sizes=()):
             state = dict(zip(param_names, step_params))
             state.update(zip(buffer_names, step_consts))
             return torch.func.functional_call(branch, state, (x,))

@@ -47,9 +47,10 @@ couplings amplify float32 rounding by 2**32 and the first blocks' gradients are 
 ``max(1, 1/|scale|)`` stays within this bound (16: at most 4 bits of float32's 24); each
 segment keeps its own two outputs. Scales of magnitude >= 1 never force a cut."""
 
-StepFn = Callable[[Tensor, Sequence[Tensor], Sequence[Tensor]], Tensor]
-"""``H(x, params, consts) -> h``: one step's function of its stream input, its differentiable
-external tensors (parameters) and its other external tensors (buffers, masks)."""
+StepFn = Callable[[Tensor, Sequence[Tensor], Sequence[Tensor], Sequence[int]], Tensor]
+"""``H(x, params, consts, sizes) -> h``: one step's function of its stream input, its
+differentiable external tensors (parameters), its other external tensors (buffers, masks)
+and the symbolic sizes it reads (dynamic shapes; empty otherwise)."""
 
 
 @dataclasses.dataclass
@@ -64,6 +65,8 @@ class Step:
     """Positions in the chain's constant list of the constants ``fn`` takes, in order."""
     random: bool = False
     """Whether ``fn`` draws random numbers (dropout); its RNG state is then recorded."""
+    size_index: list[int] = dataclasses.field(default_factory=list)
+    """Positions in the chain's size list of the (symbolic) sizes ``fn`` takes, in order."""
 
 
 @dataclasses.dataclass
@@ -111,6 +114,7 @@ def chain_forward(
     x2: Tensor,
     params: Sequence[Tensor],
     consts: Sequence[Tensor],
+    sizes: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run the chain without building an autograd graph.
 
@@ -128,7 +132,7 @@ def chain_forward(
                 states.append(_get_rng_state(device).clone())
             step_params = [params[i] for i in step.param_index]
             step_consts = [consts[i] for i in step.const_index]
-            h = step.fn(current, step_params, step_consts)
+            h = step.fn(current, step_params, step_consts, [sizes[i] for i in step.size_index])
             update = previous if step.scale == 1.0 else previous * step.scale
             previous, current = current, update + h
     if len(chain.steps) % 2 == 0:
@@ -149,6 +153,7 @@ def chain_backward(
     params: Sequence[Tensor],
     consts: Sequence[Tensor],
     params_are_leaves: bool = False,
+    sizes: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
     """Gradients of the chain's inputs and parameters from its outputs alone.
 
@@ -184,15 +189,16 @@ def chain_backward(
     for step in reversed(chain.steps):
         step_params = [leaves[i] for i in step.param_index]
         step_consts = [scratch_consts[i] for i in step.const_index]
+        step_sizes = [sizes[i] for i in step.size_index]
         x = previous.detach().requires_grad_(True)
         with torch.enable_grad():
             if step.random:
                 rng_row -= 1
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     _set_rng_state(rng[rng_row].clone(), device)
-                    h = step.fn(x, step_params, step_consts)
+                    h = step.fn(x, step_params, step_consts, step_sizes)
             else:
-                h = step.fn(x, step_params, step_consts)
+                h = step.fn(x, step_params, step_consts, step_sizes)
         with torch.no_grad():
             rebuilt = current - h
             if step.scale != 1.0:
@@ -246,7 +252,9 @@ def _chain(key: str) -> Chain:
 
 
 @torch.library.custom_op("memopt::reversible_chain", mutates_args=())
-def reversible_chain(key: str, x1: Tensor, x2: Tensor, params: list[Tensor], consts: list[Tensor]) -> list[Tensor]:
+def reversible_chain(
+    key: str, x1: Tensor, x2: Tensor, params: list[Tensor], consts: list[Tensor], sizes: list[int]
+) -> list[Tensor]:
     """Run registered chain ``key`` on ``(x1, x2)``.
 
     Returns ``[stream1, stream2, rng_states, *new_buffers]``: the final stream values, the RNG
@@ -257,12 +265,12 @@ def reversible_chain(key: str, x1: Tensor, x2: Tensor, params: list[Tensor], con
     scratch = list(consts)
     for i in chain.mutated_consts:
         scratch[i] = consts[i].clone()
-    stream1, stream2, rng = chain_forward(chain, x1, x2, params, scratch)
+    stream1, stream2, rng = chain_forward(chain, x1, x2, params, scratch, sizes)
     return [stream1.contiguous(), stream2.contiguous(), rng] + [scratch[i] for i in chain.mutated_consts]
 
 
 @reversible_chain.register_fake
-def _(key: str, x1: Tensor, x2: Tensor, params: list[Tensor], consts: list[Tensor]) -> list[Tensor]:
+def _(key: str, x1: Tensor, x2: Tensor, params: list[Tensor], consts: list[Tensor], sizes: list[int]) -> list[Tensor]:
     chain = _chain(key)
     dtype = torch.promote_types(x1.dtype, x2.dtype)
     rng = x1.new_empty((chain.random_steps, chain.rng_bytes), dtype=torch.uint8, device="cpu")
@@ -280,26 +288,30 @@ def reversible_chain_backward(
     rng: Tensor,
     params: list[Tensor],
     consts: list[Tensor],
+    sizes: list[int],
 ) -> list[Tensor]:
     """Gradients ``[grad_x1, grad_x2, *grad_params]`` of chain ``key`` from its outputs."""
     chain = _chain(key)
     with autograd_inside_kernel():
-        grad_x1, grad_x2, param_grads = chain_backward(chain, stream1, stream2, grad1, grad2, rng, params, consts)
+        grad_x1, grad_x2, param_grads = chain_backward(
+            chain, stream1, stream2, grad1, grad2, rng, params, consts, sizes=sizes
+        )
     filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads)]
     return [grad_x1.contiguous(), grad_x2.contiguous()] + [g.contiguous() for g in filled]
 
 
 @reversible_chain_backward.register_fake
-def _(key, stream1, stream2, grad1, grad2, rng, params, consts) -> list[Tensor]:
+def _(key, stream1, stream2, grad1, grad2, rng, params, consts, sizes) -> list[Tensor]:
     return [torch.empty_like(stream1), torch.empty_like(stream2)] + [torch.empty_like(p) for p in params]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    key, _x1, _x2, params, consts = inputs
+    key, _x1, _x2, params, consts, sizes = inputs
     chain = _chain(key)
     ctx.key = key
     ctx.num_params = len(params)
     ctx.num_consts = len(consts)
+    ctx.sizes = list(sizes)
     # Buffers the chain updates (BatchNorm running statistics) are not kept: the pass only
     # accepts them as the running statistics of training-mode BatchNorm, which normalizes with
     # the batch's own statistics and never reads them, so the recomputation gets zeros of the
@@ -324,8 +336,11 @@ def _backward(ctx, grads):
             consts.append(next(kept))
     grad1 = grads[0] if grads[0] is not None else torch.zeros_like(stream1)
     grad2 = grads[1] if grads[1] is not None else torch.zeros_like(stream2)
-    out = torch.ops.memopt.reversible_chain_backward(ctx.key, stream1, stream2, grad1, grad2, rng, params, consts)
-    return None, out[0], out[1], list(out[2:]), [None] * ctx.num_consts
+    out = torch.ops.memopt.reversible_chain_backward(
+        ctx.key, stream1, stream2, grad1, grad2, rng, params, consts, ctx.sizes
+    )
+    # torch.library wants None for a non-empty int list and an empty list for an empty one.
+    return None, out[0], out[1], list(out[2:]), [None] * ctx.num_consts, (None if ctx.sizes else [])
 
 
 reversible_chain.register_autograd(_backward, setup_context=_setup_context)
