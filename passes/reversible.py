@@ -57,6 +57,7 @@ _RANDOM_NAMES = frozenset(
     }
 )
 _BATCH_NORM_SIGNATURE = inspect.signature(torch.nn.functional.batch_norm)
+_MODE_SWITCHES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
 
 
 class NotReversible(Exception):
@@ -546,6 +547,12 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """
     result = PassResult("reversible")
     graph = _Graph(gm)
+    modes = [node.name for node in graph.nodes if node.op == "call_function" and _target_name(node) in _MODE_SWITCHES]
+    if modes:
+        # The chain op runs its steps eagerly inside a kernel, outside these regions: leave
+        # the graph as it is rather than recompute under another precision or grad mode.
+        result.notes.append(f"left alone: the graph switches autocast/grad mode ({', '.join(modes[:3])}); chains not rewritten")
+        return result
     refused: dict[str, str] = {}
     chains = _find_chains(graph, refused)
     result.matched = len(chains) + len(refused)

@@ -359,6 +359,9 @@ class ReversibleChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chain: Chain, x1: Tensor, x2: Tensor, num_params: int, *tensors: Tensor):
         params, consts = list(tensors[:num_params]), list(tensors[num_params:])
+        # The recomputation must run under the same autocast state as this forward.
+        device_type = x1.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         stream1, stream2, rng = chain_forward(chain, x1, x2, params, consts)
         ctx.chain = chain
         ctx.num_params = num_params
@@ -369,7 +372,9 @@ class ReversibleChainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad1: Tensor | None, grad2: Tensor | None):
         stream1, stream2, rng = ctx.saved_tensors
-        grad_x1, grad_x2, param_grads = chain_backward(
-            ctx.chain, stream1, stream2, grad1, grad2, rng, ctx.params, ctx.consts, params_are_leaves=True
-        )
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            grad_x1, grad_x2, param_grads = chain_backward(
+                ctx.chain, stream1, stream2, grad1, grad2, rng, ctx.params, ctx.consts, params_are_leaves=True
+            )
         return (None, grad_x1, grad_x2, None, *param_grads, *([None] * len(ctx.consts)))
