@@ -227,6 +227,10 @@ def _find_step(graph: _Graph, add: Node, reading, x: Node, forbidden: set[Node])
         raise NotReversible(f"{add.name}: broadcasting or dtype change between the skip term and the output")
     if not out.dtype.is_floating_point:
         raise NotReversible(f"{add.name}: {out.dtype} values cannot be rebuilt by subtraction exactly")
+    if torch.finfo(out.dtype).bits < 32:
+        # 8 (bfloat16) or 11 (float16) significant bits: each rebuild loses about as much as
+        # the value's own precision, and the loss compounds over the chain.
+        raise NotReversible(f"{add.name}: {out.dtype} streams are too coarse to rebuild; keep them in float32")
     if len(h.users) != 1:
         raise NotReversible(f"{add.name}: the output of H ({h.name}) is also used outside the block")
     if skip is not source and len(skip.users) != 1:

@@ -609,3 +609,11 @@ def test_reversible_chain_op_passes_opcheck_and_gradcheck():
         return out[0], out[1]
 
     assert torch.autograd.gradcheck(run, tuple(leaves))
+
+
+def test_low_precision_streams_are_left_alone():
+    model = ConvCouplings(2).to(torch.bfloat16)
+    x = conv_input(2).to(torch.bfloat16).requires_grad_(True)
+    memopt.compile(model, lowering="eager", strict=True)(x).float().sum().backward()
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 0 and any("too coarse" in note for note in result.notes)
