@@ -19,6 +19,7 @@ __all__ = [
     "StorageWeakRef",
     "activation_memory_budget",
     "aot_autograd",
+    "autograd_inside_kernel",
     "compile_fx",
     "custom_partitioner_base",
     "hash_of_files",
@@ -142,3 +143,27 @@ def fake_tensor_mode(value: Any) -> Any:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return value.fake_mode if isinstance(value, FakeTensor) else None
+
+
+def _autograd_bits() -> int:
+    keys = torch._C.DispatchKey
+    bits = 0
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        bits |= torch._C.DispatchKeySet(key).raw_repr()
+    return bits
+
+
+@contextlib.contextmanager
+def autograd_inside_kernel() -> Any:
+    """Let autograd record inside a custom op's kernel (the dispatcher excludes it there).
+
+    ``memopt::reversible_chain_backward`` recomputes a step and differentiates it with
+    ``torch.autograd.grad`` inside its kernel; this lifts the autograd keys the dispatcher
+    put in the thread-local exclude set on the way down, for the ``with`` block only.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C.DispatchKeySet.from_raw_repr(exclude.raw_repr() & ~_autograd_bits())
+    include = include.remove(torch._C.DispatchKey.ADInplaceOrView)
+    with torch._C._ForceDispatchKeyGuard(include, exclude):
+        yield

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 LOWERINGS = ("inductor", "eager")
+REVERSIBLE_MODES = ("auto", "convert", False)
+
 IM2WIN_MODES = ("auto", True, False)
 
 
@@ -71,6 +73,14 @@ class Config:
     """A pass that raises is skipped with a warning naming it; with ``strict=True`` the error
     propagates instead."""
 
+    reversible: str | bool = "auto"
+    """Reversible chains in training graphs (``passes/reversible.py``). ``"auto"``: chains of
+    additive couplings ``y1 = a*x1 + F(x2); y2 = b*x2 + G(y1)`` keep only their final
+    outputs for the backward, which rebuilds each block's inputs and recomputes F and G
+    (exact). ``"convert"``: additionally rewrite chains of residual sublayers
+    ``x <- x + f(x)`` into that two-stream form first: an architecture change, for training
+    from scratch. ``False``: off."""
+
     inductor_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Extra Inductor ``config_patches`` for ``lowering="inductor"`` (e.g.
     ``{"max_autotune": True}``); Inductor validates the keys."""
@@ -107,6 +117,7 @@ class Config:
                     f"memopt option 'memory_budget' must be a number in (0, 1] or None, got {budget!r}"
                 )
             object.__setattr__(self, "memory_budget", float(budget))
+        _check_choice("reversible", self.reversible, REVERSIBLE_MODES)
         if not isinstance(self.strict, bool):
             raise ValueError(f"memopt option 'strict' must be True or False, got {self.strict!r}")
         if not isinstance(self.inductor_config, Mapping) or not all(

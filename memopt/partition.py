@@ -10,6 +10,7 @@ It also records what the forward graph saves, for the report.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +44,40 @@ def partition(
         count, nbytes = saved_activations(forward, kwargs["num_fwd_outputs"])
         report.saved_activations = count
         report.saved_activation_bytes = nbytes
+        record_reversible_saved(forward, kwargs["num_fwd_outputs"], report)
     return forward, backward
+
+
+_PASS_THROUGH = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
+
+
+def record_reversible_saved(forward: torch.fx.GraphModule, num_fwd_outputs: int, report: Report) -> None:
+    """Attribute the forward graph's saved tensors to the reversible chains they come from.
+
+    Each ``memopt::reversible_chain`` node keeps its final outputs (and RNG states) for the
+    backward and nothing else; this measures that on the partitioned graph and writes it into
+    the ``reversible`` pass's per-block rows as ``chain_saved_bytes``.
+    """
+    rows = [row for result in report.passes if result.name == "reversible" for row in result.details if "key" in row]
+    if not rows:
+        return
+    chain_op = torch.ops.memopt.reversible_chain.default
+    output = forward.graph.find_nodes(op="output")[0]
+    by_key: dict[str, dict[StorageWeakRef, int]] = {}
+    for node in output.args[0][num_fwd_outputs:]:
+        if not isinstance(node, torch.fx.Node):
+            continue
+        source = node
+        while source.target in _PASS_THROUGH and isinstance(source.args[0], torch.fx.Node):
+            source = source.args[0]  # saved outputs come back through detach()
+        source = source.args[0] if source.target is operator.getitem else source
+        if not isinstance(source, torch.fx.Node) or source.target is not chain_op:
+            continue
+        storages = by_key.setdefault(source.args[0], {})
+        for tensor in tensor_values(node):
+            storages[StorageWeakRef(tensor.untyped_storage())] = storage_nbytes(tensor)
+    for row in rows:
+        row["chain_saved_bytes"] = sum(by_key.get(row["key"], {}).values())
 
 
 def saved_activations(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> tuple[int, int]:

@@ -7,11 +7,19 @@ them in execution order. The rules every pass obeys are in ``README.md`` beside 
 from memopt.passes.base import GraphPass, PassContext
 from memopt.passes.monarch import MONARCH
 from memopt.passes.im2win import IM2WIN
+from memopt.passes.reversible import REVERSIBLE, REVERSIBLE_CONVERT
 
 # Fixed order: passes that change the architecture first (they create the structure later
 # passes look for), then the exact memory/speed rewrites, slicing last (it groups whatever
 # ops the earlier passes produced).
 #   reversible-convert* · monarch* · sparse · im2win · slicing      (* = opt-in)
-PASSES: tuple[GraphPass, ...] = (MONARCH, IM2WIN)
+# ``reversible`` (the coupling-chain rewrite for training graphs) runs last, so the blocks it
+# wraps already hold whatever ops the other passes chose for them.
+PASSES: tuple[GraphPass, ...] = (
+    REVERSIBLE_CONVERT,
+    MONARCH,
+    IM2WIN,
+    REVERSIBLE,
+)
 
 __all__ = ["PASSES", "GraphPass", "PassContext"]

@@ -1,0 +1,206 @@
+"""Reversible building blocks: couplings whose activations need not be kept for backward.
+
+``RevCoupling(F, G)`` maps two streams ``(x1, x2)`` to ``y1 = a*x1 + F(x2)``,
+``y2 = b*x2 + G(y1)``; ``ReversibleSequential(*couplings)`` chains them on the two halves
+of its input. In eager mode a ``ReversibleSequential`` runs its chain through its own
+``torch.autograd.Function`` that keeps only the final outputs and rebuilds everything else
+in the backward. Under ``torch.compile`` it runs the plain coupling code, which memopt's
+``reversible`` pass recognizes in the graph (other backends simply see ordinary code).
+
+Dropout replays the same mask in the recomputation (the RNG state before each coupling
+branch is recorded, as ``torch.utils.checkpoint`` does), and BatchNorm running statistics are
+updated once: the recomputation runs on copies of the buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memopt.ops.reversible import MAX_REBUILD_GAIN, Chain, ReversibleChainFunction, Step, rng_state_bytes
+
+
+class RevCoupling(nn.Module):
+    """One additive coupling ``y1 = a*x1 + F(x2); y2 = b*x2 + G(y1)``.
+
+    ``scale_x1`` (``a``) and ``scale_x2`` (``b``) must be nonzero: the inverse divides by them.
+    ``F`` maps stream 2 to stream 1's shape and ``G`` stream 1 to stream 2's.
+    """
+
+    def __init__(self, f: nn.Module, g: nn.Module, scale_x1: float = 1.0, scale_x2: float = 1.0) -> None:
+        super().__init__()
+        if scale_x1 == 0 or scale_x2 == 0:
+            raise ValueError(f"RevCoupling scales must be nonzero, got {scale_x1} and {scale_x2}")
+        self.f, self.g = f, g
+        self.scale_x1, self.scale_x2 = float(scale_x1), float(scale_x2)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y1 = (x1 if self.scale_x1 == 1.0 else self.scale_x1 * x1) + self.f(x2)
+        y2 = (x2 if self.scale_x2 == 1.0 else self.scale_x2 * x2) + self.g(y1)
+        return y1, y2
+
+    @torch.no_grad()
+    def inverse(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x1, x2)`` from ``(y1, y2)``: ``x2 = (y2 - G(y1))/b``, ``x1 = (y1 - F(x2))/a``."""
+        x2 = (y2 - self.g(y1)) / self.scale_x2
+        x1 = (y1 - self.f(x2)) / self.scale_x1
+        return x1, x2
+
+
+class ReversibleSequential(nn.Module):
+    """A chain of :class:`RevCoupling` on the two halves of its input along ``dim``.
+
+    ``forward(x)`` splits ``x`` into two equal halves along ``dim`` (channels: ``dim=1``,
+    features: ``dim=-1``), runs the couplings and concatenates the two streams again;
+    ``forward_streams(x1, x2)`` takes and returns the streams. Activation memory of the
+    backward does not grow with the number of couplings, in eager mode and when compiled
+    with memopt. ``preserve_rng_state=False`` skips recording the RNG state of each branch
+    (5056 bytes on CPU, 16 on CUDA) when the branches draw no random numbers.
+
+    ``segment_length``: in eager mode, rebuild at most this many couplings from one pair of
+    kept outputs (each segment keeps its own two outputs). Rounding in the rebuilt inputs
+    accumulates along a segment; deep stacks of BatchNorm + ReLU6 branches on tiny batches
+    drift measurably at 32 couplings (docs/passes/reversible.md), 8 keeps them as accurate as
+    the ordinary backward. ``None``: one segment, except where scales below 1 would amplify
+    rounding by more than 16x (as in the compiled pass).
+    """
+
+    def __init__(
+        self,
+        *couplings: RevCoupling,
+        dim: int = 1,
+        preserve_rng_state: bool = True,
+        segment_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        if segment_length is not None and segment_length < 1:
+            raise ValueError(f"segment_length must be a positive number of couplings or None, got {segment_length}")
+        self.segment_length = segment_length
+        for coupling in couplings:
+            if not isinstance(coupling, RevCoupling):
+                raise TypeError(f"ReversibleSequential takes RevCoupling modules, got {type(coupling).__name__}")
+        self.couplings = nn.ModuleList(couplings)
+        self.dim = dim
+        self.preserve_rng_state = preserve_rng_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = torch.chunk(x, 2, dim=self.dim)
+        y1, y2 = self.forward_streams(x1, x2)
+        return torch.cat([y1, y2], dim=self.dim)
+
+    def forward_streams(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needs_grad = torch.is_grad_enabled() and (
+            x1.requires_grad or x2.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if torch.compiler.is_compiling() or not needs_grad or len(self.couplings) == 0:
+            # Plain code: memopt's reversible pass finds these couplings in the graph.
+            for coupling in self.couplings:
+                x1, x2 = coupling(x1, x2)
+            return x1, x2
+        for segment in self._segments():
+            chain, params, consts = self._chain(segment, x1.device)
+            x1, x2 = ReversibleChainFunction.apply(chain, x1, x2, len(params), *params, *consts)
+        return x1, x2
+
+    def _segments(self) -> list[list[RevCoupling]]:
+        segments: list[list[RevCoupling]] = [[]]
+        gain = 1.0
+        for coupling in self.couplings:
+            factor = max(1.0, 1.0 / abs(coupling.scale_x1)) * max(1.0, 1.0 / abs(coupling.scale_x2))
+            full = self.segment_length is not None and len(segments[-1]) >= self.segment_length
+            if segments[-1] and (full or gain * factor > MAX_REBUILD_GAIN):
+                segments.append([])
+                gain = 1.0
+            segments[-1].append(coupling)
+            gain *= factor
+        return segments
+
+    def _chain(self, couplings, device: torch.device) -> tuple[Chain, list[torch.Tensor], list[torch.Tensor]]:
+        params: list[torch.Tensor] = []
+        consts: list[torch.Tensor] = []
+        steps = []
+        for coupling in couplings:
+            for branch, scale in ((coupling.f, coupling.scale_x1), (coupling.g, coupling.scale_x2)):
+                steps.append(self._step(branch, scale, params, consts))
+        # Every buffer is recomputed on a copy: BatchNorm's running statistics and
+        # num_batches_tracked were updated by the forward already.
+        return Chain(steps, list(range(len(consts))), rng_state_bytes(device)), params, consts
+
+    def _step(self, branch: nn.Module, scale: float, params: list, consts: list) -> Step:
+        param_names, param_index = [], []
+        for name, param in branch.named_parameters():
+            if not any(param is p for p in params):
+                params.append(param)
+            param_names.append(name)
+            param_index.append(next(i for i, p in enumerate(params) if p is param))
+        buffer_names, const_index = [], []
+        for name, buffer in branch.named_buffers():
+            if not any(buffer is c for c in consts):
+                consts.append(buffer)
+            buffer_names.append(name)
+            const_index.append(next(i for i, c in enumerate(consts) if c is buffer))
+
+        def fn(x, step_params, step_consts, _sizes=()):
+            state = dict(zip(param_names, step_params))
+            state.update(zip(buffer_names, step_consts))
+            return torch.func.functional_call(branch, state, (x,))
+
+        random = self.preserve_rng_state and branch.training
+        return Step(fn, scale, param_index, const_index, random)
+
+
+def _mbconv_branch(conv: type, norm: type, channels: int, expansion: int, kernel_size: int, dropout: float) -> nn.Module:
+    hidden = channels * expansion
+    layers = [
+        conv(channels, hidden, 1, bias=False),
+        norm(hidden),
+        nn.ReLU6(),
+        conv(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False),
+        norm(hidden),
+        nn.ReLU6(),
+    ]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers += [conv(hidden, channels, 1, bias=False), norm(channels)]
+    return nn.Sequential(*layers)
+
+
+class ReversibleMBConv2d(ReversibleSequential):
+    """Reversible mobile inverted bottlenecks on ``channels`` (even) 2-D feature maps.
+
+    ``depth`` couplings whose F and G are each an MBConv on ``channels // 2`` channels:
+    1x1 expansion by ``expansion`` -> BatchNorm -> ReLU6 -> depthwise ``kernel_size`` conv ->
+    BatchNorm -> ReLU6 -> (dropout) -> 1x1 projection -> BatchNorm (Pendse et al., "Memory
+    Efficient 3D U-Net with Reversible Mobile Inverted Bottlenecks", 2020). Shape-preserving.
+    """
+
+    _conv: type = nn.Conv2d
+    _norm: type = nn.BatchNorm2d
+
+    def __init__(
+        self,
+        channels: int,
+        depth: int = 1,
+        expansion: int = 4,
+        kernel_size: int = 3,
+        dropout: float = 0.0,
+        segment_length: int | None = None,
+    ) -> None:
+        if channels % 2:
+            raise ValueError(f"{type(self).__name__} needs an even number of channels, got {channels}")
+        half = channels // 2
+        couplings = [
+            RevCoupling(
+                _mbconv_branch(self._conv, self._norm, half, expansion, kernel_size, dropout),
+                _mbconv_branch(self._conv, self._norm, half, expansion, kernel_size, dropout),
+            )
+            for _ in range(depth)
+        ]
+        super().__init__(*couplings, dim=1, segment_length=segment_length)
+
+
+class ReversibleMBConv3d(ReversibleMBConv2d):
+    """:class:`ReversibleMBConv2d` for 3-D (volumetric) feature maps."""
+
+    _conv = nn.Conv3d
+    _norm = nn.BatchNorm3d

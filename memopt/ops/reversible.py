@@ -1,0 +1,380 @@
+"""Reversible chains: run a chain of additive couplings saving only its final outputs.
+
+A chain is a sequence of *steps* over two streams. With ``v[-1] = x1`` and ``v[0] = x2``,
+step ``k`` computes ``v[k] = scale_k * v[k-2] + H_k(v[k-1])``; a coupling
+``y1 = a*x1 + F(x2); y2 = b*x2 + G(y1)`` is two steps (``H_1 = F``, ``H_2 = G``). Because
+``v[k-2] = (v[k] - H_k(v[k-1])) / scale_k``, the backward pass can rebuild every value from
+the last two, recompute each ``H_k`` and take its gradient, so nothing per step is kept
+between forward and backward (RevNet, Gomez et al. 2017; the Reformer).
+
+Two users share the functions here:
+
+* ``memopt.nn.ReversibleSequential`` in eager mode, through a ``torch.autograd.Function``;
+* the ``reversible`` graph pass, which replaces a chain found in a Dynamo graph by
+  ``torch.ops.memopt.reversible_chain``. That op's autograd saves only the final stream
+  values (and, for steps with random ops, the RNG state before the step), and its backward,
+  ``torch.ops.memopt.reversible_chain_backward``, rebuilds and recomputes. AOTAutograd traces
+  both into the joint graph as two nodes, so the partitioned forward graph saves nothing
+  per step, whatever the partitioner decides elsewhere in the graph.
+
+Random ops replay the same numbers: the RNG state before each random step is recorded in the
+forward pass and restored for its recomputation (as ``torch.utils.checkpoint`` does).
+Buffers a step mutates (BatchNorm running statistics) are updated once, in the forward pass:
+the recomputation runs on throw-away copies (training-mode BatchNorm normalizes with the
+batch's own statistics, so the copies do not change the result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from memopt._torch_compat import autograd_inside_kernel
+
+Tensor = torch.Tensor
+
+MAX_REBUILD_GAIN = 16.0
+"""Largest factor by which a chain may amplify rounding errors in its rebuilt inputs.
+
+Rebuilding ``v[k-2] = (v[k] - H(v[k-1])) / scale`` multiplies the error already in ``v[k]``
+by ``1/|scale|``; over a chain the factors multiply. With ``b = 0.5`` in every coupling, 32
+couplings amplify float32 rounding by 2**32 and the first blocks' gradients are garbage
+(measured: relative error ~1). Chains are therefore cut into segments whose product of
+``max(1, 1/|scale|)`` stays within this bound (16: at most 4 bits of float32's 24); each
+segment keeps its own two outputs. Scales of magnitude >= 1 never force a cut."""
+
+StepFn = Callable[[Tensor, Sequence[Tensor], Sequence[Tensor], Sequence[int]], Tensor]
+"""``H(x, params, consts, sizes) -> h``: one step's function of its stream input, its
+differentiable external tensors (parameters), its other external tensors (buffers, masks)
+and the symbolic sizes it reads (dynamic shapes; empty otherwise)."""
+
+
+@dataclasses.dataclass
+class Step:
+    """One additive half-coupling ``v[k] = scale * v[k-2] + fn(v[k-1], params, consts)``."""
+
+    fn: StepFn
+    scale: float
+    param_index: list[int]
+    """Positions in the chain's parameter list of the parameters ``fn`` takes, in order."""
+    const_index: list[int]
+    """Positions in the chain's constant list of the constants ``fn`` takes, in order."""
+    random: bool = False
+    """Whether ``fn`` draws random numbers (dropout); its RNG state is then recorded."""
+    size_index: list[int] = dataclasses.field(default_factory=list)
+    """Positions in the chain's size list of the (symbolic) sizes ``fn`` takes, in order."""
+
+
+@dataclasses.dataclass
+class Chain:
+    """Steps plus which constants they mutate (buffers: BatchNorm running statistics)."""
+
+    steps: list[Step]
+    mutated_consts: list[int] = dataclasses.field(default_factory=list)
+    """Positions in the constant list of buffers the steps update in place."""
+    rng_bytes: int = 0
+    """Bytes of one RNG state on the chain's device (see :func:`rng_state_bytes`)."""
+
+    @property
+    def random_steps(self) -> int:
+        return sum(step.random for step in self.steps)
+
+
+# --- RNG state per random step ------------------------------------------------------------
+
+
+def _get_rng_state(device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set_rng_state(state: Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def rng_state_bytes(device: torch.device) -> int:
+    """Bytes of one recorded RNG state on ``device`` (5056 on CPU, 16 on CUDA)."""
+    return _get_rng_state(device).numel()
+
+
+# --- The chain's forward and backward, shared by the eager Function and the op ------------
+
+
+def chain_forward(
+    chain: Chain,
+    x1: Tensor,
+    x2: Tensor,
+    params: Sequence[Tensor],
+    consts: Sequence[Tensor],
+    sizes: Sequence[int] = (),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the chain without building an autograd graph.
+
+    Returns the last values of stream 1 (the one ``x1`` starts) and stream 2, and the RNG
+    states recorded before each random step, stacked (``uint8``, one row per random step;
+    zero rows when no step is random). ``consts`` listed in ``chain.mutated_consts`` are
+    updated in place, once.
+    """
+    device = x1.device
+    states = []
+    previous, current = x1, x2
+    with torch.no_grad():
+        for step in chain.steps:
+            if step.random:
+                states.append(_get_rng_state(device).clone())
+            step_params = [params[i] for i in step.param_index]
+            step_consts = [consts[i] for i in step.const_index]
+            h = step.fn(current, step_params, step_consts, [sizes[i] for i in step.size_index])
+            update = previous if step.scale == 1.0 else previous * step.scale
+            previous, current = current, update + h
+    if len(chain.steps) % 2 == 0:
+        stream1, stream2 = previous, current
+    else:
+        stream1, stream2 = current, previous
+    rng = torch.stack(states) if states else torch.empty((0, chain.rng_bytes), dtype=torch.uint8)
+    return stream1, stream2, rng
+
+
+def chain_backward(
+    chain: Chain,
+    stream1: Tensor,
+    stream2: Tensor,
+    grad1: Tensor | None,
+    grad2: Tensor | None,
+    rng: Tensor,
+    params: Sequence[Tensor],
+    consts: Sequence[Tensor],
+    params_are_leaves: bool = False,
+    sizes: Sequence[int] = (),
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """Gradients of the chain's inputs and parameters from its outputs alone.
+
+    Walks the steps backwards: recompute ``h = H_k(v[k-1])`` (with the recorded RNG state for
+    a random step, on copies of mutated buffers), rebuild ``v[k-2] = (v[k] - h) / scale``,
+    and back-propagate ``dv[k]`` through ``h``. ``params_are_leaves``: the tensors in
+    ``params`` are already leaves requiring grad (module parameters in eager mode); otherwise
+    each is detached into one. Returns ``(grad_x1, grad_x2, grad_params)``; a parameter no
+    step reaches gets ``None``.
+    """
+    device = stream1.device
+    n = len(chain.steps)
+    if n % 2 == 0:
+        previous, current = stream1.detach(), stream2.detach()
+        grad_previous, grad_current = grad1, grad2
+    else:
+        previous, current = stream2.detach(), stream1.detach()
+        grad_previous, grad_current = grad2, grad1
+    if grad_previous is None:
+        grad_previous = torch.zeros_like(previous)
+    if grad_current is None:
+        grad_current = torch.zeros_like(current)
+
+    # Inside the op the parameters arrive as plain tensors: make each a leaf of its own.
+    leaves = list(params) if params_are_leaves else [p.detach().requires_grad_(True) for p in params]
+    # Recomputation must not touch the real buffers: BatchNorm updated them in the forward.
+    scratch_consts = list(consts)
+    for i in chain.mutated_consts:
+        scratch_consts[i] = consts[i].clone()
+    param_grads: list[Tensor | None] = [None] * len(leaves)
+
+    rng_row = chain.random_steps
+    for step in reversed(chain.steps):
+        step_params = [leaves[i] for i in step.param_index]
+        step_consts = [scratch_consts[i] for i in step.const_index]
+        step_sizes = [sizes[i] for i in step.size_index]
+        x = previous.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if step.random:
+                rng_row -= 1
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    _set_rng_state(rng[rng_row].clone(), device)
+                    h = step.fn(x, step_params, step_consts, step_sizes)
+            else:
+                h = step.fn(x, step_params, step_consts, step_sizes)
+        with torch.no_grad():
+            rebuilt = current - h
+            if step.scale != 1.0:
+                rebuilt = rebuilt / step.scale
+        wrt = [x] + [p for p in step_params if p.requires_grad]
+        grads = torch.autograd.grad(h, wrt, grad_current, allow_unused=True) if h.requires_grad else [None] * len(wrt)
+        grad_x = grads[0]
+        grad_rebuilt = grad_current if step.scale == 1.0 else grad_current * step.scale
+        new_grad_current = grad_previous if grad_x is None else grad_previous + grad_x
+        position = 1
+        for i in step.param_index:
+            if not leaves[i].requires_grad:
+                continue
+            g = grads[position]
+            position += 1
+            if g is not None:
+                param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+        current, previous = x.detach(), rebuilt
+        grad_current, grad_previous = new_grad_current, grad_rebuilt
+        del h, grads
+    # Now ``previous`` is v[-1] = x1 and ``current`` is v[0] = x2.
+    return grad_previous, grad_current, param_grads
+
+
+# --- The custom ops the graph pass inserts -------------------------------------------------
+
+_CHAINS: dict[str, Chain] = {}
+_counter = itertools.count()
+
+
+def register_chain(chain: Chain, fingerprint: str) -> str:
+    """Keep ``chain`` for the ops to run, under a key the graph carries as a string argument.
+
+    ``fingerprint`` (the steps' code, scales, shapes) goes into the key so that Inductor's
+    FX graph cache, which keys on the graph text, never confuses two different chains.
+    """
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    key = f"chain{next(_counter)}-{digest}"
+    _CHAINS[key] = chain
+    return key
+
+
+def _chain(key: str) -> Chain:
+    try:
+        return _CHAINS[key]
+    except KeyError:
+        raise RuntimeError(
+            f"memopt reversible chain {key!r} is not registered in this process; graphs holding "
+            "memopt::reversible_chain run only where memopt's reversible pass built them"
+        ) from None
+
+
+@torch.library.custom_op("memopt::reversible_chain", mutates_args=())
+def reversible_chain(
+    key: str, x1: Tensor, x2: Tensor, params: list[Tensor], consts: list[Tensor], sizes: list[int]
+) -> list[Tensor]:
+    """Run registered chain ``key`` on ``(x1, x2)``.
+
+    Returns ``[stream1, stream2, rng_states, *new_buffers]``: the final stream values, the RNG
+    state recorded before each random step, and the updated values of the buffers the chain
+    mutates (``consts`` themselves are not modified; the graph copies these back).
+    """
+    chain = _chain(key)
+    scratch = list(consts)
+    for i in chain.mutated_consts:
+        scratch[i] = consts[i].clone()
+    stream1, stream2, rng = chain_forward(chain, x1, x2, params, scratch, sizes)
+    return [stream1.contiguous(), stream2.contiguous(), rng] + [scratch[i] for i in chain.mutated_consts]
+
+
+@reversible_chain.register_fake
+def _(key: str, x1: Tensor, x2: Tensor, params: list[Tensor], consts: list[Tensor], sizes: list[int]) -> list[Tensor]:
+    chain = _chain(key)
+    dtype = torch.promote_types(x1.dtype, x2.dtype)
+    rng = x1.new_empty((chain.random_steps, chain.rng_bytes), dtype=torch.uint8, device="cpu")
+    buffers = [torch.empty_like(consts[i]) for i in chain.mutated_consts]
+    return [x1.new_empty(x1.shape, dtype=dtype), x2.new_empty(x2.shape, dtype=dtype), rng] + buffers
+
+
+@torch.library.custom_op("memopt::reversible_chain_backward", mutates_args=())
+def reversible_chain_backward(
+    key: str,
+    stream1: Tensor,
+    stream2: Tensor,
+    grad1: Tensor,
+    grad2: Tensor,
+    rng: Tensor,
+    params: list[Tensor],
+    consts: list[Tensor],
+    sizes: list[int],
+) -> list[Tensor]:
+    """Gradients ``[grad_x1, grad_x2, *grad_params]`` of chain ``key`` from its outputs."""
+    chain = _chain(key)
+    with autograd_inside_kernel():
+        grad_x1, grad_x2, param_grads = chain_backward(
+            chain, stream1, stream2, grad1, grad2, rng, params, consts, sizes=sizes
+        )
+    filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads)]
+    return [grad_x1.contiguous(), grad_x2.contiguous()] + [g.contiguous() for g in filled]
+
+
+@reversible_chain_backward.register_fake
+def _(key, stream1, stream2, grad1, grad2, rng, params, consts, sizes) -> list[Tensor]:
+    return [torch.empty_like(stream1), torch.empty_like(stream2)] + [torch.empty_like(p) for p in params]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    key, _x1, _x2, params, consts, sizes = inputs
+    chain = _chain(key)
+    ctx.key = key
+    ctx.num_params = len(params)
+    ctx.num_consts = len(consts)
+    ctx.sizes = list(sizes)
+    # Buffers the chain updates (BatchNorm running statistics) are not kept: the pass only
+    # accepts them as the running statistics of training-mode BatchNorm, which normalizes with
+    # the batch's own statistics and never reads them, so the recomputation gets zeros of the
+    # same shape (and writes into those, not into the real buffers).
+    ctx.mutated = {i: (consts[i].shape, consts[i].dtype, consts[i].device) for i in chain.mutated_consts}
+    kept = [c for i, c in enumerate(consts) if i not in ctx.mutated]
+    # RNG states and updated buffers carry no gradient (and buffers must not join the graph).
+    ctx.mark_non_differentiable(*output[2:])
+    # Only the final stream values and the RNG states: nothing per step.
+    ctx.save_for_backward(output[0], output[1], output[2], *params, *kept)
+
+
+def _backward(ctx, grads):
+    stream1, stream2, rng, *rest = ctx.saved_tensors
+    params, kept = rest[: ctx.num_params], iter(rest[ctx.num_params :])
+    consts = []
+    for i in range(ctx.num_consts):
+        if i in ctx.mutated:
+            shape, dtype, device = ctx.mutated[i]
+            consts.append(torch.zeros(shape, dtype=dtype, device=device))
+        else:
+            consts.append(next(kept))
+    grad1 = grads[0] if grads[0] is not None else torch.zeros_like(stream1)
+    grad2 = grads[1] if grads[1] is not None else torch.zeros_like(stream2)
+    out = torch.ops.memopt.reversible_chain_backward(
+        ctx.key, stream1, stream2, grad1, grad2, rng, params, consts, ctx.sizes
+    )
+    # torch.library wants None for a non-empty int list and an empty list for an empty one.
+    return None, out[0], out[1], list(out[2:]), [None] * ctx.num_consts, (None if ctx.sizes else [])
+
+
+reversible_chain.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- Eager autograd for memopt.nn --------------------------------------------------------
+
+
+class ReversibleChainFunction(torch.autograd.Function):
+    """Eager autograd of a chain: saves the final streams (and RNG states), nothing per step.
+
+    ``apply(chain, x1, x2, num_params, *params_then_consts)``; the steps' ``fn`` take the
+    module parameters themselves, so recomputed gradients land on them directly.
+    """
+
+    @staticmethod
+    def forward(ctx, chain: Chain, x1: Tensor, x2: Tensor, num_params: int, *tensors: Tensor):
+        params, consts = list(tensors[:num_params]), list(tensors[num_params:])
+        # The recomputation must run under the same autocast state as this forward.
+        device_type = x1.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        stream1, stream2, rng = chain_forward(chain, x1, x2, params, consts)
+        ctx.chain = chain
+        ctx.num_params = num_params
+        ctx.save_for_backward(stream1, stream2, rng)
+        ctx.params, ctx.consts = params, consts
+        return stream1, stream2
+
+    @staticmethod
+    def backward(ctx, grad1: Tensor | None, grad2: Tensor | None):
+        stream1, stream2, rng = ctx.saved_tensors
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            grad_x1, grad_x2, param_grads = chain_backward(
+                ctx.chain, stream1, stream2, grad1, grad2, rng, ctx.params, ctx.consts, params_are_leaves=True
+            )
+        return (None, grad_x1, grad_x2, None, *param_grads, *([None] * len(ctx.consts)))

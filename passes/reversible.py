@@ -1,0 +1,738 @@
+"""Reversible chains: training memory that does not grow with depth.
+
+Two passes share the ``reversible`` option:
+
+* ``reversible`` (``"auto"``, the default; training graphs only) finds chains of additive
+  couplings written in plain PyTorch, ``y1 = a*x1 + F(x2); y2 = b*x2 + G(y1)`` repeated
+  (``a``, ``b`` nonzero constants; ``F``, ``G`` any subgraph), and replaces each chain by
+  ``torch.ops.memopt.reversible_chain``. Its autograd keeps only the chain's two final
+  outputs; the backward rebuilds every block's inputs from them and recomputes ``F`` and
+  ``G`` (``memopt/ops/reversible.py``). The partitioned forward graph then saves nothing per
+  block. Exact: gradients match the ordinary backward up to the rounding of the rebuild.
+* ``reversible-convert`` (``"convert"``, opt-in: it changes the architecture) rewrites a
+  chain of same-shape residual sublayers ``x <- x + f_k(x)`` into the Reformer's two-stream
+  form, ``v_k = v_{k-2} + f_k(v_{k-1})`` with ``v_{-1} = v_0 = x``, merged at the end as
+  ``(v_{n-1} + v_n) / 2``, with the same parameters; ``reversible`` then applies to it.
+
+Both work on Dynamo's graph (torch IR). In the chain's own terms, with ``v_{-1} = x1`` and
+``v_0 = x2``, step ``k`` is ``v_k = scale_k * v_{k-2} + H_k(v_{k-1})`` (a coupling is two
+steps). A step is accepted when ``H_k``'s nodes depend on no other chain value, none of its
+intermediates is used outside it, it mutates nothing but BatchNorm running statistics, and
+shapes and dtypes match; anything else is left alone with the reason in the notes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import Node
+
+from memopt._torch_compat import StorageWeakRef
+from memopt.estimate import storage_nbytes, tensor_values
+from memopt.ops import reversible as reversible_ops
+from memopt.passes.base import GraphPass, PassContext
+from memopt.report import PassResult
+
+_ADD_FUNCTIONS = (operator.add, torch.add)
+_ADD_METHODS = ("add", "__add__")
+_MUL_FUNCTIONS = (operator.mul, torch.mul)
+_MUL_METHODS = ("mul", "__mul__", "__rmul__")
+
+# Ops that draw random numbers: a step using one records the RNG state before it runs, so its
+# recomputation in the backward replays the same numbers (the same dropout mask).
+_RANDOM_NAMES = frozenset(
+    {
+        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+        "feature_dropout", "native_dropout", "rand", "randn", "rand_like", "randn_like", "randint",
+        "randint_like", "randperm", "bernoulli", "bernoulli_", "normal", "normal_", "uniform_",
+        "multinomial", "exponential_", "poisson", "cauchy_", "geometric_", "log_normal_",
+        "random_", "rrelu",
+    }
+)
+_BATCH_NORM_SIGNATURE = inspect.signature(torch.nn.functional.batch_norm)
+_MODE_SWITCHES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
+
+
+class NotReversible(Exception):
+    """A candidate the pass cannot prove reversible; the message is the reason."""
+
+
+# --- Reading the graph -----------------------------------------------------------------
+
+
+def _value(node: Any) -> torch.Tensor | None:
+    if not isinstance(node, Node):
+        return None
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _symint(node: Any) -> torch.SymInt | int | None:
+    """The (symbolic) integer a node holds, e.g. a size Dynamo lifted as a graph input."""
+    if not isinstance(node, Node):
+        return None
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return value if isinstance(value, (torch.SymInt, int)) and not isinstance(value, bool) else None
+
+
+def _is_add(node: Node) -> bool:
+    if node.kwargs or len(node.args) != 2:
+        return False
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def _scaled_source(node: Node) -> tuple[Node, float]:
+    """``(u, c)`` when ``node`` is ``c * u`` for a constant number ``c``, else ``(node, 1.0)``."""
+    is_mul = (node.op == "call_function" and node.target in _MUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MUL_METHODS
+    )
+    if is_mul and not node.kwargs and len(node.args) == 2:
+        a, b = node.args
+        for source, scale in ((a, b), (b, a)):
+            if isinstance(source, Node) and isinstance(scale, (int, float)) and not isinstance(scale, bool):
+                return source, float(scale)
+    return node, 1.0
+
+
+def _interpretations(add: Node) -> list[tuple[Node, float, Node, Node]]:
+    """Ways to read ``add`` as ``scale * source + h``: ``(source, scale, skip_node, h)``."""
+    readings = []
+    a, b = add.args
+    for skip, h in ((a, b), (b, a)):
+        if isinstance(skip, Node) and isinstance(h, Node):
+            source, scale = _scaled_source(skip)
+            readings.append((source, scale, skip, h))
+    return readings
+
+
+def _target_name(node: Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _is_random(node: Node) -> bool:
+    name = _target_name(node)
+    if "dropout" in name and node.op == "call_function":
+        # F.dropout(input, p, training, inplace): p == 0 or training=False draws nothing.
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        if (isinstance(p, (int, float)) and p == 0) or training is False:
+            return False
+    if name in _RANDOM_NAMES:
+        return True
+    if name == "scaled_dot_product_attention":
+        p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        return not (isinstance(p, (int, float)) and p == 0)
+    return False
+
+
+def _batch_norm_buffers(node: Node) -> list[Node]:
+    """Running-statistics buffers a training-mode ``F.batch_norm`` node updates in place."""
+    if node.op != "call_function" or node.target is not torch.nn.functional.batch_norm:
+        return []
+    bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    if bound.arguments["training"] is False:
+        return []
+    return [n for n in (bound.arguments["running_mean"], bound.arguments["running_var"]) if isinstance(n, Node)]
+
+
+def _mutated_inputs(node: Node) -> list[Node]:
+    """Inputs ``node`` writes in place (in-place methods/functions, ``inplace=True``)."""
+    name = _target_name(node)
+    first = node.args[0] if node.args else None
+    if name.endswith("_") and not name.startswith("_") and isinstance(first, Node):
+        return [first]
+    if node.kwargs.get("inplace") is True and isinstance(first, Node):
+        return [first]
+    if node.op == "call_function" and len(node.args) >= 2 and getattr(node.target, "__name__", "") in (
+        "relu", "hardtanh", "relu6", "elu", "leaky_relu", "selu", "celu", "silu", "hardswish", "mish"
+    ):
+        # F.relu(x, True) and friends take ``inplace`` positionally as their last argument.
+        if node.args[-1] is True and isinstance(first, Node):
+            return [first]
+    return []
+
+
+class _Graph:
+    """Indexes of one graph for the chain search."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+
+    def descendants(self, roots: Iterable[Node], limit: int | None = None) -> set[Node]:
+        """Nodes reachable from ``roots`` through users (roots included), up to index ``limit``."""
+        seen: set[Node] = set()
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            if node in seen or (limit is not None and self.index[node] > limit):
+                continue
+            seen.add(node)
+            stack.extend(node.users)
+        return seen
+
+    def ancestors(self, node: Node) -> set[Node]:
+        seen: set[Node] = set()
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+        return seen
+
+
+@dataclasses.dataclass
+class _Step:
+    """One half-coupling found in the graph: ``add = scale * source + h(x)``."""
+
+    add: Node
+    source: Node
+    scale: float
+    skip: Node
+    """``source`` itself, or the ``scale * source`` node (removed with the chain)."""
+    h: Node
+    x: Node
+    nodes: list[Node]
+    """The nodes of ``H`` in graph order (``h`` last)."""
+    externals: list[Node]
+    """Tensors ``H`` reads besides ``x``: parameters, buffers, masks."""
+    random: bool
+    mutated: list[Node]
+
+
+def _find_step(graph: _Graph, add: Node, reading, x: Node, forbidden: set[Node]) -> _Step:
+    """Check that ``add`` reads as ``scale * source + H(x)`` for a self-contained ``H``."""
+    source, scale, skip, h = reading
+    if not math.isfinite(scale) or scale == 0:
+        raise NotReversible(f"{add.name}: scale {scale} of the skip term is not a finite nonzero constant")
+    out, skip_value, h_value = _value(add), _value(source), _value(h)
+    if out is None or skip_value is None or h_value is None:
+        raise NotReversible(f"{add.name}: operands are not tensors")
+    if out.shape != skip_value.shape or out.shape != h_value.shape or out.dtype != skip_value.dtype:
+        raise NotReversible(f"{add.name}: broadcasting or dtype change between the skip term and the output")
+    if not out.dtype.is_floating_point:
+        raise NotReversible(f"{add.name}: {out.dtype} values cannot be rebuilt by subtraction exactly")
+    if torch.finfo(out.dtype).bits < 32:
+        # 8 (bfloat16) or 11 (float16) significant bits: each rebuild loses about as much as
+        # the value's own precision, and the loss compounds over the chain.
+        raise NotReversible(f"{add.name}: {out.dtype} streams are too coarse to rebuild; keep them in float32")
+    if len(h.users) != 1:
+        raise NotReversible(f"{add.name}: the output of H ({h.name}) is also used outside the block")
+    if skip is not source and len(skip.users) != 1:
+        raise NotReversible(f"{add.name}: the scaled skip term ({skip.name}) is also used outside the block")
+    if h is x:
+        raise NotReversible(f"{add.name}: H is the identity")
+    reach = graph.descendants([x], limit=graph.index[h])
+    if h not in reach:
+        raise NotReversible(f"{add.name}: H does not depend on its stream input {x.name}")
+    members = graph.ancestors(h) & reach
+    members.discard(x)
+    nodes = sorted(members, key=graph.index.__getitem__)
+    externals: list[Node] = []
+    seen_externals: set[Node] = set()
+    random, mutated = False, []
+    for node in nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            raise NotReversible(f"{add.name}: H contains a {node.op} node ({node.name})")
+        for user in node.users:
+            if user not in members and not (node is h and user is add):
+                raise NotReversible(f"{add.name}: intermediate {node.name} of H is used outside the block ({user.name})")
+        for arg in node.all_input_nodes:
+            if arg is x or arg in members or arg in seen_externals:
+                continue
+            if arg in forbidden:
+                raise NotReversible(f"{add.name}: H reads {arg.name}, which depends on the other stream")
+            if _value(arg) is None and _symint(arg) is None:
+                raise NotReversible(f"{add.name}: H reads a non-tensor value {arg.name}")
+            seen_externals.add(arg)
+            externals.append(arg)
+        buffers = _batch_norm_buffers(node)
+        for written in _mutated_inputs(node):
+            if written not in members:
+                raise NotReversible(f"{add.name}: {node.name} writes {written.name} in place")
+        mutated.extend(b for b in buffers if b not in mutated)
+        random = random or _is_random(node)
+    return _Step(add, source, scale, skip, h, x, nodes, externals, random, mutated)
+
+
+@dataclasses.dataclass
+class _Chain:
+    x1: Node
+    x2: Node
+    steps: list[_Step]
+
+    @property
+    def values(self) -> list[Node]:
+        return [self.x1, self.x2] + [step.add for step in self.steps]
+
+    def members(self) -> set[Node]:
+        nodes: set[Node] = set()
+        for step in self.steps:
+            nodes.update(step.nodes)
+            nodes.add(step.add)
+            if step.skip is not step.source:
+                nodes.add(step.skip)
+        return nodes
+
+
+def _value_users_ok(value: Node, step_using_as_input: _Step, step_using_as_skip: _Step) -> bool:
+    allowed = set(step_using_as_input.nodes) | {step_using_as_skip.skip, step_using_as_skip.add}
+    return all(user in allowed for user in value.users)
+
+
+def _skip_users(node: Node) -> list[tuple[Node, Any]]:
+    """Add nodes reading ``node`` as a skip term (directly or scaled), with each reading."""
+    found = []
+    candidates = [node] + [user for user in node.users if _scaled_source(user)[0] is node and user is not node]
+    for skip in candidates:
+        for user in skip.users:
+            if user.op in ("call_function", "call_method") and _is_add(user):
+                for reading in _interpretations(user):
+                    if reading[0] is node and reading[2] is skip:
+                        found.append((user, reading))
+    return found
+
+
+def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
+    """Coupling chains of at least two steps; ``refused`` collects candidates that failed a
+    check, by output node name, with the reason."""
+    chains: list[_Chain] = []
+    taken: set[Node] = set()
+    failures: dict[str, str] = {}
+    for first in graph.nodes:
+        if first in taken or first.op not in ("call_function", "call_method") or not _is_add(first):
+            continue
+        chain = _chain_from(graph, first, taken, failures)
+        if chain is not None:
+            chains.append(chain)
+            taken |= chain.members()
+    accepted = {step.add.name for chain in chains for step in chain.steps}
+    for reason in failures.values():
+        # Reasons start with the node that failed the check; report each node once.
+        name = reason.split(":", 1)[0]
+        if name not in accepted and name not in refused:
+            refused[name] = reason
+    return chains
+
+
+def _chain_from(graph: _Graph, first: Node, taken: set[Node], failures: dict[str, str]) -> _Chain | None:
+    for reading in _interpretations(first):
+        x1, h1 = reading[0], reading[3]
+        if x1 in taken or h1 in taken:
+            continue
+        # x2 is the stream input of F: an ancestor of h1 that a later add reads as its skip term
+        # while that add's H depends on ``first`` (= y1).
+        for x2 in sorted(graph.ancestors(h1), key=graph.index.__getitem__, reverse=True):
+            if x2 is first or x2 is h1 or x2 in taken or _value(x2) is None:
+                continue
+            for second, reading2 in _skip_users(x2):
+                if second is first or second in taken or graph.index[second] <= graph.index[first]:
+                    continue
+                if reading2[3] is first:
+                    continue  # x2 + y1: no H at all (a merge, not a coupling)
+                if first not in graph.ancestors(reading2[3]):
+                    continue
+                forbidden = graph.descendants([x1, x2])
+                try:
+                    step1 = _find_step(graph, first, reading, x2, forbidden - {x2})
+                    step2 = _find_step(graph, second, reading2, first, forbidden - {first})
+                except NotReversible as reason:
+                    failures.setdefault(first.name, str(reason))
+                    continue
+                chain = _Chain(x1, x2, [step1, step2])
+                _extend(graph, chain, forbidden, failures)
+                _trim(graph, chain)
+                if len(chain.steps) >= 2:
+                    return chain
+    return None
+
+
+def _extend(graph: _Graph, chain: _Chain, forbidden: set[Node], failures: dict[str, str]) -> None:
+    while True:
+        previous, current = chain.steps[-2].add, chain.steps[-1].add
+        extended = False
+        for add, reading in _skip_users(previous):
+            if graph.index[add] <= graph.index[current] or reading[3] is current:
+                continue
+            if current not in graph.ancestors(reading[3]):
+                continue
+            try:
+                step = _find_step(graph, add, reading, current, forbidden - {current})
+            except NotReversible as reason:
+                failures.setdefault(add.name, str(reason))
+                continue
+            # ``previous`` becomes internal: it may feed only H of the last step and this skip.
+            if not _value_users_ok(previous, chain.steps[-1], step):
+                failures.setdefault(add.name, f"{add.name}: {previous.name} is also used outside the chain")
+                continue
+            chain.steps.append(step)
+            extended = True
+            break
+        if not extended:
+            return
+
+
+def _trim(graph: _Graph, chain: _Chain) -> None:
+    """Drop final steps until the chain's outputs are first used after its last node."""
+    while len(chain.steps) >= 2:
+        members = chain.members()
+        last = graph.index[chain.steps[-1].add]
+        outputs = [chain.steps[-2].add, chain.steps[-1].add]
+        if all(graph.index[user] > last for value in outputs for user in value.users if user not in members):
+            return
+        chain.steps.pop()
+
+
+# --- Rewriting -------------------------------------------------------------------------
+
+
+def _bytes_of(nodes: Iterable[Node]) -> int:
+    storages: dict[Any, int] = {}
+    for node in nodes:
+        for tensor in tensor_values(node):
+            try:
+                key = StorageWeakRef(tensor.untyped_storage())
+            except (NotImplementedError, RuntimeError):
+                key = id(tensor)
+            storages[key] = storage_nbytes(tensor)
+    return sum(storages.values())
+
+
+def _fake_mode(nodes: Iterable[Node]):
+    for node in nodes:
+        value = _value(node)
+        if value is not None and hasattr(value, "fake_mode"):
+            return value.fake_mode
+    raise NotReversible("graph carries no fake tensors to compute metadata with")
+
+
+def _step_module(gm: torch.fx.GraphModule, step: _Step) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    env[step.x] = graph.placeholder("x")
+    env[step.x].meta = dict(step.x.meta)
+    for i, external in enumerate(step.externals):
+        env[external] = graph.placeholder(f"input_{i}")
+        env[external].meta = dict(external.meta)
+    for node in step.nodes:
+        env[node] = graph.node_copy(node, lambda arg: env[arg])
+    graph.output(env[step.h])
+    return torch.fx.GraphModule(gm, graph, "ReversibleStep")
+
+
+def _make_fn(module: torch.fx.GraphModule, order: list[tuple[str, int]]) -> reversible_ops.StepFn:
+    def fn(x, params, consts, sizes):
+        pools = {"p": params, "c": consts, "s": sizes}
+        return module(x, *[pools[kind][i] for kind, i in order])
+
+    return fn
+
+
+def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple[str, list[Node], list[Node]]:
+    graph = gm.graph
+    params: list[Node] = []
+    consts: list[Node] = []
+    sizes: list[Node] = []
+    op_steps: list[reversible_ops.Step] = []
+    fingerprint = []
+    for step in chain.steps:
+        module = _step_module(gm, step)
+        order: list[tuple[str, int]] = []
+        indexes: dict[str, list[int]] = {"p": [], "c": [], "s": []}
+        for external in step.externals:
+            value = _value(external)
+            if value is None:
+                bucket, kind = sizes, "s"  # a symbolic size (dynamic shapes)
+            else:
+                bucket, kind = (params, "p") if value.requires_grad else (consts, "c")
+            if external not in bucket:
+                bucket.append(external)
+            indexes[kind].append(bucket.index(external))
+            order.append((kind, len(indexes[kind]) - 1))
+        op_steps.append(
+            reversible_ops.Step(
+                _make_fn(module, order), step.scale, indexes["p"], indexes["c"], step.random, indexes["s"]
+            )
+        )
+        fingerprint.append(f"{step.scale}|{step.random}|{module.code}")
+    mutated = []
+    members = chain.members()
+    for step in chain.steps:
+        for buffer in step.mutated:
+            readers = [user for user in buffer.users if user in members]
+            if any(buffer not in _batch_norm_buffers(user) for user in readers):
+                # The backward hands the recomputation zeros for running statistics, which
+                # is only right when nothing but training-mode BatchNorm touches them.
+                raise NotReversible(f"buffer {buffer.name} is read by more than training-mode BatchNorm")
+            if buffer in consts and consts.index(buffer) not in mutated:
+                mutated.append(consts.index(buffer))
+    device = _value(chain.x1).device
+    op_chain = reversible_ops.Chain(op_steps, mutated, reversible_ops.rng_state_bytes(device))
+    fingerprint.append(repr([(tuple(_value(n).shape), _value(n).dtype) for n in [chain.x1, chain.x2, *params, *consts]]))
+    key = reversible_ops.register_chain(op_chain, "\n".join(fingerprint))
+
+    fake_mode = _fake_mode([chain.x1, *params])
+    args = (key, chain.x1, chain.x2, params, consts, sizes)
+    with fake_mode, torch.no_grad():
+        fake_out = torch.ops.memopt.reversible_chain.default(
+            key,
+            _value(chain.x1),
+            _value(chain.x2),
+            [_value(p) for p in params],
+            [_value(c) for c in consts],
+            [_symint(n) for n in sizes],
+        )
+
+    last = chain.steps[-1].add
+    anchor = last.next
+    with graph.inserting_before(anchor):
+        op = graph.call_function(torch.ops.memopt.reversible_chain.default, args)
+        op.meta["val"] = fake_out
+        outs = []
+        for i, value in enumerate(fake_out):
+            item = graph.call_function(operator.getitem, (op, i))
+            item.meta["val"] = value
+            item.meta["example_value"] = value
+            outs.append(item)
+        for position, const_position in enumerate(mutated):
+            copy = graph.call_method("copy_", (consts[const_position], outs[3 + position]))
+            copy.meta["val"] = copy.meta["example_value"] = _value(consts[const_position])
+    n = len(chain.steps)
+    final1, final2 = (chain.steps[-2].add, last) if n % 2 == 0 else (last, chain.steps[-2].add)
+    for old, new in ((final1, outs[0]), (final2, outs[1])):
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in members)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in sorted(members, key=order.__getitem__, reverse=True):
+        graph.erase_node(node)
+    return key, params, consts
+
+
+MAX_REBUILD_GAIN = reversible_ops.MAX_REBUILD_GAIN
+
+
+def _segments(steps: list[_Step]) -> list[tuple[int, int]]:
+    """``[start, end)`` step ranges of at least two steps within :data:`MAX_REBUILD_GAIN`."""
+    segments, start, gain = [], 0, 1.0
+    for i, step in enumerate(steps):
+        factor = max(1.0, 1.0 / abs(step.scale))
+        if gain * factor > MAX_REBUILD_GAIN and i - start >= 2:
+            segments.append((start, i))
+            start, gain = i, 1.0
+        gain *= factor
+    if len(steps) - start >= 2:
+        segments.append((start, len(steps)))
+    return segments
+
+
+def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Replace each reversible coupling chain of a training graph by ``memopt::reversible_chain``.
+
+    ``details`` gets one row per coupling (two steps): ``chain``, ``block``, ``nodes`` (the
+    block's output nodes), ``reversible`` and ``reason``, ``activation_bytes_before`` (bytes of
+    every tensor the block computes: the most an ordinary backward could keep for it),
+    ``saved_bytes_after`` (what the forward keeps for it now: its RNG states, plus the
+    segment's two outputs on the segment's last block), ``segment`` and ``key``; the
+    partitioner adds ``chain_saved_bytes``, measured on the partitioned forward graph.
+    """
+    result = PassResult("reversible")
+    graph = _Graph(gm)
+    modes = [node.name for node in graph.nodes if node.op == "call_function" and _target_name(node) in _MODE_SWITCHES]
+    if modes:
+        # The chain op runs its steps eagerly inside a kernel, outside these regions: leave
+        # the graph as it is rather than recompute under another precision or grad mode.
+        result.notes.append(f"left alone: the graph switches autocast/grad mode ({', '.join(modes[:3])}); chains not rewritten")
+        return result
+    refused: dict[str, str] = {}
+    chains = _find_chains(graph, refused)
+    result.matched = len(chains) + len(refused)
+    for name, reason in refused.items():
+        result.notes.append(f"left alone: {reason}")
+        # A candidate coupling that failed a check: a row so per-block reports show why.
+        result.details.append(
+            {"chain": None, "block": None, "nodes": [name], "reversible": False, "reason": reason,
+             "activation_bytes_before": None, "saved_bytes_after": None, "rng_state_bytes": 0}
+        )
+    for number, chain in enumerate(chains):
+        rows = []
+        for block_start in range(0, len(chain.steps), 2):
+            block = chain.steps[block_start : block_start + 2]
+            nodes = [n for step in block for n in (*step.nodes, step.add)]
+            rows.append(
+                {
+                    "chain": number,
+                    "block": block_start // 2,
+                    "nodes": [step.add.name for step in block],
+                    "reversible": False,
+                    "reason": "",
+                    "activation_bytes_before": _bytes_of(nodes),
+                    "saved_bytes_after": _bytes_of(nodes),
+                    "rng_state_bytes": 0,
+                }
+            )
+        segments = _segments(chain.steps)
+        covered = {i for start, end in segments for i in range(start, end)}
+        for row in rows:
+            if 2 * row["block"] not in covered:
+                row["reason"] = f"rebuild would amplify rounding by more than {MAX_REBUILD_GAIN:g}x"
+        # Rewrite the last segment first: an earlier segment's outputs are the later one's inputs,
+        # and rewriting the earlier one redirects those uses to its op's outputs.
+        for segment_number in reversed(range(len(segments))):
+            start, end = segments[segment_number]
+            values = chain.values  # [x1, x2, v1, v2, ...]: step i reads values[i] and values[i + 1]
+            segment = _Chain(values[start], values[start + 1], chain.steps[start:end])
+            finals = [segment.steps[-1].add, segment.steps[-2].add]
+            final_bytes = _bytes_of(finals)
+            try:
+                key, _params, _consts = _rewrite(gm, segment, ctx)
+            except NotReversible as reason:
+                result.notes.append(f"chain at {segment.steps[0].add.name} left alone: {reason}")
+                for row in rows:
+                    if start <= 2 * row["block"] < end:
+                        row["reason"] = str(reason)
+                continue
+            rng_bytes = reversible_ops._CHAINS[key].rng_bytes
+            segment_rows = [row for row in rows if start <= 2 * row["block"] < end]
+            for row in segment_rows:
+                steps = chain.steps[2 * row["block"] : 2 * row["block"] + 2]
+                row.update(reversible=True, reason="", segment=segment_number, key=key)
+                row["rng_state_bytes"] = rng_bytes * sum(step.random for step in steps)
+                row["saved_bytes_after"] = row["rng_state_bytes"]
+            segment_rows[-1]["saved_bytes_after"] += final_bytes
+            result.rewrites += 1
+            random_steps = sum(step.random for step in segment.steps)
+            result.notes.append(
+                f"chain {number}"
+                + (f" segment {segment_number}" if len(segments) > 1 else "")
+                + f": {len(segment.steps)} steps ({segment.steps[0].add.name} .. {segment.steps[-1].add.name}) "
+                "keep only their 2 final outputs for the backward; inputs are rebuilt and F/G recomputed"
+                + (f"; {random_steps} random steps keep their RNG state" if random_steps else "")
+            )
+        if len(segments) > 1:
+            result.notes.append(
+                f"chain {number} cut into {len(segments)} segments: its scales would amplify rebuild "
+                f"rounding by more than {MAX_REBUILD_GAIN:g}x in one piece"
+            )
+        result.details.extend(rows)
+        result.bytes_saved += sum(row["activation_bytes_before"] - row["saved_bytes_after"] for row in rows)
+    return result
+
+
+# --- Conversion: residual chains to the two-stream form --------------------------------
+
+
+def _residual_chains(graph: _Graph) -> list[list[_Step]]:
+    """Chains of at least two residual adds ``x_{k+1} = x_k + f_k(x_k)``, each ``f_k`` self-contained."""
+    chains: list[list[_Step]] = []
+    taken: set[Node] = set()
+    for add in graph.nodes:
+        if add in taken or add.op not in ("call_function", "call_method") or not _is_add(add):
+            continue
+        steps = []
+        start = None
+        current = add
+        while True:
+            found = None
+            for reading in _interpretations(current):
+                source = reading[0]
+                if reading[1] != 1.0 or reading[2] is not source:
+                    continue
+                if steps and source is not steps[-1].add:
+                    continue
+                forbidden = graph.descendants([start if start is not None else source]) - {source}
+                try:
+                    step = _find_step(graph, current, reading, source, forbidden)
+                except NotReversible:
+                    continue
+                if steps and not all(u in set(step.nodes) | {current} for u in source.users):
+                    continue
+                found = step
+                break
+            if found is None:
+                break
+            if start is None:
+                start = found.source
+            steps.append(found)
+            taken.update(found.nodes)
+            taken.add(found.add)
+            nxt = [u for u in found.add.users if _is_add(u) and u.op in ("call_function", "call_method")]
+            nxt += [v for u in found.add.users for v in u.users if _is_add(v) and v.op in ("call_function", "call_method")]
+            candidates = [c for c in dict.fromkeys(nxt) if c not in taken]
+            if not candidates:
+                break
+            # The next residual add is the one whose H starts at this step's output.
+            current = next(
+                (c for c in candidates if any(r[0] is found.add and r[2] is found.add for r in _interpretations(c))),
+                None,
+            )
+            if current is None:
+                break
+        if len(steps) >= 2:
+            chains.append(steps)
+        elif steps:
+            taken.difference_update(steps[0].nodes)
+            taken.discard(steps[0].add)
+    return chains
+
+
+def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Rewrite residual chains ``x <- x + f_k(x)`` into the two-stream reversible form."""
+    result = PassResult("reversible-convert")
+    graph = _Graph(gm)
+    chains = _residual_chains(graph)
+    result.matched = len(chains)
+    for steps in chains:
+        values = [steps[0].source] + [step.add for step in steps]
+        # v_k = v_{k-2} + f_k(v_{k-1}): the skip term of step k >= 2 becomes the value two back.
+        for k in range(1, len(steps)):
+            steps[k].add.replace_input_with(values[k], values[k - 1])
+        last, before_last = values[-1], values[-2]
+        fake_mode = _fake_mode([last])
+        anchor = last.next
+        with gm.graph.inserting_before(anchor):
+            total = gm.graph.call_function(operator.add, (before_last, last))
+            merged = gm.graph.call_function(operator.mul, (total, 0.5))
+        with fake_mode:
+            total_val = _value(before_last) + _value(last)
+            merged_val = total_val * 0.5
+        total.meta["val"] = total.meta["example_value"] = total_val
+        merged.meta["val"] = merged.meta["example_value"] = merged_val
+        last.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not total and user is not merged)
+        result.rewrites += 1
+        result.details.append(
+            {"sublayers": len(steps), "first": steps[0].add.name, "last": steps[-1].add.name, "merge": "mean"}
+        )
+        result.notes.append(
+            f"ARCHITECTURE CHANGED: residual chain of {len(steps)} sublayers ({steps[0].add.name} .. "
+            f"{steps[-1].add.name}) rewritten to the two-stream reversible form "
+            "v_k = v_{k-2} + f_k(v_{k-1}), v_-1 = v_0 = x, output (v_{n-1} + v_n)/2; same parameters, "
+            "different function: train from scratch"
+        )
+    return result
+
+
+class _ConvertPass(GraphPass):
+    """``reversible-convert`` runs only when ``reversible="convert"`` is named."""
+
+    def enabled(self, config, training: bool) -> bool:
+        return super().enabled(config, training) and getattr(config, self.config_field) == "convert"
+
+
+REVERSIBLE_CONVERT = _ConvertPass(
+    "reversible-convert", "reversible", run_convert, changes_results=True, applies_to="training"
+)
+REVERSIBLE = GraphPass("reversible", "reversible", run_reversible, applies_to="training")

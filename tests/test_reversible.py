@@ -1,0 +1,639 @@
+"""Reversible chains: the ``reversible`` / ``reversible-convert`` passes and ``memopt.nn`` blocks.
+
+Every compiled model is compared with the same module run eagerly (outputs, the gradient of
+every parameter and of the input, BatchNorm statistics), on fresh random inputs with odd
+sizes; memory claims are checked on the partitioned forward graph (``Report``), never on
+timings.
+
+Tolerance: float32, relative error ``||g - g_ref|| / ||g_ref||`` <= 1e-5 per tensor (the
+issue's target). The rebuilt inputs differ from the true ones by float32 rounding of
+``(y - F(x)) / a``, which the later recomputation then sees; through BatchNorm at batch 2
+this is amplified, and depth 32 with BatchNorm measures up to ~3e-6 (see
+docs/passes/reversible.md), inside the target.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memopt
+import memopt.nn as mnn
+from memopt.ops import reversible as reversible_ops
+
+RTOL = 1e-5  # float32, relative in norm (see the module docstring)
+CPU_RNG_STATE_BYTES = 5056
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Each test compiles new modules; start from empty Dynamo caches (recompile limits).
+    torch.compiler.reset()
+    yield
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.norm().item()
+    return (actual - expected).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def assert_close_grads(model, reference, x, x_ref):
+    assert relative_error(x.grad, x_ref.grad) <= RTOL
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert p.grad is not None, name
+        assert relative_error(p.grad, q.grad) <= RTOL, (name, relative_error(p.grad, q.grad))
+    for (name, b), (_, c) in zip(model.named_buffers(), reference.named_buffers(), strict=True):
+        # BatchNorm running statistics (and num_batches_tracked) updated exactly once.
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# --- Couplings written in plain PyTorch ------------------------------------------------
+
+
+def conv_branch(channels: int, dims: int, dropout: float) -> nn.Module:
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    layers = [conv(channels, channels, 3, padding=1, bias=False), norm(channels), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class ConvCouplings(nn.Module):
+    """RevNet-style: y1 = a*x1 + F(x2); y2 = b*x2 + G(y1) on the two channel halves."""
+
+    def __init__(self, depth, channels=3, dims=2, dropout=0.0, scales=(1.0, 1.0)):
+        super().__init__()
+        self.f = nn.ModuleList(conv_branch(channels, dims, dropout) for _ in range(depth))
+        self.g = nn.ModuleList(conv_branch(channels, dims, dropout) for _ in range(depth))
+        self.a, self.b = scales
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        for f, g in zip(self.f, self.g):
+            x1 = (x1 if self.a == 1.0 else self.a * x1) + f(x2)
+            x2 = (x2 if self.b == 1.0 else self.b * x2) + g(x1)
+        return torch.cat([x1, x2], dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads, dropout):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.heads, self.dropout = heads, nn.Dropout(dropout)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        return self.dropout(self.proj(attended.transpose(1, 2).reshape(batch, tokens, width)))
+
+
+class MLP(nn.Module):
+    def __init__(self, width, dropout):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TransformerCouplings(nn.Module):
+    """Reformer-style: F = attention, G = MLP, on the two halves of the feature dimension."""
+
+    def __init__(self, depth, width=6, heads=2, dropout=0.0):
+        super().__init__()
+        self.f = nn.ModuleList(Attention(width, heads, dropout) for _ in range(depth))
+        self.g = nn.ModuleList(MLP(width, dropout) for _ in range(depth))
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        for f, g in zip(self.f, self.g):
+            x1 = x1 + f(x2)
+            x2 = x2 + g(x1)
+        return torch.cat([x1, x2], dim=-1)
+
+
+def conv_input(dims, channels=3):
+    shape = (2, 2 * channels, 5, 7) if dims == 2 else (2, 2 * channels, 3, 5, 4)
+    return torch.randn(shape)
+
+
+def run_step(model, x, seed, **options):
+    """One forward+backward of ``model`` (compiled with memopt when options are given)."""
+    x = x.detach().clone().requires_grad_(True)
+    fn = memopt.compile(model, fullgraph=True, **options) if options else model
+    torch.manual_seed(seed)
+    out = fn(x)
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    return out, x
+
+
+def reversible_result(report):
+    return next(result for result in report.passes if result.name == "reversible")
+
+
+CASES = {
+    "conv2d": lambda depth, dropout: (ConvCouplings(depth, dims=2, dropout=dropout, scales=(1.0, 0.5)), conv_input(2)),
+    "conv3d": lambda depth, dropout: (ConvCouplings(depth, dims=3, dropout=dropout, scales=(2.0, 1.0)), conv_input(3)),
+    "transformer": lambda depth, dropout: (TransformerCouplings(depth, dropout=dropout), torch.randn(3, 5, 12)),
+}
+
+
+@pytest.mark.parametrize(
+    "case, depth, dropout",
+    [
+        ("conv2d", 1, 0.0),
+        ("conv2d", 4, 0.25),
+        ("conv2d", 32, 0.0),
+        ("conv3d", 3, 0.25),
+        ("transformer", 1, 0.0),
+        ("transformer", 5, 0.2),
+        ("transformer", 32, 0.0),
+    ],
+)
+def test_plain_couplings_compiled_match_eager(case, depth, dropout):
+    torch.manual_seed(0)
+    model, x = CASES[case](depth, dropout)
+    model.train()
+    reference = copy.deepcopy(model)
+    with memopt.collect_reports() as reports:
+        out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True)
+    ref_out, x_ref = run_step(reference, x, seed=7)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+
+    assert len(reports) == 1  # one graph: no graph break
+    report = reports[0]
+    result = reversible_result(report)
+    # b = 0.5 doubles rebuild rounding per coupling: 32 of them are cut into segments of at
+    # most 16x amplification (8 segments); every other case is one chain.
+    segments = 8 if (case, depth) == ("conv2d", 32) else 1
+    assert result.rewrites == segments and result.error is None
+    rows = result.details
+    assert len(rows) == depth and all(row["reversible"] for row in rows)
+    # The partitioned forward graph keeps each segment's two outputs and, per random step,
+    # its RNG state: no activation of any block.
+    half = out.numel() // 2 * out.element_size()
+    random_steps = 2 * depth if dropout else 0
+    expected = segments * 2 * half + random_steps * CPU_RNG_STATE_BYTES
+    assert report.saved_activation_bytes == expected
+    by_segment = {row["key"]: row["chain_saved_bytes"] for row in rows}
+    assert sum(by_segment.values()) == expected
+
+
+def test_saved_bytes_do_not_grow_with_depth_and_beat_ordinary_backward():
+    saved = {}
+    x = conv_input(2)
+    for depth in (2, 8):
+        torch.manual_seed(0)
+        model = ConvCouplings(depth)
+        for mode in ("auto", False):
+            run_step(model, x, seed=0, lowering="eager", reversible=mode)
+            saved[depth, mode] = memopt.last_report().saved_activation_bytes
+    assert saved[2, "auto"] == saved[8, "auto"]
+    # Ordinary backward keeps per-block activations: it grows roughly linearly with depth.
+    assert saved[8, False] > 3 * saved[2, False] > 0
+    assert saved[8, False] > 10 * saved[8, "auto"]
+
+
+def test_dynamo_explain_sees_one_graph_and_no_break():
+    from memopt._torch_compat import dynamo_explain
+
+    torch.manual_seed(0)
+    model, x = CASES["transformer"](4, 0.1)
+    explanation = dynamo_explain(model, x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    model_nn = mnn.ReversibleMBConv2d(4, depth=3)
+    explanation = dynamo_explain(model_nn, torch.randn(2, 4, 5, 5, requires_grad=True))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+
+def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain():
+    torch.manual_seed(0)
+    model = TransformerCouplings(3, dropout=0.2)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(
+        model, backend=memopt.memopt_backend, dynamic=True, options={"lowering": "eager", "strict": True}
+    )
+    for batch in (3, 5):
+        x = torch.randn(batch, 7, 12)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        torch.manual_seed(batch)
+        compiled(x1).square().sum().backward()
+        torch.manual_seed(batch)
+        reference(x2).square().sum().backward()
+        assert_close_grads(model, reference, x1, x2)
+        model.zero_grad()
+        reference.zero_grad()
+        result = reversible_result(memopt.last_report())
+        assert result.rewrites == 1, result.notes
+
+
+# --- Chains the pass must leave alone ----------------------------------------------------
+
+
+class LeakyCouplings(nn.Module):
+    """G reads x1 as well: y2 = x2 + G(y1, x1) is not invertible from (y1, y2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.g = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        y1 = x1 + torch.tanh(self.f(x2))
+        y2 = x2 + torch.tanh(self.g(y1) + x1)
+        return torch.cat([y1, y2], dim=-1)
+
+
+class EscapingCouplings(ConvCouplings):
+    """A block's intermediate value leaves the chain (a side output)."""
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        taps = []
+        for f, g in zip(self.f, self.g):
+            hidden = f(x2)
+            taps.append(hidden.mean())
+            x1 = x1 + hidden
+            x2 = x2 + g(x1)
+        return torch.cat([x1, x2], dim=1), torch.stack(taps).sum()
+
+
+class ZeroScaleCouplings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f, self.g = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        y1 = x1 + self.f(x2)
+        y2 = 0.0 * x2 + self.g(y1)
+        return torch.cat([y1, y2], dim=-1)
+
+
+@pytest.mark.parametrize(
+    "model, x, reason",
+    [
+        (LeakyCouplings(), torch.randn(3, 8), "depends on the other stream"),
+        (ZeroScaleCouplings(), torch.randn(3, 8), "not a finite nonzero constant"),
+        (EscapingCouplings(2), conv_input(2), "used outside the block"),
+    ],
+    ids=["reads-other-stream", "zero-scale", "escaping-intermediate"],
+)
+def test_unprovable_chains_are_left_alone_with_a_reason(model, x, reason):
+    reference = copy.deepcopy(model)
+    x1 = x.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out = memopt.compile(model, lowering="eager", strict=True)(x1)
+    ref = reference(x2)
+    loss = lambda o: sum(t.sum() for t in (o if isinstance(o, tuple) else (o,)))  # noqa: E731
+    loss(out).backward()
+    loss(ref).backward()
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 0
+    assert any(reason in note for note in result.notes), result.notes
+    assert any(not row["reversible"] and reason in row["reason"] for row in result.details)
+    assert_close_grads(model, reference, x1, x2)
+
+
+class AutocastCouplings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f, self.g = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x1 = x1 + self.f(x2)
+            x2 = x2 + self.g(x1)
+        return torch.cat([x1, x2], dim=-1)
+
+
+def test_autocast_regions_are_left_alone():
+    model = AutocastCouplings()
+    x = torch.randn(3, 8, requires_grad=True)
+    memopt.compile(model, lowering="eager", strict=True)(x).float().sum().backward()
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 0 and "autocast" in result.notes[0]
+
+
+def test_nn_blocks_eager_recompute_under_the_forward_autocast_state():
+    torch.manual_seed(0)
+    module = mnn.ReversibleSequential(*[mnn.RevCoupling(MLP(4, 0.0), MLP(4, 0.0)) for _ in range(3)], dim=-1)
+    reference = copy.deepcopy(module)
+    x = torch.randn(2, 3, 8)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x1)
+        ref = plain_reference(reference, x2)
+    out.float().sum().backward()
+    ref.float().sum().backward()
+    # bfloat16 recomputation must equal bfloat16 forward: the rebuilt inputs then differ from
+    # the true ones only by the float32 rounding of the rebuild (autocast keeps the streams
+    # float32). A recomputation in float32 would differ by bfloat16 rounding (~1e-2).
+    for p, q in zip(module.parameters(), reference.parameters()):
+        assert relative_error(p.grad.float(), q.grad.float()) <= 1e-2 / 8
+
+
+def test_inference_graphs_are_untouched():
+    model, x = CASES["conv2d"](3, 0.0)
+    model.eval()
+    with torch.no_grad():
+        out = memopt.compile(model, lowering="eager")(x)
+        torch.testing.assert_close(out, model(x))
+    report = memopt.last_report()
+    assert not report.training and all(result.name != "reversible" for result in report.passes)
+
+
+def test_option_is_validated():
+    assert memopt.Config().reversible == "auto"
+    with pytest.raises(ValueError, match="'auto', 'convert', False"):
+        memopt.Config(reversible="yes")
+    with pytest.raises(ValueError):
+        memopt.Config(reversible=True)
+
+
+@pytest.mark.slow
+def test_inductor_lowering_matches_eager():
+    torch.manual_seed(0)
+    model, x = CASES["conv2d"](3, 0.0)
+    reference = copy.deepcopy(model)
+    # Caches off: a cache hit skips the partitioner, and with it the saved-bytes record.
+    out, x_grad = run_step(model, x, seed=0, lowering="inductor", inductor_config={"force_disable_caches": True})
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    report = memopt.last_report()
+    assert reversible_result(report).rewrites == 1
+    assert report.saved_activation_bytes == out.numel() * out.element_size()
+
+
+# --- memopt.nn building blocks --------------------------------------------------------
+
+
+def plain_reference(module: mnn.ReversibleSequential, x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=module.dim)
+    for coupling in module.couplings:
+        x1, x2 = coupling(x1, x2)
+    return torch.cat([x1, x2], dim=module.dim)
+
+
+def saved_bytes_eager(fn, *args) -> int:
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(*args)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "kind, depth, segment_length",
+    [("mbconv2d", 1, None), ("mbconv2d", 8, None), ("mbconv2d", 32, 8), ("mbconv3d", 1, None), ("mbconv3d", 8, None)],
+)
+def test_nn_blocks_eager_autograd_matches_plain_backward(kind, depth, segment_length):
+    """MBConv branches: BatchNorm + ReLU6, batches of 30 values per channel.
+
+    Judged on the whole gradient (input and every parameter, concatenated): relative error
+    vs the ordinary float32 backward <= 1e-5 (measured: 1e-7 at 1 coupling, 1.4e-6 at 8,
+    2e-6 at 32 in segments of 8; 32 in one segment measures 1.3e-5 to 2.1e-5, which is
+    why ``segment_length`` exists). Per tensor, the BatchNorm parameters behind a ReLU6 have
+    gradients that jump where a kink flips: float32 rounding alone puts the ordinary backward
+    up to 3e-2 (relative) off a float64 one on them, so per tensor we check against float64
+    with a bound that only catches wrong gradients (0.1; a wrong one is off by ~1).
+    """
+    torch.manual_seed(depth)
+    cls = mnn.ReversibleMBConv2d if kind == "mbconv2d" else mnn.ReversibleMBConv3d
+    module = cls(4, depth=depth, expansion=2, segment_length=segment_length)
+    x = torch.randn(2, 4, 5, 3) if kind == "mbconv2d" else torch.randn(2, 4, 3, 4, 3)
+    plain, exact = copy.deepcopy(module), copy.deepcopy(module).double()
+
+    def gradients(model, inputs, reversible):
+        inputs = inputs.clone().requires_grad_(True)
+        out = model(inputs) if reversible else plain_reference(model, inputs)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        return out, [inputs.grad.double()] + [p.grad.double() for p in model.parameters()]
+
+    out, rev = gradients(module, x, True)
+    ref, ordinary = gradients(plain, x, False)
+    _, truth = gradients(exact, x.double(), False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert relative_error(torch.cat([g.flatten() for g in rev]), torch.cat([g.flatten() for g in ordinary])) <= RTOL
+    for rev_grad, exact_grad in zip(rev, truth):
+        assert relative_error(rev_grad, exact_grad) <= 0.1
+    for (name, b), c in zip(module.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_nn_blocks_eager_dropout_replays_the_same_mask():
+    torch.manual_seed(0)
+    couplings = [mnn.RevCoupling(MLP(5, 0.3), MLP(5, 0.3), 1.0, 0.5) for _ in range(6)]
+    module = mnn.ReversibleSequential(*couplings, dim=-1)
+    reference = copy.deepcopy(module)
+    x = torch.randn(3, 4, 10)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.manual_seed(1)
+    out = module(x1)
+    out.square().sum().backward()
+    torch.manual_seed(1)
+    ref = plain_reference(reference, x2)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert_close_grads(module, reference, x1, x2)
+
+
+def test_nn_blocks_eager_save_only_the_outputs():
+    x = torch.randn(2, 6, 5, 5)
+    saved = {}
+    for depth in (2, 16):
+        torch.manual_seed(0)
+        couplings = [mnn.RevCoupling(conv_branch(3, 2, 0.0), conv_branch(3, 2, 0.0), 1.0, -1.5) for _ in range(depth)]
+        module = mnn.ReversibleSequential(*couplings, dim=1, preserve_rng_state=False)
+        saved[depth] = saved_bytes_eager(module, x.clone().requires_grad_(True))
+        saved[depth, "plain"] = saved_bytes_eager(lambda t: plain_reference(module, t), x.clone().requires_grad_(True))
+    assert saved[2] == saved[16] == x.numel() * x.element_size()
+    assert saved[16, "plain"] > 6 * saved[2, "plain"]
+
+
+def test_nn_blocks_are_recognized_when_compiled():
+    torch.manual_seed(0)
+    module = mnn.ReversibleSequential(
+        *[mnn.RevCoupling(MLP(5, 0.1), Attention(5, 1, 0.1), 2.0, 1.0) for _ in range(6)], dim=-1
+    )
+    reference = copy.deepcopy(module)
+    x = torch.randn(2, 3, 10)
+    out, x_grad = run_step(module, x, seed=3, lowering="eager", strict=True)
+    ref_out, x_ref = run_step(reference, x, seed=3)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(module, reference, x_grad, x_ref)
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 1 and len(result.details) == 6
+
+
+def test_coupling_inverse_rebuilds_inputs():
+    torch.manual_seed(0)
+    coupling = mnn.RevCoupling(nn.Linear(3, 3), nn.Linear(3, 3), 0.5, -2.0)
+    x1, x2 = torch.randn(4, 3), torch.randn(4, 3)
+    with torch.no_grad():
+        y1, y2 = coupling(x1, x2)
+    r1, r2 = coupling.inverse(y1, y2)
+    torch.testing.assert_close(r1, x1)
+    torch.testing.assert_close(r2, x2)
+    with pytest.raises(ValueError, match="nonzero"):
+        mnn.RevCoupling(nn.Identity(), nn.Identity(), 0.0)
+
+
+# --- Conversion -------------------------------------------------------------------------
+
+
+class PreNormResidual(nn.Module):
+    """x <- x + f_k(x) over alternating attention and MLP sublayers (odd count on purpose)."""
+
+    def __init__(self, sublayers=5, width=8):
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.layers = nn.ModuleList(
+            Attention(width, 2, 0.0) if k % 2 == 0 else MLP(width, 0.0) for k in range(sublayers)
+        )
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h).mean(dim=1)
+
+
+def two_stream_reference(model: PreNormResidual, x):
+    """The documented conversion written out: v_k = v_{k-2} + f_k(v_{k-1}), mean merge."""
+    h = model.embed(x)
+    previous, current = h, h
+    for layer in model.layers:
+        previous, current = current, previous + layer(current)
+    return model.head((previous + current) * 0.5).mean(dim=1)
+
+
+def test_convert_rewrites_residual_stack_into_reversible_chain():
+    torch.manual_seed(0)
+    model = PreNormResidual()
+    reference = copy.deepcopy(model)
+    count = sum(p.numel() for p in model.parameters())
+    x = torch.randn(3, 5, 4)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = memopt.compile(model, lowering="eager", strict=True, reversible="convert")(x1)
+    out.sum().backward()
+    ref = two_stream_reference(reference, x2)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x1, x2)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+    report = memopt.last_report()
+    convert = next(result for result in report.passes if result.name == "reversible-convert")
+    assert convert.rewrites == 1 and convert.changes_results
+    assert any("ARCHITECTURE CHANGED" in note for note in convert.notes)
+    assert convert.details[0]["sublayers"] == 5
+    result = reversible_result(report)
+    assert result.rewrites == 1
+    # Five sublayers are five steps (two rows: 2 + 2 + 1): the chain keeps its two outputs.
+    rows = [row for row in result.details if row["chain"] is not None]
+    assert len(rows) == 3 and all(row["reversible"] for row in rows)
+    assert rows[0]["chain_saved_bytes"] == 2 * (3 * 5 * 8 * 4)
+
+
+def test_convert_is_opt_in():
+    model = PreNormResidual()
+    memopt.compile(model, lowering="eager")(torch.randn(2, 3, 4)).sum().backward()
+    names = [result.name for result in memopt.last_report().passes]
+    assert "reversible-convert" not in names
+    assert reversible_result(memopt.last_report()).rewrites == 0
+
+
+def test_converted_model_trains():
+    torch.manual_seed(0)
+    model = PreNormResidual(sublayers=4)
+    compiled = memopt.compile(model, lowering="eager", reversible="convert")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(16, 5, 4)
+    target = x.sum(dim=(1, 2)).unsqueeze(-1) * 0.3
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = F.mse_loss(compiled(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert reversible_result(memopt.last_report()).rewrites == 1
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_chain_registry_error_names_the_key():
+    with pytest.raises(RuntimeError, match="not registered"):
+        reversible_ops._chain("missing")
+
+
+def test_reversible_chain_op_passes_opcheck_and_gradcheck():
+    def step(x, params, consts, sizes):
+        return torch.tanh(x @ params[0] + consts[0])
+
+    def reshaping_step(x, params, consts, sizes):  # reads a size, as dynamic-shape graphs do
+        return torch.tanh((x @ params[0]).reshape(sizes[0], -1) + consts[0])
+
+    chain = reversible_ops.Chain(
+        [reversible_ops.Step(step, 1.0, [0], [0]), reversible_ops.Step(reshaping_step, -0.5, [1], [0], False, [0]),
+         reversible_ops.Step(step, 2.0, [0], [0])],
+        [],
+        reversible_ops.rng_state_bytes(torch.device("cpu")),
+    )
+    key = reversible_ops.register_chain(chain, "test")
+    x1, x2 = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    weights = [torch.randn(5, 5, dtype=torch.float64) / 3 for _ in range(2)]
+    bias = torch.randn(5, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in (x1, x2, *weights)]
+    torch.library.opcheck(torch.ops.memopt.reversible_chain.default, (key, x1, x2, weights, [bias], [3]))
+
+    def run(a, b, w0, w1):
+        out = torch.ops.memopt.reversible_chain(key, a, b, [w0, w1], [bias], [3])
+        return out[0], out[1]
+
+    assert torch.autograd.gradcheck(run, tuple(leaves))
+
+
+def test_low_precision_streams_are_left_alone():
+    model = ConvCouplings(2).to(torch.bfloat16)
+    x = conv_input(2).to(torch.bfloat16).requires_grad_(True)
+    memopt.compile(model, lowering="eager", strict=True)(x).float().sum().backward()
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 0 and any("too coarse" in note for note in result.notes)
+
+
+def test_mbconv3d_block_is_rewritten_when_compiled():
+    torch.manual_seed(0)
+    module = mnn.ReversibleMBConv3d(4, depth=2, expansion=2, dropout=0.2)
+    reference = copy.deepcopy(module)
+    x = torch.randn(2, 4, 3, 4, 3)
+    out, x_grad = run_step(module, x, seed=4, lowering="eager", strict=True)
+    ref_out, x_ref = run_step(reference, x, seed=4)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    # Whole-gradient comparison, as for the eager MBConv test (BatchNorm + ReLU6 kinks).
+    grads = torch.cat([x_grad.grad.flatten()] + [p.grad.flatten() for p in module.parameters()])
+    expected = torch.cat([x_ref.grad.flatten()] + [p.grad.flatten() for p in reference.parameters()])
+    assert relative_error(grads, expected) <= RTOL
+    for b, c in zip(module.buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7)
+    report = memopt.last_report()
+    assert reversible_result(report).rewrites == 1
+    half = out.numel() // 2 * out.element_size()
+    assert report.saved_activation_bytes == 2 * half + 4 * CPU_RNG_STATE_BYTES
