@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-lowering",
         default=None,
         choices=("inductor", "eager"),
-        help="lowering of the budget-0.1 variant (default: --lowering); with eager lowering, PyTorch "
-        "2.13's min-cut partitioner at budget 0.1 fails on BatchNorm (saves a buffer the forward mutates)",
+        help="lowering of the budget-0.1 variant (default: --lowering)",
     )
     parser.add_argument("--output", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
