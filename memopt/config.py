@@ -73,6 +73,10 @@ class Config:
     """A pass that raises is skipped with a warning naming it; with ``strict=True`` the error
     propagates instead."""
 
+    inductor_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra Inductor ``config_patches`` for ``lowering="inductor"`` (e.g.
+    ``{"max_autotune": True}``); Inductor validates the keys."""
+
     reversible: str | bool = "auto"
     """Reversible chains in training graphs (``passes/reversible.py``). ``"auto"``: chains of
     additive couplings ``y1 = a*x1 + F(x2); y2 = b*x2 + G(y1)`` keep only their final
@@ -81,9 +85,13 @@ class Config:
     ``x <- x + f(x)`` into that two-stream form first: an architecture change, for training
     from scratch. ``False``: off."""
 
-    inductor_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """Extra Inductor ``config_patches`` for ``lowering="inductor"`` (e.g.
-    ``{"max_autotune": True}``); Inductor validates the keys."""
+    monarch: bool | MonarchOptions = False
+    """Opt-in, changes results: replace dense linear layers of inference graphs (weights that
+    are parameters) by their optimal Monarch projections, frozen as constants (see
+    ``docs/passes/monarch.md``). ``False`` (default): off. ``True``: on with the defaults of
+    :class:`MonarchOptions`. A dict with keys ``nblocks``, ``min_features``, ``targets``,
+    ``max_rel_error`` sets them. ``memopt.nn.MonarchLinear`` layers need no option: they are
+    one ``memopt.monarch_matmul`` op in every graph."""
 
     im2win: str | bool | Im2winOptions = "auto"
     """Rewrite 2-D convolutions (and a following ReLU/SiLU/GELU) into
@@ -92,14 +100,6 @@ class Config:
     device; the choice is cached on disk). ``True``: wherever the configuration is supported.
     ``False``: never. A dict ``{"mode": ..., "cache_path": ..., "min_speedup": ...}`` (see
     :class:`Im2winOptions`) sets the cache file and the margin too."""
-
-    monarch: bool | MonarchOptions = False
-    """Opt-in, changes results: replace dense linear layers of inference graphs (weights that
-    are parameters) by their optimal Monarch projections, frozen as constants (see
-    ``docs/passes/monarch.md``). ``False`` (default): off. ``True``: on with the defaults of
-    :class:`MonarchOptions`. A dict with keys ``nblocks``, ``min_features``, ``targets``,
-    ``max_rel_error`` sets them. ``memopt.nn.MonarchLinear`` layers need no option: they are
-    one ``memopt.monarch_matmul`` op in every graph."""
 
     def __post_init__(self) -> None:
         _check_choice("lowering", self.lowering, LOWERINGS)

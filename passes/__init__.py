@@ -10,9 +10,9 @@ from memopt.passes.im2win import IM2WIN
 from memopt.passes.reversible import REVERSIBLE, REVERSIBLE_CONVERT
 
 # Fixed order: passes that change the architecture first (they create the structure later
-# passes look for), then the exact memory/speed rewrites, slicing last (it groups whatever
-# ops the earlier passes produced).
-#   reversible-convert* · monarch* · sparse · im2win · slicing      (* = opt-in)
+# passes look for), then the exact memory/speed rewrites; slicing (inference graphs) groups
+# whatever ops the earlier passes produced.
+#   reversible-convert* · monarch* · im2win · slicing · reversible      (* = opt-in)
 # ``reversible`` (the coupling-chain rewrite for training graphs) runs last, so the blocks it
 # wraps already hold whatever ops the other passes chose for them.
 PASSES: tuple[GraphPass, ...] = (
