@@ -5,11 +5,12 @@ them in execution order. The rules every pass obeys are in ``README.md`` beside 
 """
 
 from memopt.passes.base import GraphPass, PassContext
+from memopt.passes.slicing import SLICING
 
 # Fixed order: passes that change the architecture first (they create the structure later
 # passes look for), then the exact memory/speed rewrites, slicing last (it groups whatever
 # ops the earlier passes produced).
 #   reversible-convert* · monarch* · sparse · im2win · slicing      (* = opt-in)
-PASSES: tuple[GraphPass, ...] = ()
+PASSES: tuple[GraphPass, ...] = (SLICING,)
 
 __all__ = ["PASSES", "GraphPass", "PassContext"]
