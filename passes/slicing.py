@@ -991,7 +991,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             if group is None:
                 continue
             _measure_group(group, options)
-            if best is None or group.saving > best.saving:
+            # Ties go to the larger group: fewer values materialized between groups.
+            if best is None or (group.saving, len(group.members)) > (best.saving, len(best.members)):
                 best = group
         if best is None:
             continue

@@ -139,6 +139,8 @@ def test_group_norm_across_slices_is_exact():
     _, out, result = compile_and_run(model, x)
     assert result.rewrites >= 1
     assert sum(row["gn_two_pass"] for row in result.details) == 1
+    (row,) = result.details
+    assert row["dim"] >= 2 and row["ops"] == 8  # norm .. conv3d .. residual add, sliced by height
     with torch.no_grad():
         assert_close_rel(out, model(x))
 
