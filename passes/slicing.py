@@ -33,6 +33,7 @@ intermediates.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import heapq
@@ -630,6 +631,12 @@ def _rule(node: torch.fx.Node) -> Callable[[torch.fx.Node, _Slicing], RuleResult
     return None
 
 
+def _op_name(node: torch.fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
 def _is_view_of(node: torch.fx.Node, source: torch.fx.Node) -> bool:
     is_view_op = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
         node.op == "call_function" and node.target in _VIEW_FUNCTIONS
@@ -647,6 +654,14 @@ def _is_view_of(node: torch.fx.Node, source: torch.fx.Node) -> bool:
 # Grouping
 
 
+# A group only grows to ops within this many nodes of its latest op. A value read at many
+# distant places (the text context feeding every cross-attention, the time embedding)
+# would otherwise pull far-apart ops into one group whose outputs all exist from its start,
+# raising the peak instead of lowering it. Ops of one block sit within a few dozen nodes of
+# each other in Dynamo's graphs.
+_MAX_GAP = 48
+
+
 @dataclasses.dataclass
 class _Group:
     seed: torch.fx.Node
@@ -656,6 +671,8 @@ class _Group:
     """External tensors the members read, with how they are sliced (ordered set)."""
     outputs: list[torch.fx.Node]
     member_feeds: dict[torch.fx.Node, dict[torch.fx.Node, Spec | None]]
+    unknown_stops: list[torch.fx.Node] = dataclasses.field(default_factory=list)
+    """Ops without a slicing rule that read a group value (they ended the group)."""
     intermediate_bytes: int = 0
     output_bytes: int = 0
     input_bytes: int = 0
@@ -674,6 +691,7 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
     member_feeds: dict[torch.fx.Node, dict[torch.fx.Node, Spec | None]] = {}
     feeds: dict[tuple[torch.fx.Node, Spec | None], None] = {}
     tainted: set[torch.fx.Node] = set()
+    unknown_stops: list[torch.fx.Node] = []
     heap: list[tuple[int, torch.fx.Node]] = []
     queued: set[torch.fx.Node] = set()
     pending = 0  # queued nodes that read a group value (the rest only carry taint)
@@ -686,6 +704,7 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
                 heapq.heappush(heap, (position[user], user))
                 pending += 1
 
+    last_position = position[seed]
     push_users(seed)
     while heap and pending:
         _, node = heapq.heappop(heap)
@@ -702,9 +721,12 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
             continue
         rule = _rule(node)
         result = None
-        if node not in claimed and not any(a in tainted for a in node.all_input_nodes) and rule is not None:
+        near = position[node] - last_position <= _MAX_GAP
+        if near and node not in claimed and not any(a in tainted for a in node.all_input_nodes) and rule is not None:
             result = rule(node, slicing)
         if result is None:
+            if rule is None and node not in claimed and node.op != "output":
+                unknown_stops.append(node)
             tainted.add(node)
             for user in node.users:
                 if user not in queued:
@@ -713,6 +735,7 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
                     pending += 1
             continue
         out_spec, node_feeds = result
+        last_position = position[node]
         slicing.specs[node] = out_spec
         sources = [a for a in node.all_input_nodes if a in slicing.specs]
         if len(sources) == 1 and sources[0] in slicing.seed_views and not node_feeds and _is_view_of(node, sources[0]):
@@ -728,14 +751,58 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
         push_users(node)
     if not members:
         return None
-    member_set = set(members)
-    outputs = [
-        node for node in members
-        if any(user not in member_set for user in node.users)
-    ]
+    members = _trim(members)
+    outputs = _outputs(members)
     if any(_tensor(node) is None for node in outputs):
         return None  # a tuple leaving the group whole
-    return _Group(seed, slicing, members, feeds, outputs, member_feeds)
+    feeds = {}
+    for node in members:
+        for arg, feed in member_feeds[node].items():
+            feeds[(arg, feed)] = None
+        for arg in node.all_input_nodes:
+            if arg in slicing.seed_views:
+                feeds[(arg, slicing.specs[arg])] = None
+    member_feeds = {node: member_feeds[node] for node in members}
+    return _Group(seed, slicing, members, feeds, outputs, member_feeds, unknown_stops)
+
+
+def _outputs(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    member_set = set(members)
+    return [node for node in members if any(user not in member_set for user in node.users)]
+
+
+def _trim(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Cut tails off a group where that shrinks what the group writes whole.
+
+    A group often ends with ops whose results all leave it (the q, k and v projections
+    before an attention that mixes the sliced dim): each is a full-size output, together
+    more than the one value they were computed from. Dropping the tail that starts at a
+    member makes that member (or its inputs) the output instead. A cut is taken when it
+    saves at least as many output bytes as the largest op it moves out of the group, so a
+    wide intermediate (a feed-forward's 4x hidden layer) stays sliced."""
+    while True:
+        outputs = set(_outputs(members))
+        base = sum(_nbytes(node) for node in outputs)
+        member_set = set(members)
+        best = None
+        for start in members[1:]:
+            tail = {start}
+            stack = [start]
+            while stack:
+                for user in stack.pop().users:
+                    if user in member_set and user not in tail:
+                        tail.add(user)
+                        stack.append(user)
+            new_outputs = (outputs - tail) | {
+                node for node in member_set - tail if any(user in tail for user in node.users)
+            }
+            new_bytes = sum(_nbytes(node) for node in new_outputs)
+            largest = max(_nbytes(node) for node in tail)
+            if base - new_bytes >= max(largest, 1) and (best is None or new_bytes < best[0]):
+                best = (new_bytes, tail)
+        if best is None:
+            return members
+        members = [node for node in members if node not in best[1]]
 
 
 def _measure_group(group: _Group, options: SlicingOptions) -> None:
@@ -1009,6 +1076,14 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         unit_of = trial
         claimed.update(best.members)
         groups.append(best)
+    unknown = collections.Counter(
+        _op_name(node) for group in groups for node in group.unknown_stops
+    )
+    if unknown:
+        result.notes.append(
+            "ops without a slicing rule ended groups (conservative): "
+            + ", ".join(f"{name} x{count}" for name, count in unknown.most_common(6))
+        )
     if skipped_small:
         result.notes.append(
             f"{skipped_small} candidate group(s) save less than min_group_bytes="
