@@ -735,6 +735,17 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
                     pending += 1
             continue
         out_spec, node_feeds = result
+        covered = set(node_feeds) | set(slicing.specs)
+        if any(a not in covered for a in node.all_input_nodes) or any(_tensor(a) is None for a in node_feeds):
+            # Every operand must be a group value or a tensor the op hands in (the op's
+            # inputs are a list of tensors): anything else ends the group.
+            tainted.add(node)
+            for user in node.users:
+                if user not in queued:
+                    queued.add(user)
+                    heapq.heappush(heap, (position[user], user))
+                    pending += 1
+            continue
         last_position = position[node]
         slicing.specs[node] = out_spec
         sources = [a for a in node.all_input_nodes if a in slicing.specs]

@@ -74,8 +74,12 @@ class SlicedGroup:
         edges = [round(i * self.units / self.slices) for i in range(self.slices + 1)]
         return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
+    def device(self, inputs: Sequence[torch.Tensor]) -> torch.device:
+        """The device of the sliced inputs (whole ones may be CPU scalars)."""
+        return next(value.device for value, spec in zip(inputs, self.input_specs) if spec is not None)
+
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        device = inputs[0].device
+        device = self.device(inputs)
         outputs = [layout.empty(device) for layout in self.output_layouts]
         stats: list[torch.Tensor] = []
         for norm in self.norm_stats:
@@ -117,7 +121,7 @@ def slicing(key: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 @slicing.register_fake
 def _slicing_fake(key: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     group = registered_group(key)
-    device = inputs[0].device
+    device = group.device(inputs)
     return [layout.empty(device) for layout in group.output_layouts]
 
 
