@@ -905,8 +905,8 @@ def _body(group: _Group, placeholders: list[tuple[torch.fx.Node, Spec | None]]) 
 
     for node in group.members:
         feeds = group.member_feeds[node]
-        args = torch.fx.map_arg(node.args, lambda a: lookup(a, feeds))
-        kwargs = torch.fx.map_arg(node.kwargs, lambda a: lookup(a, feeds))
+        args = torch.fx.map_arg(node.args, lambda a, feeds=feeds: lookup(a, feeds))
+        kwargs = torch.fx.map_arg(node.kwargs, lambda a, feeds=feeds: lookup(a, feeds))
         if node.target in _SIZED_METHODS and node.op == "call_method" or node.target is torch.reshape:
             sizes = list(_shape(node))
             sizes[specs[node].dim] = -1
@@ -1012,6 +1012,7 @@ def _toposort(graph: torch.fx.Graph) -> None:
     it already does (a group call may have been placed before one of its inputs)."""
     nodes = list(graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
+    position.update({node: len(nodes) for node in nodes if node.op == "output"})  # always last
     remaining = {node: len(set(node.all_input_nodes)) for node in nodes}
     heap = [(position[n], n) for n in nodes if remaining[n] == 0]
     heapq.heapify(heap)
