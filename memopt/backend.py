@@ -33,6 +33,11 @@ def memopt_backend(
 ) -> Callable[..., Any]:
     """Compile one Dynamo graph with memopt (the function behind ``backend="memopt"``)."""
     config = Config.from_options(options)
+    if config.step_rehash is not None:
+        raise ValueError(
+            "memopt option 'step_rehash' wraps the denoiser module, which a torch.compile backend "
+            "never sees: use memopt.compile(unet, step_rehash=...) or memopt.diffusion.StepRehash(unet, ...)"
+        )
     training = torch.is_grad_enabled() and any(
         isinstance(value, torch.Tensor) and value.requires_grad for value in example_inputs
     )
@@ -100,8 +105,18 @@ def compile(model: Callable[..., Any], *, fullgraph: bool = False, dynamic: bool
     """Shorthand for ``torch.compile(model, backend="memopt", options=options)``.
 
     Options are validated here, so a typo fails at once rather than at the first call.
+    With ``step_rehash`` the model is wrapped in :class:`memopt.diffusion.StepRehash`, whose
+    blocks are compiled with the other options.
     """
-    Config.from_options(options)
+    config = Config.from_options(options)
+    if config.step_rehash is not None:
+        from memopt.diffusion import StepRehash
+
+        rest = {key: value for key, value in options.items() if key != "step_rehash"}
+        rehash = config.step_rehash
+        return StepRehash(
+            model, interval=rehash.interval, threshold=rehash.threshold, depth=rehash.depth, compile_options=rest
+        )
     return torch.compile(
         model, backend=memopt_backend, fullgraph=fullgraph, dynamic=dynamic, options=options or None
     )

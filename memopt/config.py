@@ -101,6 +101,23 @@ class Config:
     ``False``: never. A dict ``{"mode": ..., "cache_path": ..., "min_speedup": ...}`` (see
     :class:`Im2winOptions`) sets the cache file and the margin too."""
 
+    slicing: Any = "auto"
+    """Feature Slicer + Operator Grouping (``passes/slicing.py``, inference graphs only): runs
+    chains of ops that treat one dimension independently (frames, tokens, batch x heads)
+    slice by slice into a preallocated output, so peak memory is the chain's input, its
+    output and one slice's intermediates. Exact. ``"auto"`` (default): slice groups whose
+    estimated saving is worth it; ``False``: off; or a dict of :class:`SlicingOptions` fields
+    (``max_slice_bytes``, ``min_group_bytes``, ``max_slices``)."""
+
+    step_rehash: Any = None
+    """Step Rehash for diffusion denoisers (changes results on purpose, opt-in): reuse the deep
+    part of a UNet from the last full denoising step. ``None`` (default): off;
+    ``{"interval": N}``: a full step every N steps; ``{"threshold": t}``: rehash when the
+    features entering the deep part differ from the last full step's by at most ``t``
+    (relative L2). Applied to the module by :func:`memopt.compile` (or directly with
+    ``memopt.diffusion.StepRehash``); a bare ``torch.compile(backend="memopt")`` sees only
+    graphs and rejects it."""
+
     def __post_init__(self) -> None:
         _check_choice("lowering", self.lowering, LOWERINGS)
         if isinstance(self.im2win, Mapping):
@@ -110,6 +127,8 @@ class Config:
         if isinstance(self.im2win, Im2winOptions) and self.im2win.mode is False:
             object.__setattr__(self, "im2win", False)
         object.__setattr__(self, "monarch", MonarchOptions.from_option(self.monarch))
+        object.__setattr__(self, "slicing", SlicingOptions.from_option(self.slicing))
+        object.__setattr__(self, "step_rehash", StepRehashOptions.from_option(self.step_rehash))
         if self.memory_budget is not None:
             budget = self.memory_budget
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
@@ -157,6 +176,93 @@ class Config:
                 f"valid options are: {', '.join(valid)}"
             )
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicingOptions:
+    """Options of the ``slicing`` pass (``Config.slicing`` given as a dict)."""
+
+    max_slice_bytes: int | None = None
+    """Largest estimated intermediate bytes of one slice of a group; the slice count is the
+    smallest that meets it. ``None``: a quarter of the bytes the group reads and writes whole
+    (its input and outputs), at least 256 KiB, so intermediates stop dominating the peak."""
+    min_group_bytes: int = 1 << 20
+    """Groups whose estimated saving is below this many bytes are left alone (slicing costs
+    a loop and smaller kernels)."""
+    max_slices: int = 64
+    """Upper bound on the slice count of one group (bounds the per-slice launch overhead)."""
+
+    def __post_init__(self) -> None:
+        if self.max_slice_bytes is not None and (
+            isinstance(self.max_slice_bytes, bool) or not isinstance(self.max_slice_bytes, int) or self.max_slice_bytes < 1
+        ):
+            raise ValueError(f"slicing option 'max_slice_bytes' must be a positive int or None, got {self.max_slice_bytes!r}")
+        if isinstance(self.min_group_bytes, bool) or not isinstance(self.min_group_bytes, int) or self.min_group_bytes < 0:
+            raise ValueError(f"slicing option 'min_group_bytes' must be an int >= 0, got {self.min_group_bytes!r}")
+        if isinstance(self.max_slices, bool) or not isinstance(self.max_slices, int) or self.max_slices < 2:
+            raise ValueError(f"slicing option 'max_slices' must be an int >= 2, got {self.max_slices!r}")
+
+    @classmethod
+    def from_option(cls, value: Any) -> Any:
+        """Validate ``Config.slicing``: ``"auto"`` and ``False`` stay, a dict becomes options."""
+        if isinstance(value, cls) or (isinstance(value, str) and value == "auto") or value is False:
+            return value
+        if isinstance(value, Mapping):
+            return cls(**_known_keys("slicing", value, cls))
+        raise ValueError(
+            f"memopt option 'slicing' must be 'auto', False or a dict with keys "
+            f"{', '.join(f.name for f in dataclasses.fields(cls))}; got {value!r}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRehashOptions:
+    """Options of Step Rehash (``Config.step_rehash``): exactly one of ``interval`` and
+    ``threshold``."""
+
+    interval: int | None = None
+    """Run the whole network every ``interval`` steps (>= 2); reuse the deep part between."""
+    threshold: float | None = None
+    """Reuse the deep part when the features entering it differ from the last full step's by
+    at most this relative L2 distance (> 0)."""
+    depth: int = 1
+    """How many outer down/up block pairs form the shallow path that always runs (>= 1)."""
+
+    def __post_init__(self) -> None:
+        if (self.interval is None) == (self.threshold is None):
+            raise ValueError("step_rehash needs exactly one of 'interval' and 'threshold'")
+        if self.interval is not None and (
+            isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 2
+        ):
+            raise ValueError(f"step_rehash 'interval' must be an int >= 2, got {self.interval!r}")
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold > 0
+        ):
+            raise ValueError(f"step_rehash 'threshold' must be a number > 0, got {self.threshold!r}")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"step_rehash 'depth' must be an int >= 1, got {self.depth!r}")
+
+    @classmethod
+    def from_option(cls, value: Any) -> StepRehashOptions | None:
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**_known_keys("step_rehash", value, cls))
+        raise ValueError(
+            "memopt option 'step_rehash' must be None or a dict such as {'interval': 3} or "
+            f"{{'threshold': 0.05}}; got {value!r}"
+        )
+
+
+def _known_keys(option: str, value: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    valid = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(str(key) for key in value if key not in valid)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in memopt option {option!r}; "
+            f"valid keys are: {', '.join(valid)}"
+        )
+    return dict(value)
 
 
 def option_names() -> tuple[str, ...]:

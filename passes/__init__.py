@@ -7,6 +7,7 @@ them in execution order. The rules every pass obeys are in ``README.md`` beside 
 from memopt.passes.base import GraphPass, PassContext
 from memopt.passes.monarch import MONARCH
 from memopt.passes.im2win import IM2WIN
+from memopt.passes.slicing import SLICING
 from memopt.passes.reversible import REVERSIBLE, REVERSIBLE_CONVERT
 
 # Fixed order: passes that change the architecture first (they create the structure later
@@ -19,6 +20,7 @@ PASSES: tuple[GraphPass, ...] = (
     REVERSIBLE_CONVERT,
     MONARCH,
     IM2WIN,
+    SLICING,
     REVERSIBLE,
 )
 

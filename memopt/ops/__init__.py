@@ -8,3 +8,4 @@ registering costs little and works without Triton.
 from memopt.ops import im2win_conv2d  # noqa: F401  (torch.ops.memopt.im2win_conv2d)
 from memopt.ops import monarch  # noqa: F401  (registers torch.ops.memopt.monarch_matmul)
 from memopt.ops import reversible  # noqa: F401  (registers memopt::reversible_chain)
+from memopt.ops import slicing  # noqa: F401  (registers torch.ops.memopt.slicing)

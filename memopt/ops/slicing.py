@@ -1,0 +1,157 @@
+"""``memopt::slicing``: run a group of ops slice by slice into preallocated outputs.
+
+The slicing pass (``passes/slicing.py``) moves a chain of ops that treat one dimension
+independently into a small FX module (the *body*) and replaces the chain by one call of this
+op. The op allocates each output once, then for each slice narrows the sliced inputs (views,
+no copy), runs the body on them and copies the body's results into their part of the
+outputs. Peak memory is the inputs, the outputs and one slice's intermediates.
+
+The op is opaque to Inductor on purpose: Inductor may fuse or reorder the ops of a chain
+across slices (and so rebuild the full-size intermediates), but it never looks inside a
+custom op. Bodies are kept in a registry keyed by a hash of their code and layout, so the
+key in a cached compiled graph names the same body in every process that ran the pass.
+
+GroupNorm over the sliced dimension is exact: the op computes each such norm's statistics
+over the whole input first, and the body normalizes each slice with them.
+
+There is no Triton kernel: the body's ops are the kernels (PyTorch's on CPU and CUDA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=device)
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceSpec:
+    """Dimension ``dim`` of a tensor holds ``units`` slice units of ``unit`` indices each."""
+
+    dim: int
+    unit: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NormStats:
+    """Statistics a body needs for one GroupNorm over the sliced dimension."""
+
+    input_index: int
+    """Which op input the norm reads (whole, before slicing)."""
+    num_groups: int
+    eps: float
+
+
+@dataclasses.dataclass
+class SlicedGroup:
+    """One group the slicing pass made: its body and how to slice around it."""
+
+    body: torch.fx.GraphModule
+    """Takes the (sliced or whole) inputs, then ``(mean, rstd)`` per entry of ``norm_stats``."""
+    input_specs: tuple[SliceSpec | None, ...]
+    """Per op input: how it is sliced, or ``None`` when every slice reads it whole."""
+    output_specs: tuple[SliceSpec, ...]
+    output_layouts: tuple[TensorLayout, ...]
+    units: int
+    """Slice units along the sliced dimension (its extent in the group's first input)."""
+    slices: int
+    norm_stats: tuple[NormStats, ...] = ()
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """``(first, stop)`` unit ranges of the slices: near-equal, covering all units."""
+        edges = [round(i * self.units / self.slices) for i in range(self.slices + 1)]
+        return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+    def device(self, inputs: Sequence[torch.Tensor]) -> torch.device:
+        """The device of the sliced inputs (whole ones may be CPU scalars)."""
+        return next(value.device for value, spec in zip(inputs, self.input_specs) if spec is not None)
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        device = self.device(inputs)
+        outputs = [layout.empty(device) for layout in self.output_layouts]
+        stats: list[torch.Tensor] = []
+        for norm in self.norm_stats:
+            stats.extend(group_norm_stats(inputs[norm.input_index], norm.num_groups, norm.eps))
+        for first, stop in self.bounds():
+            args = [
+                value if spec is None else value.narrow(spec.dim, first * spec.unit, (stop - first) * spec.unit)
+                for value, spec in zip(inputs, self.input_specs)
+            ]
+            results = self.body(*args, *stats)
+            for output, result, spec in zip(outputs, results, self.output_specs):
+                output.narrow(spec.dim, first * spec.unit, (stop - first) * spec.unit).copy_(result)
+            del results, args
+        return outputs
+
+
+_GROUPS: dict[str, SlicedGroup] = {}
+
+
+def register_group(key: str, group: SlicedGroup) -> str:
+    """Make ``group`` callable as ``torch.ops.memopt.slicing(key, inputs)``."""
+    _GROUPS.setdefault(key, group)
+    return key
+
+
+def registered_group(key: str) -> SlicedGroup:
+    try:
+        return _GROUPS[key]
+    except KeyError:
+        raise RuntimeError(f"memopt::slicing: no group registered under {key!r}") from None
+
+
+@torch.library.custom_op("memopt::slicing", mutates_args=())
+def slicing(key: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run the registered group ``key`` slice by slice on ``inputs``."""
+    return registered_group(key).run(inputs)
+
+
+@slicing.register_fake
+def _slicing_fake(key: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    group = registered_group(key)
+    device = group.device(inputs)
+    return [layout.empty(device) for layout in group.output_layouts]
+
+
+def group_norm_stats(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1/std of ``group_norm``'s groups of ``x`` (``[N, C, *]``), each ``[N, G]``,
+    in float32 or wider. ``unflatten`` is a view for any strides, so no copy of ``x``."""
+    grouped = x.unflatten(1, (num_groups, x.shape[1] // num_groups))
+    if grouped.dtype in (torch.float16, torch.bfloat16):
+        grouped = grouped.float()
+    var, mean = torch.var_mean(grouped, dim=tuple(range(2, grouped.dim())), correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def group_norm_with_stats(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``group_norm`` of a slice of a tensor (sliced along a dimension >= 2), with the
+    statistics of the whole tensor from :func:`group_norm_stats`."""
+    channels = x.shape[1]
+    grouped = x.unflatten(1, (num_groups, channels // num_groups))
+    stat_shape = (*mean.shape, *([1] * (grouped.dim() - 2)))
+    normalized = ((grouped.to(mean.dtype) - mean.view(stat_shape)) * rstd.view(stat_shape)).flatten(1, 2)
+    affine_shape = (channels, *([1] * (x.dim() - 2)))
+    if weight is not None:
+        normalized = normalized * weight.view(affine_shape)
+    if bias is not None:
+        normalized = normalized + bias.view(affine_shape)
+    return normalized.to(x.dtype)

@@ -1,0 +1,1151 @@
+"""Feature Slicer + Operator Grouping: run chains of ops slice by slice.
+
+Video diffusion UNets hold every frame's activations at once, and their intermediates
+(GroupNorm/SiLU copies, attention projections, 4x-8x wide feed-forward layers) are what
+sets the peak. Most of their ops treat one dimension independently: convolutions and
+GroupNorm act per sample (frames folded into the batch), linear layers per token,
+attention per batch x head, a temporal attention over ``[B*H*W, F, C]`` per spatial
+position. This pass finds maximal groups of consecutive ops that share such a dimension
+and runs each group slice by slice (``torch.ops.memopt.slicing``), writing into
+preallocated outputs, so the peak of a group is its inputs, its outputs and one slice's
+intermediates.
+
+1. **Dimension analysis** (``_RULES``): for each op, which dimension of its output a
+   sliced input dimension becomes, or ``None`` when the op mixes along it (a reduction, a
+   3x3 convolution along a spatial dimension, a reshape that does not keep the slices
+   contiguous). Ops without a rule end a group: unknown means "not sliceable".
+2. **Grouping**: from a *seed* value (a large activation), grow the set of ops that
+   consume it or the group's values, in graph order, as long as each op has a rule; an op
+   that fails taints everything downstream of it, so the group stays convex (no path
+   leaves it and comes back). Views of the seed (``reshape``/``permute`` of a contiguous
+   tensor) stay outside the group and are sliced like the seed, which lets a GroupNorm
+   that reduces over the sliced dimension start a group exactly: its statistics are
+   computed over the whole input first, then each slice is normalized with them.
+3. **Slice count**: from the group's estimated intermediates (a liveness walk over its
+   values' ``meta["val"]``): the smallest count whose per-slice intermediates fit
+   ``max_slice_bytes``, at most ``max_slices``; groups saving less than
+   ``min_group_bytes`` are left alone.
+4. **Lowering**: the group becomes one call of the opaque custom op, so Inductor can
+   neither fuse across slices nor rebuild full-size intermediates; the body runs op by op
+   per slice. (A higher-order ``map`` would have to be unrolled or fall back; Inductor's
+   peak-memory reordering cannot shrink intermediates that a fused kernel needs whole.)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import heapq
+import math
+import operator
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from memopt._torch_compat import StorageWeakRef
+from memopt.config import SlicingOptions
+from memopt.estimate import estimate, tensor_values
+from memopt.ops.slicing import (
+    NormStats,
+    SlicedGroup,
+    SliceSpec,
+    TensorLayout,
+    group_norm_with_stats,
+    register_group,
+)
+from memopt.passes.base import GraphPass, PassContext
+from memopt.report import PassResult, format_bytes
+
+Spec = SliceSpec
+
+# ---------------------------------------------------------------------------------------
+# Node helpers
+
+
+def _value(node: Any) -> Any:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def _tensor(node: Any) -> torch.Tensor | None:
+    value = _value(node)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    tensor = _tensor(node)
+    if tensor is None:
+        return None
+    if not all(isinstance(size, int) for size in tensor.shape):
+        return None
+    return tuple(tensor.shape)
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+_NBYTES: weakref.WeakKeyDictionary[torch.fx.Node, int] = weakref.WeakKeyDictionary()
+
+
+def _nbytes(node: torch.fx.Node) -> int:
+    # Grouping asks for the same nodes' sizes millions of times on a UNet-sized graph
+    # (_trim tries every tail of every group): memoized per node, forgotten with the graph.
+    nbytes = _NBYTES.get(node)
+    if nbytes is None:
+        nbytes = _NBYTES[node] = sum(tensor.numel() * tensor.element_size() for tensor in tensor_values(node))
+    return nbytes
+
+
+def _dims(value: Any, ndim: int) -> list[int] | None:
+    """Normalize a dim argument (int or sequence) to non-negative ints."""
+    if isinstance(value, int):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
+        return None
+    return [v % ndim if ndim else v for v in value]
+
+
+# ---------------------------------------------------------------------------------------
+# Dimension analysis. A rule gets the node and a `_Slicing` view of the group being grown,
+# and returns the output's SliceSpec plus how to feed each external tensor argument
+# (sliced with a spec, or whole), or None when the node cannot be sliced.
+
+RuleResult = tuple[Spec, dict[torch.fx.Node, Spec | None]]
+
+
+@dataclasses.dataclass
+class _Slicing:
+    units: int
+    specs: dict[torch.fx.Node, Spec]
+    """Spec of every group value: the seed, its hoisted views and the members."""
+    seed_views: set[torch.fx.Node]
+    """The seed and the views of it computed outside the group (sliced like inputs)."""
+
+    def spec(self, node: Any) -> Spec | None:
+        return self.specs.get(node) if isinstance(node, torch.fx.Node) else None
+
+
+def _align_external(arg: torch.fx.Node, out_shape: tuple[int, ...], spec: Spec) -> tuple[bool, Spec | None]:
+    """How a broadcast operand that is not a group value meets an output sliced by ``spec``:
+    whole when it broadcasts along the sliced dimension, sliced when it spans it."""
+    shape = _shape(arg)
+    if shape is None:
+        return (_tensor(arg) is None and not isinstance(_value(arg), (list, tuple))), None
+    dim = spec.dim - (len(out_shape) - len(shape))
+    if dim < 0 or shape[dim] == 1:
+        return True, None
+    if shape[dim] == out_shape[spec.dim]:
+        return True, Spec(dim, spec.unit)
+    return False, None
+
+
+def _pointwise(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    """Elementwise ops with broadcasting (add, mul, where, activations, dtype casts)."""
+    out_shape = _shape(node)
+    if out_shape is None:
+        return None
+    out_spec = None
+    tensor_args = [a for a in node.all_input_nodes]
+    for arg in tensor_args:
+        spec = s.spec(arg)
+        if spec is None:
+            continue
+        shape = _shape(arg)
+        dim = spec.dim + len(out_shape) - len(shape)
+        if out_shape[dim] != shape[spec.dim]:
+            return None
+        candidate = Spec(dim, spec.unit)
+        if out_spec is not None and candidate != out_spec:
+            return None
+        out_spec = candidate
+    if out_spec is None:
+        return None
+    feeds: dict[torch.fx.Node, Spec | None] = {}
+    for arg in tensor_args:
+        if s.spec(arg) is not None:
+            continue
+        ok, feed = _align_external(arg, out_shape, out_spec)
+        if not ok:
+            return None
+        feeds[arg] = feed
+    return out_spec, feeds
+
+
+def _unary(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    """Ops that keep the layout of their first argument (other tensor args used whole)."""
+    spec = s.spec(node.args[0]) if node.args else None
+    if spec is None or _shape(node) != _shape(node.args[0]):
+        return None
+    if any(s.spec(a) is not None for a in node.all_input_nodes if a is not node.args[0]):
+        return None
+    return spec, {a: None for a in node.all_input_nodes if a is not node.args[0]}
+
+
+def _dropout(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    training = _arg(node, 2, "training", True)
+    p = _arg(node, 1, "p", 0.5)
+    if training and p != 0:
+        return None  # random masks per slice would differ from one full mask
+    return _unary(node, s)
+
+
+def _whole_others(node: torch.fx.Node, s: _Slicing, sliced: torch.fx.Node) -> dict | None:
+    """Every tensor argument but ``sliced`` must be external, and is read whole."""
+    others = [a for a in node.all_input_nodes if a is not sliced]
+    if any(s.spec(a) is not None for a in others):
+        return None
+    return {a: None for a in others}
+
+
+def _conv(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    weight = _shape(_arg(node, 1, "weight"))
+    if spec is None or weight is None:
+        return None
+    if spec.dim == 1:
+        return None  # channels are summed over
+    if spec.dim >= 2:
+        # Only a pointwise (size-1, stride-1, unpadded) kernel along the sliced spatial dim:
+        # e.g. a (3, 1, 1) temporal conv3d sliced along height.
+        spatial = spec.dim - 2
+        stride = _arg(node, 3, "stride", 1)
+        padding = _arg(node, 4, "padding", 0)
+        stride = stride[spatial] if isinstance(stride, (list, tuple)) else stride
+        if isinstance(padding, (list, tuple)):
+            padding = padding[spatial]
+        elif isinstance(padding, str):
+            padding = 0
+        if weight[spec.dim] != 1 or stride != 1 or padding != 0:
+            return None
+    feeds = _whole_others(node, s, x)
+    return None if feeds is None else (spec, feeds)
+
+
+def _group_norm(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    if spec is None or spec.dim == 1:
+        return None
+    if spec.dim >= 2 and x not in s.seed_views:
+        # The statistics reduce over the sliced dim: they need the whole input, which only
+        # exists before the group runs (the seed or a view of it).
+        return None
+    feeds = _whole_others(node, s, x)
+    return None if feeds is None else (spec, feeds)
+
+
+def _layer_norm(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    normalized = _arg(node, 1, "normalized_shape")
+    shape = _shape(x)
+    if spec is None or shape is None or not isinstance(normalized, (list, tuple)):
+        return None
+    if spec.dim >= len(shape) - len(normalized):
+        return None
+    feeds = _whole_others(node, s, x)
+    return None if feeds is None else (spec, feeds)
+
+
+def _linear(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    shape = _shape(x)
+    if spec is None or shape is None or spec.dim == len(shape) - 1:
+        return None
+    feeds = _whole_others(node, s, x)
+    return None if feeds is None else (spec, feeds)
+
+
+def _softmax(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    shape = _shape(x)
+    dim = _arg(node, 1, "dim")
+    if spec is None or shape is None or not isinstance(dim, int) or dim % len(shape) == spec.dim:
+        return None
+    feeds = _whole_others(node, s, x)
+    return None if feeds is None else (spec, feeds)
+
+
+def _batched(node: torch.fx.Node, s: _Slicing, operands: list[torch.fx.Node], row_operand: int | None) -> RuleResult | None:
+    """Shared rule of bmm/baddbmm/matmul/attention: leading (batch) dims pair up across
+    operands; the rows of ``operands[row_operand]`` (dim -2) are independent when the other
+    operands are read whole."""
+    out_shape = _shape(node)
+    if out_shape is None or any(_shape(o) is None for o in operands):
+        return None
+    ndim = len(out_shape)
+    batch_dims = ndim - 2
+    out_spec = None
+    for index, operand in enumerate(operands):
+        spec = s.spec(operand)
+        if spec is None:
+            continue
+        if len(_shape(operand)) != ndim:
+            return None
+        if spec.dim < batch_dims:
+            candidate = spec
+        elif index == row_operand and spec.dim == ndim - 2:
+            candidate = spec
+        else:
+            return None
+        if out_spec is not None and candidate != out_spec:
+            return None
+        out_spec = candidate
+    if out_spec is None:
+        return None
+    feeds: dict[torch.fx.Node, Spec | None] = {}
+    for operand in operands:
+        if s.spec(operand) is not None:
+            continue
+        if out_spec.dim >= batch_dims:
+            feeds[operand] = None
+            continue
+        ok, feed = _align_external(operand, out_shape, out_spec)
+        if not ok:
+            return None
+        feeds[operand] = feed
+    if out_spec.dim >= batch_dims and any(s.spec(o) is not None for o in operands if o is not operands[row_operand]):
+        return None
+    return out_spec, feeds
+
+
+def _bmm(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+    if len(operands) != 2 or _shape(operands[0]) is None or _shape(operands[1]) is None:
+        return None
+    if len(_shape(operands[0])) != len(_shape(operands[1])) or len(_shape(operands[0])) < 3:
+        return None
+    return _batched(node, s, operands, row_operand=0)
+
+
+def _baddbmm(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    bias, batch1, batch2 = (node.args + (None, None, None))[:3]
+    if not all(isinstance(a, torch.fx.Node) for a in (bias, batch1, batch2)):
+        return None
+    result = _batched(node, s, [batch1, batch2], row_operand=0)
+    if result is None:
+        return None
+    out_spec, feeds = result
+    if s.spec(bias) is not None:
+        if _shape(bias) != _shape(node) or s.spec(bias) != out_spec:
+            return None
+    else:
+        ok, feed = _align_external(bias, _shape(node), out_spec)
+        if not ok:
+            return None
+        feeds[bias] = feed
+    return out_spec, feeds
+
+
+def _attention(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    query, key, value = (list(node.args) + [None, None, None])[:3]
+    query = query if query is not None else node.kwargs.get("query")
+    key = key if key is not None else node.kwargs.get("key")
+    value = value if value is not None else node.kwargs.get("value")
+    if not all(isinstance(a, torch.fx.Node) for a in (query, key, value)):
+        return None
+    if _arg(node, 4, "dropout_p", 0.0) not in (0, 0.0) or _arg(node, 5, "is_causal", False):
+        return None
+    if _arg(node, 7, "enable_gqa", False):
+        return None
+    result = _batched(node, s, [query, key, value], row_operand=0)
+    if result is None:
+        return None
+    out_spec, feeds = result
+    mask = _arg(node, 3, "attn_mask")
+    if isinstance(mask, torch.fx.Node):
+        scores = (*_shape(node)[:-1], _shape(key)[-2])
+        if s.spec(mask) is not None:
+            return None
+        ok, feed = _align_external(mask, scores, out_spec)
+        if not ok:
+            return None
+        feeds[mask] = feed
+    return out_spec, feeds
+
+
+def _interpolate(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    if spec is None or spec.dim > 1:
+        return None
+    feeds = _whole_others(node, s, x)
+    return None if feeds is None else (spec, feeds)
+
+
+def _cat(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    tensors = _arg(node, 0, "tensors")
+    out_shape = _shape(node)
+    if not isinstance(tensors, (list, tuple)) or out_shape is None:
+        return None
+    dim = _arg(node, 1, "dim", 0)
+    if not isinstance(dim, int):
+        return None
+    dim %= len(out_shape)
+    specs = {s.spec(t) for t in tensors if s.spec(t) is not None}
+    if len(specs) != 1:
+        return None
+    (spec,) = specs
+    if spec.dim == dim:
+        return None
+    feeds: dict[torch.fx.Node, Spec | None] = {}
+    for tensor in tensors:
+        if not isinstance(tensor, torch.fx.Node):
+            return None
+        if s.spec(tensor) is None:
+            shape = _shape(tensor)
+            if shape is None or len(shape) != len(out_shape) or shape[spec.dim] != out_shape[spec.dim]:
+                return None
+            feeds[tensor] = spec
+    return spec, feeds
+
+
+def _split(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    """chunk/split along another dim: a tuple whose items are sliced like the input."""
+    x = node.args[0]
+    spec = s.spec(x)
+    shape = _shape(x)
+    dim = _arg(node, 2, "dim", 0)
+    if spec is None or shape is None or not isinstance(dim, int) or dim % len(shape) == spec.dim:
+        return None
+    feeds = _whole_others(node, s, x)
+    return None if feeds is None else (spec, feeds)
+
+
+def _getitem(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    source, index = node.args
+    spec = s.spec(source)
+    if spec is None:
+        return None
+    if isinstance(_value(source), (list, tuple)):
+        return (spec, {}) if isinstance(index, int) else None
+    shape = _shape(source)
+    if shape is None:
+        return None
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(item, torch.fx.Node) or not isinstance(item, (int, slice, type(None), type(Ellipsis))) for item in items):
+        return None
+    if sum(item is Ellipsis for item in items) > 1:
+        return None
+    consumed = sum(isinstance(item, (int, slice)) for item in items)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at : at + 1] = [slice(None)] * (len(shape) - consumed)
+    items += [slice(None)] * (len(shape) - sum(isinstance(item, (int, slice)) for item in items))
+    in_dim = out_dim = 0
+    for item in items:
+        if item is None:
+            out_dim += 1
+            continue
+        if in_dim == spec.dim:
+            if not isinstance(item, slice) or item != slice(None):
+                return None
+            return Spec(out_dim, spec.unit), {}
+        out_dim += isinstance(item, slice)
+        in_dim += 1
+    return None
+
+
+def _reshape_spec(in_shape: tuple[int, ...], out_shape: tuple[int, ...], spec: Spec) -> Spec | None:
+    """Where a slice of ``in_shape`` along ``spec.dim`` lands after a row-major reshape, if
+    it stays a contiguous range of one output dimension."""
+    before = math.prod(in_shape[: spec.dim])
+    size = in_shape[spec.dim]
+    candidates = []
+    for out_dim in range(len(out_shape)):
+        if math.prod(out_shape[:out_dim]) != before:
+            continue
+        out_size = out_shape[out_dim]
+        if out_size == size:
+            candidates.append(Spec(out_dim, spec.unit))
+        elif out_size > size:
+            # Merge: the sliced dim leads a run of input dims folded into this one.
+            inner = out_size // size
+            for stop in range(spec.dim + 1, len(in_shape) + 1):
+                if math.prod(in_shape[spec.dim + 1 : stop]) == inner and out_size == size * inner:
+                    candidates.append(Spec(out_dim, spec.unit * inner))
+                    break
+        else:
+            # Split: the sliced dim unfolds into this and later dims; slices must be whole
+            # multiples of the later dims' product.
+            for stop in range(out_dim + 1, len(out_shape) + 1):
+                if math.prod(out_shape[out_dim:stop]) == size:
+                    inner = math.prod(out_shape[out_dim + 1 : stop])
+                    if spec.unit % inner == 0:
+                        candidates.append(Spec(out_dim, spec.unit // inner))
+                    break
+    candidates.sort(key=lambda c: out_shape[c.dim] == 1)
+    return candidates[0] if candidates else None
+
+
+def _reshape(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    in_shape, out_shape = _shape(x), _shape(node)
+    if spec is None or in_shape is None or out_shape is None:
+        return None
+    if any(isinstance(a, torch.fx.Node) for a in node.args[1:]):
+        return None  # symbolic sizes
+    out_spec = _reshape_spec(in_shape, out_shape, spec)
+    return None if out_spec is None else (out_spec, {})
+
+
+def _permute(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    shape = _shape(x)
+    if spec is None or shape is None:
+        return None
+    order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    order = node.kwargs.get("dims", order)
+    order = _dims(list(order), len(shape))
+    if order is None:
+        return None
+    return Spec(order.index(spec.dim), spec.unit), {}
+
+
+def _transpose(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    shape = _shape(x)
+    if spec is None or shape is None:
+        return None
+    if node.target == "t":
+        a, b = 0, 1
+    else:
+        dims = _dims([_arg(node, 1, "dim0"), _arg(node, 2, "dim1")], len(shape))
+        if dims is None:
+            return None
+        a, b = dims
+    dim = {a: b, b: a}.get(spec.dim, spec.dim)
+    return Spec(dim, spec.unit), {}
+
+
+def _unsqueeze(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    shape = _shape(x)
+    dim = _arg(node, 1, "dim")
+    if spec is None or shape is None or not isinstance(dim, int):
+        return None
+    dim %= len(shape) + 1
+    return Spec(spec.dim + (dim <= spec.dim), spec.unit), {}
+
+
+def _flatten(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    return _reshape(node, s) if all(not isinstance(a, torch.fx.Node) for a in node.args[1:]) else None
+
+
+def _expand(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
+    x = node.args[0]
+    spec = s.spec(x)
+    in_shape, out_shape = _shape(x), _shape(node)
+    if spec is None or in_shape is None or out_shape is None:
+        return None
+    dim = spec.dim + len(out_shape) - len(in_shape)
+    if out_shape[dim] != in_shape[spec.dim]:
+        return None
+    return Spec(dim, spec.unit), {}
+
+
+_METHOD_RULES: dict[str, Callable[[torch.fx.Node, _Slicing], RuleResult | None]] = {
+    "view": _reshape,
+    "reshape": _reshape,
+    "flatten": _flatten,
+    "permute": _permute,
+    "transpose": _transpose,
+    "t": _transpose,
+    "unsqueeze": _unsqueeze,
+    "expand": _expand,
+    "broadcast_to": _expand,
+    "chunk": _split,
+    "split": _split,
+    "softmax": _softmax,
+    **{name: _unary for name in (
+        "contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "sigmoid", "tanh",
+        "relu", "exp", "sqrt", "rsqrt", "neg", "abs", "bool",
+    )},
+    **{name: _pointwise for name in ("add", "sub", "mul", "div", "pow", "__add__", "__mul__")},
+}
+
+_FUNCTION_RULES: dict[Any, Callable[[torch.fx.Node, _Slicing], RuleResult | None]] = {
+    torch.conv1d: _conv,
+    torch.conv2d: _conv,
+    torch.conv3d: _conv,
+    F.conv1d: _conv,
+    F.conv2d: _conv,
+    F.conv3d: _conv,
+    F.group_norm: _group_norm,
+    torch.group_norm: _group_norm,
+    F.layer_norm: _layer_norm,
+    torch.layer_norm: _layer_norm,
+    F.linear: _linear,
+    F.softmax: _softmax,
+    torch.softmax: _softmax,
+    F.scaled_dot_product_attention: _attention,
+    torch.bmm: _bmm,
+    torch.matmul: _bmm,
+    operator.matmul: _bmm,
+    torch.baddbmm: _baddbmm,
+    F.interpolate: _interpolate,
+    torch.cat: _cat,
+    torch.concat: _cat,
+    torch.chunk: _split,
+    torch.split: _split,
+    operator.getitem: _getitem,
+    torch.reshape: _reshape,
+    torch.flatten: _flatten,
+    torch.permute: _permute,
+    torch.transpose: _transpose,
+    torch.unsqueeze: _unsqueeze,
+    F.dropout: _dropout,
+    **{fn: _pointwise for fn in (
+        operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+        torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.pow,
+    )},
+    **{fn: _unary for fn in (
+        operator.neg, F.silu, F.gelu, F.relu, F.mish, torch.relu, torch.sigmoid, torch.tanh,
+        torch.exp, torch.sqrt, torch.rsqrt, torch.neg, torch.abs, F.sigmoid, F.tanh,
+    )},
+}
+
+# Ops whose output is a view of their input: applied to the seed they stay outside the
+# group (free when the input's layout allows a view; checked on the fake tensors).
+_VIEW_METHODS = {"view", "reshape", "permute", "transpose", "t", "unsqueeze", "flatten", "expand", "contiguous"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze, torch.flatten}
+# Ops whose size arguments name the full extent: rebuilt per slice with -1 at the sliced dim.
+_SIZED_METHODS = {"view", "reshape", "expand", "broadcast_to"}
+
+
+def _rule(node: torch.fx.Node) -> Callable[[torch.fx.Node, _Slicing], RuleResult | None] | None:
+    if node.op == "call_method":
+        return _METHOD_RULES.get(node.target)
+    if node.op == "call_function":
+        try:
+            return _FUNCTION_RULES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    return None
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _is_view_of(node: torch.fx.Node, source: torch.fx.Node) -> bool:
+    is_view_op = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+        node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+    )
+    out, inp = _tensor(node), _tensor(source)
+    if not is_view_op or out is None or inp is None:
+        return False
+    try:
+        return StorageWeakRef(out.untyped_storage()) == StorageWeakRef(inp.untyped_storage())
+    except (NotImplementedError, RuntimeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Grouping
+
+
+# A group only grows to ops within this many nodes of its latest op. A value read at many
+# distant places (the text context feeding every cross-attention, the time embedding)
+# would otherwise pull far-apart ops into one group whose outputs all exist from its start,
+# raising the peak instead of lowering it. Ops of one block sit within a few dozen nodes of
+# each other in Dynamo's graphs.
+_MAX_GAP = 48
+
+
+@dataclasses.dataclass
+class _Group:
+    seed: torch.fx.Node
+    slicing: _Slicing
+    members: list[torch.fx.Node]
+    feeds: dict[tuple[torch.fx.Node, Spec | None], None]
+    """External tensors the members read, with how they are sliced (ordered set)."""
+    outputs: list[torch.fx.Node]
+    member_feeds: dict[torch.fx.Node, dict[torch.fx.Node, Spec | None]]
+    unknown_stops: list[torch.fx.Node] = dataclasses.field(default_factory=list)
+    """Ops without a slicing rule that read a group value (they ended the group)."""
+    intermediate_bytes: int = 0
+    output_bytes: int = 0
+    input_bytes: int = 0
+    slices: int = 1
+    saving: int = 0
+
+    @property
+    def dim(self) -> int:
+        return self.slicing.specs[self.seed].dim
+
+
+def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], claimed: set[torch.fx.Node]) -> _Group | None:
+    shape = _shape(seed)
+    slicing = _Slicing(units=shape[dim], specs={seed: Spec(dim, 1)}, seed_views={seed})
+    members: list[torch.fx.Node] = []
+    member_feeds: dict[torch.fx.Node, dict[torch.fx.Node, Spec | None]] = {}
+    feeds: dict[tuple[torch.fx.Node, Spec | None], None] = {}
+    tainted: set[torch.fx.Node] = set()
+    unknown_stops: list[torch.fx.Node] = []
+    heap: list[tuple[int, torch.fx.Node]] = []
+    queued: set[torch.fx.Node] = set()
+    pending = 0  # queued nodes that read a group value (the rest only carry taint)
+
+    def push_users(node: torch.fx.Node) -> None:
+        nonlocal pending
+        for user in node.users:
+            if user not in queued:
+                queued.add(user)
+                heapq.heappush(heap, (position[user], user))
+                pending += 1
+
+    last_position = position[seed]
+    push_users(seed)
+    while heap and pending:
+        _, node = heapq.heappop(heap)
+        pending -= 1
+        reads_group = any(a in slicing.specs for a in node.all_input_nodes)
+        if not reads_group:
+            # Only reached through a tainted node: stays outside, taints its users.
+            tainted.add(node)
+            for user in node.users:
+                if user not in queued:
+                    queued.add(user)
+                    heapq.heappush(heap, (position[user], user))
+                    pending += 1
+            continue
+        rule = _rule(node)
+        result = None
+        near = position[node] - last_position <= _MAX_GAP
+        if near and node not in claimed and not any(a in tainted for a in node.all_input_nodes) and rule is not None:
+            result = rule(node, slicing)
+        if result is None:
+            if rule is None and node not in claimed and node.op != "output":
+                unknown_stops.append(node)
+            tainted.add(node)
+            for user in node.users:
+                if user not in queued:
+                    queued.add(user)
+                    heapq.heappush(heap, (position[user], user))
+                    pending += 1
+            continue
+        out_spec, node_feeds = result
+        covered = set(node_feeds) | set(slicing.specs)
+        if any(a not in covered for a in node.all_input_nodes) or any(_tensor(a) is None for a in node_feeds):
+            # Every operand must be a group value or a tensor the op hands in (the op's
+            # inputs are a list of tensors): anything else ends the group.
+            tainted.add(node)
+            for user in node.users:
+                if user not in queued:
+                    queued.add(user)
+                    heapq.heappush(heap, (position[user], user))
+                    pending += 1
+            continue
+        last_position = position[node]
+        slicing.specs[node] = out_spec
+        sources = [a for a in node.all_input_nodes if a in slicing.specs]
+        if len(sources) == 1 and sources[0] in slicing.seed_views and not node_feeds and _is_view_of(node, sources[0]):
+            slicing.seed_views.add(node)  # a free view of the seed: slice it like the seed
+        else:
+            members.append(node)
+            member_feeds[node] = node_feeds
+            for arg, feed in node_feeds.items():
+                feeds[(arg, feed)] = None
+            for arg in node.all_input_nodes:
+                if arg in slicing.seed_views:
+                    feeds[(arg, slicing.specs[arg])] = None
+        push_users(node)
+    if not members:
+        return None
+    members = _trim(members)
+    outputs = _outputs(members)
+    if any(_tensor(node) is None for node in outputs):
+        return None  # a tuple leaving the group whole
+    feeds = {}
+    for node in members:
+        for arg, feed in member_feeds[node].items():
+            feeds[(arg, feed)] = None
+        for arg in node.all_input_nodes:
+            if arg in slicing.seed_views:
+                feeds[(arg, slicing.specs[arg])] = None
+    member_feeds = {node: member_feeds[node] for node in members}
+    return _Group(seed, slicing, members, feeds, outputs, member_feeds, unknown_stops)
+
+
+def _outputs(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    member_set = set(members)
+    return [node for node in members if any(user not in member_set for user in node.users)]
+
+
+def _trim(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Cut tails off a group where that shrinks what the group writes whole.
+
+    A group often ends with ops whose results all leave it (the q, k and v projections
+    before an attention that mixes the sliced dim): each is a full-size output, together
+    more than the one value they were computed from. Dropping the tail that starts at a
+    member makes that member (or its inputs) the output instead. A cut is taken when it
+    saves at least as many output bytes as the largest op it moves out of the group, so a
+    wide intermediate (a feed-forward's 4x hidden layer) stays sliced."""
+    while True:
+        outputs = set(_outputs(members))
+        base = sum(_nbytes(node) for node in outputs)
+        member_set = set(members)
+        best = None
+        for start in members[1:]:
+            tail = {start}
+            stack = [start]
+            while stack:
+                for user in stack.pop().users:
+                    if user in member_set and user not in tail:
+                        tail.add(user)
+                        stack.append(user)
+            new_outputs = (outputs - tail) | {
+                node for node in member_set - tail if any(user in tail for user in node.users)
+            }
+            new_bytes = sum(_nbytes(node) for node in new_outputs)
+            largest = max(_nbytes(node) for node in tail)
+            if base - new_bytes >= max(largest, 1) and (best is None or new_bytes < best[0]):
+                best = (new_bytes, tail)
+        if best is None:
+            return members
+        members = [node for node in members if node not in best[1]]
+
+
+def _measure_group(group: _Group, options: SlicingOptions) -> None:
+    """Estimate the group's intermediates, pick its slice count and its saving."""
+    members = group.members
+    index = {node: i for i, node in enumerate(members)}
+    outputs = set(group.outputs)
+    last_use = {}
+    for node in members:
+        uses = [index[u] for u in node.users if u in index]
+        last_use[node] = len(members) if node in outputs else max(uses, default=index[node])
+    live = peak = 0
+    dying: dict[int, int] = {}
+    for i, node in enumerate(members):
+        nbytes = _nbytes(node)
+        live += nbytes
+        peak = max(peak, live)
+        dying[last_use[node]] = dying.get(last_use[node], 0) + nbytes
+        live -= dying.pop(i, 0)
+    group.intermediate_bytes = peak
+    group.output_bytes = sum(_nbytes(node) for node in group.outputs)
+    group.input_bytes = sum(_nbytes(node) for node, spec in group.feeds if spec is not None)
+    transient = max(peak - group.output_bytes, 0)
+    target = options.max_slice_bytes
+    if target is None:
+        target = max((group.input_bytes + group.output_bytes) // 4, 256 * 1024)
+    slices = max(1, math.ceil(transient / max(target, 1)))
+    group.slices = min(slices, options.max_slices, group.slicing.units)
+    group.saving = transient - math.ceil(transient / group.slices) if group.slices > 1 else 0
+
+
+def _condensed_acyclic(graph: torch.fx.Graph, unit_of: dict[torch.fx.Node, Any]) -> bool:
+    """Whether the graph stays acyclic when each group's nodes are one node."""
+    edges: dict[Any, set[Any]] = {}
+    for node in graph.nodes:
+        a = unit_of.get(node, node)
+        for user in node.users:
+            b = unit_of.get(user, user)
+            if a != b:
+                edges.setdefault(a, set()).add(b)
+    state: dict[Any, int] = {}
+    for start in list(edges):
+        if state.get(start):
+            continue
+        stack = [(start, iter(edges.get(start, ())))]
+        state[start] = 1
+        while stack:
+            unit, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[unit] = 2
+                stack.pop()
+            elif state.get(child) == 1:
+                return False
+            elif not state.get(child):
+                state[child] = 1
+                stack.append((child, iter(edges.get(child, ()))))
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Rewriting
+
+
+def _is_two_pass_norm(node: torch.fx.Node, specs: dict[torch.fx.Node, Spec]) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target in (F.group_norm, torch.group_norm)
+        and specs[node].dim >= 2
+    )
+
+
+def _body(group: _Group, placeholders: list[tuple[torch.fx.Node, Spec | None]]) -> tuple[torch.fx.GraphModule, list[NormStats]]:
+    """The per-slice module: inputs (sliced or whole), then (mean, rstd) per two-pass norm."""
+    specs = group.slicing.specs
+    graph = torch.fx.Graph()
+    env = {key: graph.placeholder(f"input_{i}") for i, key in enumerate(placeholders)}
+    norm_nodes = [node for node in group.members if _is_two_pass_norm(node, specs)]
+    stats = {node: (graph.placeholder(f"mean_{i}"), graph.placeholder(f"rstd_{i}")) for i, node in enumerate(norm_nodes)}
+    norms: list[NormStats] = []
+    produced: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def lookup(arg: torch.fx.Node, feeds: dict) -> torch.fx.Node:
+        if arg in produced:
+            return produced[arg]
+        if arg in group.slicing.seed_views:
+            return env[(arg, specs[arg])]
+        return env[(arg, feeds.get(arg))]
+
+    for node in group.members:
+        feeds = group.member_feeds[node]
+        args = torch.fx.map_arg(node.args, lambda a, feeds=feeds: lookup(a, feeds))
+        kwargs = torch.fx.map_arg(node.kwargs, lambda a, feeds=feeds: lookup(a, feeds))
+        if node.target in _SIZED_METHODS and node.op == "call_method" or node.target is torch.reshape:
+            sizes = list(_shape(node))
+            sizes[specs[node].dim] = -1
+            new = graph.create_node(node.op, node.target, (args[0], tuple(sizes)))
+        elif node in stats:
+            x = node.args[0]
+            norms.append(NormStats(placeholders.index((x, specs[x])), _arg(node, 1, "num_groups"), _arg(node, 4, "eps", 1e-5)))
+            mean, rstd = stats[node]
+            weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+            new = graph.call_function(
+                group_norm_with_stats,
+                (lookup(x, feeds), mean, rstd, _arg(node, 1, "num_groups"),
+                 lookup(weight, feeds) if isinstance(weight, torch.fx.Node) else weight,
+                 lookup(bias, feeds) if isinstance(bias, torch.fx.Node) else bias),
+            )
+        else:
+            new = graph.create_node(node.op, node.target, args, kwargs)
+        produced[node] = new
+    graph.output(tuple(produced[node] for node in group.outputs))
+    return torch.fx.GraphModule(torch.nn.Module(), graph, "SlicedGroupBody"), norms
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements fill its storage span exactly once (some permutation of
+    a contiguous layout)."""
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(tensor.shape, tensor.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout(tensor: torch.Tensor) -> TensorLayout:
+    # Outputs keep the original strides when they are dense (no overlap, no gaps), so what
+    # follows sees the layout it was traced with; otherwise they are contiguous.
+    stride = tuple(tensor.stride())
+    if not _dense(tensor):
+        stride = tuple(torch.empty(tensor.shape, device="meta").stride())
+    return TensorLayout(tuple(tensor.shape), stride, tensor.dtype)
+
+
+def _prepare(group: _Group) -> tuple[str, SlicedGroup, list[torch.fx.Node]]:
+    """Build and register the group's body (from the untouched graph)."""
+    placeholders = list(group.feeds)
+    body, norms = _body(group, placeholders)
+    specs = group.slicing.specs
+    sliced = SlicedGroup(
+        body=body,
+        input_specs=tuple(spec for _, spec in placeholders),
+        output_specs=tuple(specs[node] for node in group.outputs),
+        output_layouts=tuple(_layout(_tensor(node)) for node in group.outputs),
+        units=group.slicing.units,
+        slices=group.slices,
+        norm_stats=tuple(norms),
+    )
+    fingerprint = repr((
+        body.code, sliced.input_specs, sliced.output_specs, sliced.output_layouts,
+        sliced.units, sliced.slices, sliced.norm_stats,
+    ))
+    key = register_group("g" + hashlib.sha256(fingerprint.encode()).hexdigest()[:24], sliced)
+    return key, sliced, [node for node, _ in placeholders]
+
+
+def _rewrite(
+    graph: torch.fx.Graph,
+    group: _Group,
+    key: str,
+    sliced: SlicedGroup,
+    inputs: list[torch.fx.Node],
+    replaced: dict[torch.fx.Node, torch.fx.Node],
+) -> torch.fx.Node:
+    """Replace the group's members by one ``memopt::slicing`` call and a getitem per output.
+    ``replaced`` maps outputs of groups rewritten earlier to their getitems (and grows)."""
+    inputs = [replaced.get(node, node) for node in inputs]
+    with graph.inserting_before(group.members[0]):
+        call = graph.call_function(torch.ops.memopt.slicing.default, (key, inputs))
+    fake = _tensor(group.outputs[0])
+    fake_mode = getattr(fake, "fake_mode", None)
+    values = []
+    for layout in sliced.output_layouts:
+        if fake_mode is not None:
+            with fake_mode:
+                values.append(torch.empty_strided(layout.shape, layout.stride, dtype=layout.dtype, device=fake.device))
+        else:
+            values.append(torch.empty_strided(layout.shape, layout.stride, dtype=layout.dtype, device="meta"))
+    call.meta["val"] = call.meta["example_value"] = values
+    anchor = call
+    for i, (node, value) in enumerate(zip(group.outputs, values)):
+        with graph.inserting_after(anchor):
+            item = graph.call_function(operator.getitem, (call, i))
+        anchor = item
+        item.meta["val"] = item.meta["example_value"] = value
+        node.replace_all_uses_with(item)
+        replaced[node] = item
+    for node in reversed(group.members):
+        graph.erase_node(node)
+    return call
+
+
+def _toposort(graph: torch.fx.Graph) -> None:
+    """Reorder ``graph`` so every node follows its inputs, keeping the original order where
+    it already does (a group call may have been placed before one of its inputs)."""
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    position.update({node: len(nodes) for node in nodes if node.op == "output"})  # always last
+    remaining = {node: len(set(node.all_input_nodes)) for node in nodes}
+    heap = [(position[n], n) for n in nodes if remaining[n] == 0]
+    heapq.heapify(heap)
+    order = []
+    while heap:
+        _, node = heapq.heappop(heap)
+        order.append(node)
+        for user in node.users:
+            remaining[user] -= 1
+            if remaining[user] == 0:
+                heapq.heappush(heap, (position[user], user))
+    if len(order) != len(nodes):
+        raise RuntimeError("slicing: graph has a cycle after grouping")
+    if order == nodes:
+        return
+    output = order[-1]
+    for prev, node in zip(order, order[1:]):
+        if prev.next is not node:
+            prev.append(node)
+    assert output.op == "output"
+
+
+# ---------------------------------------------------------------------------------------
+# The pass
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    result = PassResult("slicing")
+    options = ctx.option if isinstance(ctx.option, SlicingOptions) else SlicingOptions()
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    if any(_tensor(n) is not None and _shape(n) is None for n in nodes):
+        result.notes.append("graph has symbolic shapes: left untouched")
+        return result
+    position = {node: i for i, node in enumerate(nodes)}
+    parameters = {
+        node for node, value in zip((n for n in nodes if n.op == "placeholder"), ctx.example_inputs)
+        if isinstance(value, torch.nn.Parameter)
+    }
+    claimed: set[torch.fx.Node] = set()
+    unit_of: dict[torch.fx.Node, Any] = {}
+    groups: list[_Group] = []
+    skipped_small = 0
+    for seed in nodes:
+        shape = _shape(seed)
+        if seed in parameters or seed in claimed or shape is None or not shape:
+            continue
+        if all(user in claimed for user in seed.users):
+            continue
+        best = None
+        for dim, size in enumerate(shape):
+            if size < 2:
+                continue
+            group = _grow(seed, dim, position, claimed)
+            if group is None:
+                continue
+            _measure_group(group, options)
+            # Ties go to the larger group: fewer values materialized between groups.
+            if best is None or (group.saving, len(group.members)) > (best.saving, len(best.members)):
+                best = group
+        if best is None:
+            continue
+        result.matched += 1
+        if best.saving < options.min_group_bytes or best.slices < 2:
+            skipped_small += 1
+            continue
+        trial = dict(unit_of)
+        for node in best.members:
+            trial[node] = len(groups)
+        if not _condensed_acyclic(graph, trial):
+            result.notes.append(f"group at {seed.name} (dim {best.dim}) would create a cycle with another group: left alone")
+            continue
+        unit_of = trial
+        claimed.update(best.members)
+        groups.append(best)
+    unknown = collections.Counter(
+        _op_name(node) for group in groups for node in group.unknown_stops
+    )
+    if unknown:
+        result.notes.append(
+            "ops without a slicing rule ended groups (conservative): "
+            + ", ".join(f"{name} x{count}" for name, count in unknown.most_common(6))
+        )
+    if skipped_small:
+        result.notes.append(
+            f"{skipped_small} candidate group(s) save less than min_group_bytes="
+            f"{format_bytes(options.min_group_bytes)}: left alone"
+        )
+    if not groups:
+        result.notes.append("no group worth slicing: graph left untouched")
+        return result
+    before = estimate(gm).peak_bytes
+    for index, group in enumerate(groups):
+        first, last = group.members[0], group.members[-1]
+        result.details.append({
+            "group": index,
+            "seed": group.seed.name,
+            "dim": group.dim,
+            "units": group.slicing.units,
+            "slices": group.slices,
+            "ops": len(group.members),
+            "first": first.name,
+            "last": last.name,
+            "outputs": len(group.outputs),
+            "gn_two_pass": sum(
+                1 for n in group.members
+                if n.op == "call_function" and n.target in (F.group_norm, torch.group_norm) and group.slicing.specs[n].dim >= 2
+            ),
+            "intermediate_bytes": group.intermediate_bytes,
+            "per_slice_bytes": math.ceil(max(group.intermediate_bytes - group.output_bytes, 0) / group.slices),
+        })
+    prepared = [_prepare(group) for group in groups]
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+    for group, (key, sliced, inputs) in zip(groups, prepared):
+        _rewrite(graph, group, key, sliced, inputs, replaced)
+    _toposort(graph)
+    transients = [row["per_slice_bytes"] for row in result.details]
+    result.rewrites = len(groups)
+    after = estimate(gm).peak_bytes + max(transients)
+    result.bytes_saved = max(before - after, 0)
+    for row in result.details:
+        row["estimated_peak_before"] = before
+        row["estimated_peak_after"] = after
+    return result
+
+
+SLICING = GraphPass(name="slicing", config_field="slicing", run=run, applies_to="inference")
