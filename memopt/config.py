@@ -41,14 +41,7 @@ class Im2winOptions:
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> Im2winOptions:
-        valid = tuple(field.name for field in dataclasses.fields(cls))
-        unknown = sorted(str(key) for key in options if key not in valid)
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) {', '.join(map(repr, unknown))} in memopt option 'im2win'; "
-                f"valid keys are: {', '.join(valid)}"
-            )
-        return cls(**options)
+        return cls(**_known_keys("im2win", options, cls))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +251,8 @@ class StepRehashOptions:
 
 
 def _known_keys(option: str, value: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """``value`` as keyword arguments of the options dataclass ``cls``; unknown keys fail,
+    naming the valid ones."""
     valid = [field.name for field in dataclasses.fields(cls)]
     unknown = sorted(str(key) for key in value if key not in valid)
     if unknown:
@@ -333,14 +328,7 @@ class MonarchOptions:
         if isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
-            valid = tuple(field.name for field in dataclasses.fields(cls))
-            unknown = sorted(str(key) for key in value if key not in valid)
-            if unknown:
-                raise ValueError(
-                    f"unknown key(s) {', '.join(map(repr, unknown))} in memopt option 'monarch'; "
-                    f"valid keys are: {', '.join(valid)}"
-                )
-            return cls(**value)
+            return cls(**_known_keys("monarch", value, cls))
         raise ValueError(
             "memopt option 'monarch' must be False, True or a dict with keys nblocks, min_features, "
             f"targets, max_rel_error; got {value!r}"

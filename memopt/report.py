@@ -75,29 +75,41 @@ class Report:
         return data
 
     def summary(self) -> str:
-        """A few human-readable lines."""
-        kind = "training" if self.training else "inference"
-        lines = [
-            f"graph {self.graph_index} ({kind}, {self.device}): {self.nodes_before} nodes -> "
-            f"{self.nodes_after}, estimated peak {format_bytes(self.peak_before)} -> "
-            f"{format_bytes(self.peak_after)}"
-        ]
-        if self.saved_activation_bytes is not None:
-            lines.append(
-                f"  saved for backward: {self.saved_activations} tensors, "
-                f"{format_bytes(self.saved_activation_bytes)}"
-            )
-        for result in self.passes:
-            status = "FAILED, skipped" if result.error else f"{result.rewrites} rewritten"
-            lines.append(
-                f"  pass {result.name}: {result.matched} matched, {status}, "
-                f"~{format_bytes(result.bytes_saved)} saved"
-                + (" [changes results]" if result.changes_results else "")
-            )
-            lines.extend(f"    - {note}" for note in result.notes)
-        if not self.passes:
-            lines.append("  no pass enabled")
-        return "\n".join(lines)
+        """A few human-readable lines: the graph, what it saves for backward, each pass."""
+        return format_report(self.to_dict())
+
+
+def format_report(report: dict[str, Any], ops: bool = False, details: bool = False) -> str:
+    """Lines describing one graph's report (a :meth:`Report.to_dict`), optionally with its op
+    histogram and each pass's per-site rows (``memopt inspect`` shows both)."""
+    kind = "training" if report["training"] else "inference"
+    lines = [
+        f"graph {report['graph_index']} ({kind}, {report['device']}): {report['nodes_before']} nodes -> "
+        f"{report['nodes_after']}, estimated peak {format_bytes(report['peak_before'])} -> "
+        f"{format_bytes(report['peak_after'])}"
+    ]
+    if report["saved_activation_bytes"] is not None:
+        lines.append(
+            f"  saved for backward: {report['saved_activations']} tensors, "
+            f"{format_bytes(report['saved_activation_bytes'])}"
+        )
+    if ops:
+        lines.append("  ops: " + ", ".join(f"{name} x{count}" for name, count in report["op_counts"].items()))
+    for result in report["passes"]:
+        status = "FAILED, skipped" if result["error"] else f"{result['rewrites']} rewritten"
+        lines.append(
+            f"  pass {result['name']}: {result['matched']} matched, {status}, "
+            f"~{format_bytes(result['bytes_saved'])} saved"
+            + (" [changes results]" if result["changes_results"] else "")
+        )
+        if result["error"]:
+            lines.append(f"    error: {result['error']}")
+        lines.extend(f"    - {note}" for note in result["notes"])
+        if details:
+            lines.extend("    * " + ", ".join(f"{key}={value}" for key, value in row.items()) for row in result["details"])
+    if not report["passes"]:
+        lines.append("  no pass enabled")
+    return "\n".join(lines)
 
 
 def format_bytes(n: int | float | None) -> str:

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 from memopt._torch_compat import dynamo_explain
 from memopt.backend import memopt_backend
 from memopt.config import Config
-from memopt.report import Report, collect_reports, format_bytes
+from memopt.report import collect_reports, format_bytes, format_report
 
 
 def inspect_model(
@@ -104,29 +104,8 @@ def format_text(result: dict[str, Any], title: str) -> str:
     if result["saved_activation_bytes"] is not None:
         lines.append(f"saved for backward (all graphs): {format_bytes(result['saved_activation_bytes'])}")
     for graph in result["graphs"]:
-        report = Report(**{k: v for k, v in graph.items() if k != "passes"})
         lines.append("")
-        lines.append(report.summary().splitlines()[0])
-        if report.saved_activation_bytes is not None:
-            lines.append(
-                f"  saved for backward: {report.saved_activations} tensors, "
-                f"{format_bytes(report.saved_activation_bytes)}"
-            )
-        lines.append("  ops: " + ", ".join(f"{name} x{count}" for name, count in graph["op_counts"].items()))
-        if not graph["passes"]:
-            lines.append("  passes: none enabled")
-        for result_ in graph["passes"]:
-            status = "FAILED, skipped" if result_["error"] else f"{result_['rewrites']} rewritten"
-            lines.append(
-                f"  pass {result_['name']}: {result_['matched']} matched, {status}, "
-                f"~{format_bytes(result_['bytes_saved'])} saved"
-                + (" [changes results]" if result_["changes_results"] else "")
-            )
-            if result_["error"]:
-                lines.append(f"    error: {result_['error']}")
-            lines.extend(f"    - {note}" for note in result_["notes"])
-            for row in result_["details"]:
-                lines.append("    * " + ", ".join(f"{key}={value}" for key, value in row.items()))
+        lines.append(format_report(graph, ops=True, details=True))
     return "\n".join(lines)
 
 
