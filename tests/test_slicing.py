@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memopt
+import zoo
 from memopt.ops.slicing import SlicedGroup, SliceSpec, TensorLayout, register_group
 
 RTOL = 1e-5
@@ -276,13 +277,7 @@ diffusers = pytest.importorskip("diffusers")
 
 def test_unet3d_sliced_matches_eager():
     torch.manual_seed(7)
-    unet = diffusers.UNet3DConditionModel(
-        in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
-        cross_attention_dim=16, attention_head_dim=8,
-    ).eval()
+    unet = zoo.unet3d().eval()
     sample, context = torch.randn(1, 4, 4, 16, 16), torch.randn(1, 5, 16)
     timestep = torch.tensor(17)
     _, out, result = compile_and_run(unet, sample, timestep, context, return_dict=False)

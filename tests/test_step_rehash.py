@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memopt
+import zoo
 from memopt.diffusion import StepRehash
 
 
@@ -175,13 +176,7 @@ diffusers = pytest.importorskip("diffusers")
 
 def test_unet3d_denoising_loop_reports_final_latent_difference(record_property):
     torch.manual_seed(4)
-    unet = diffusers.UNet3DConditionModel(
-        in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
-        cross_attention_dim=16, attention_head_dim=8,
-    ).eval()
+    unet = zoo.unet3d().eval()
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(8)
     latents = torch.randn(1, 4, 4, 16, 16)

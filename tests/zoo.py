@@ -159,3 +159,16 @@ def unet2d() -> nn.Module:
 
 def unet2d_inputs() -> tuple[torch.Tensor, ...]:
     return (torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 16))
+
+
+def unet3d() -> nn.Module:
+    """A tiny ``diffusers`` UNet3DConditionModel (a video UNet: 3-D blocks, temporal layers)."""
+    from diffusers import UNet3DConditionModel
+
+    return UNet3DConditionModel(
+        in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
+        cross_attention_dim=16, attention_head_dim=8,
+    )

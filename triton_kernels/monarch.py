@@ -278,6 +278,19 @@ def _grouped_matmul(
     autotuned[grid](a, b, c, M, N, K, *a_strides, *b_strides, *c_strides, precision)
 
 
+def _first_factor(
+    x2: torch.Tensor, w1: torch.Tensor, h: torch.Tensor, nblocks: int, tokens: int, q: int, p: int
+) -> None:
+    """``h[m, k*q + j] = sum_c x[m, k*p + c] * w1[k, j, c]``: the forward's first GEMM, which the
+    backward repeats to rebuild ``h`` instead of saving it."""
+    _grouped_matmul(
+        x2, w1, h, nblocks, tokens, q, p,
+        (p, x2.stride(0), _NO_SPLIT, 0, 1),
+        (q * p, 1, _NO_SPLIT, 0, p),
+        (q, nblocks * q, _NO_SPLIT, 0, 1),
+    )  # fmt: skip
+
+
 def monarch_matmul_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """Triton forward: two grouped GEMMs; the second reads ``h`` through the permutation."""
     nblocks, p, q, s, r = monarch_shapes(x.shape[-1], w1, w2)
@@ -291,13 +304,7 @@ def monarch_matmul_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -
     y = torch.empty(tokens, nblocks * s, dtype=x.dtype, device=x.device)
     if tokens == 0:
         return y.reshape(*lead, nblocks * s)
-    # h[m, k*q + j] = sum_c x[m, k*p + c] * w1[k, j, c]
-    _grouped_matmul(
-        x2, w1, h, nblocks, tokens, q, p,
-        (p, x2.stride(0), _NO_SPLIT, 0, 1),
-        (q * p, 1, _NO_SPLIT, 0, p),
-        (q, nblocks * q, _NO_SPLIT, 0, 1),
-    )  # fmt: skip
+    _first_factor(x2, w1, h, nblocks, tokens, q, p)
     # y[m, l*s + j] = sum_i h[m, (i // r)*q + l*r + i % r] * w2[l, j, i]
     _grouped_matmul(
         h, w2, y, nblocks, tokens, s, q,
@@ -327,12 +334,7 @@ def monarch_backward_triton(
     if tokens == 0:
         return dx.reshape(x.shape), dw1.zero_(), dw2.zero_()
     h = torch.empty(tokens, nblocks * q, dtype=x.dtype, device=x.device)
-    _grouped_matmul(
-        x2, w1, h, nblocks, tokens, q, p,
-        (p, x2.stride(0), _NO_SPLIT, 0, 1),
-        (q * p, 1, _NO_SPLIT, 0, p),
-        (q, nblocks * q, _NO_SPLIT, 0, 1),
-    )  # fmt: skip
+    _first_factor(x2, w1, h, nblocks, tokens, q, p)
     # dw2[l][j, i] = sum_m grad[m, l*s + j] * h[m, (i // r)*q + l*r + i % r]
     _grouped_matmul(
         g2, h, dw2, nblocks, s, q, tokens,
