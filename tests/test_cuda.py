@@ -1,0 +1,257 @@
+"""memopt on a GPU, end to end: each pass compiled with Inductor on CUDA tensors, its Triton
+kernels really compiled (not interpreted), outputs and gradients against eager PyTorch.
+
+The rest of the suite checks each piece on CPU (the Triton kernels under TRITON_INTERPRET=1);
+this module is what a GPU adds: Inductor's CUDA code generation around memopt's ops, the ops'
+CUDA dispatch, bfloat16 tensor-core dots, im2win's on-device timing for ``"auto"``, and peak
+memory from CUDA's allocator statistics. Skipped without a GPU.
+
+Tolerances are relative to the largest magnitude of the reference. float32 runs with TF32 off
+(a reference and a candidate rounded differently by TF32 would differ by ~1e-3), so 1e-4
+covers float32 reassociation; bfloat16 stores 8 mantissa bits (relative rounding 2**-9) at
+each of a few roundings per output, hence 3e-2.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memopt
+from memopt.nn import MonarchLinear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.float()
+    return ((actual.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def pass_result(report, name: str):
+    return next(result for result in report.passes if result.name == name)
+
+
+class ConvNet(nn.Module):
+    """Convolutions im2win handles: 3x3, strided, depthwise, 1x1, with fused activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.down = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.depthwise = nn.Conv2d(64, 64, 5, padding=2, groups=64)
+        self.point = nn.Conv2d(64, 48, 1)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.silu(self.down(x))
+        x = F.gelu(self.depthwise(x))
+        x = self.point(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_im2win_inference_on_cuda(dtype, channels_last):
+    torch.manual_seed(0)
+    model = ConvNet().eval().cuda().to(dtype)
+    x = torch.randn(3, 3, 29, 31, device="cuda", dtype=dtype)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = memopt.compile(model, im2win=True, strict=True)(x)
+        expected = model(x)
+    result = pass_result(memopt.last_report(), "im2win")
+    assert result.rewrites == 4, result
+    assert rel_error(out, expected) <= RTOL[dtype]
+
+
+def test_im2win_training_gradients_on_cuda():
+    torch.manual_seed(1)
+    model = ConvNet().cuda()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 17, 19, device="cuda")
+    torch._dynamo.reset()
+    out = memopt.compile(model, im2win=True, strict=True)(x)
+    assert pass_result(memopt.last_report(), "im2win").rewrites == 4
+    expected = reference(x)
+    assert rel_error(out, expected) <= RTOL[torch.float32]
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert rel_error(mine.grad, theirs.grad) <= 1e-3, name
+
+
+def test_im2win_auto_times_each_convolution_on_the_gpu():
+    torch.manual_seed(2)
+    model = ConvNet().eval().cuda().to(torch.bfloat16)
+    x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = memopt.compile(model, im2win="auto", strict=True)(x)
+        expected = model(x)
+    result = pass_result(memopt.last_report(), "im2win")
+    rows = [row for row in result.details if row.get("decision") != "unsupported"]
+    assert len(rows) == 4
+    # "auto" timed both algorithms on this GPU (or found them in its cache) for every conv.
+    assert all(row["algorithm"] in ("im2win", "aten") for row in rows), rows
+    assert rel_error(out, expected) <= RTOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_monarch_linear_trains_on_cuda(dtype):
+    torch.manual_seed(3)
+    model = nn.Sequential(MonarchLinear(96, 160, 4), nn.GELU(), MonarchLinear(160, 72, 4, bias=False))
+    model = model.cuda().to(dtype)
+    reference = copy.deepcopy(model)
+    x = torch.randn(5, 37, 96, device="cuda", dtype=dtype)
+    torch._dynamo.reset()
+    out = memopt.compile(model, strict=True)(x)
+    assert memopt.last_report().op_counts["memopt.monarch_matmul"] == 2
+    expected = reference(x)
+    assert rel_error(out, expected) <= RTOL[dtype]
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert rel_error(mine.grad, theirs.grad) <= 10 * RTOL[dtype], name
+
+
+def test_monarch_inference_pass_on_cuda_stays_within_reported_error():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval().cuda()
+    x = torch.randn(64, 256, device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = memopt.compile(model, monarch={"nblocks": 4, "min_features": 128}, strict=True)(x)
+        expected = model(x)
+    result = pass_result(memopt.last_report(), "monarch")
+    assert result.rewrites == 2 and result.changes_results
+    # Random weights project badly (that is what the report says); the output must still be
+    # exactly the projected network's, so compare with the dense products of the projections.
+    projected = copy.deepcopy(model)
+    for index in (0, 2):
+        projected[index] = MonarchLinear.from_dense(model[index], 4).cuda()
+    with torch.no_grad():
+        assert rel_error(out, projected(x)) <= RTOL[torch.float32]
+        assert rel_error(out, expected) > 1e-3  # the projection really changed the weights
+
+
+class Couplings(nn.Module):
+    """Reformer-style couplings in plain PyTorch: F = pre-norm MLP, G = pre-norm attention."""
+
+    def __init__(self, depth: int, width: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.f = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+            for _ in range(depth)
+        )
+        self.norm = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
+        self.qkv = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(depth))
+
+    def attention(self, k: int, x):
+        batch, tokens, width = x.shape
+        q, k_, v = self.qkv[k](self.norm[k](x)).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k_, v).transpose(1, 2).reshape(batch, tokens, width)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        for k, f in enumerate(self.f):
+            x1 = x1 + f(x2)
+            x2 = x2 + self.attention(k, x1)
+        return torch.cat([x1, x2], dim=-1)
+
+
+def test_reversible_chain_on_cuda_matches_eager_and_saves_memory():
+    torch.manual_seed(5)
+    model = Couplings(depth=12).cuda()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 256, 128, device="cuda")
+
+    def step(fn, net):
+        inp = x.clone().requires_grad_()
+        out = fn(inp)
+        out.square().mean().backward()
+        return out, inp.grad
+
+    torch._dynamo.reset()
+    compiled = memopt.compile(model, fullgraph=True, strict=True)
+    out, x_grad = step(compiled, model)
+    report = memopt.last_report()
+    assert pass_result(report, "reversible").rewrites == 1
+    expected, x_ref_grad = step(reference, reference)
+    assert rel_error(out, expected) <= 1e-4
+    assert rel_error(x_grad, x_ref_grad) <= 1e-3
+    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert rel_error(mine.grad, theirs.grad) <= 1e-3, name
+    # The forward graph keeps the chain's two outputs and nothing per block.
+    assert report.saved_activation_bytes <= 2 * x.numel() * x.element_size()
+
+    for p in list(model.parameters()) + list(reference.parameters()):
+        p.grad = None
+    reversible_peak = memopt.measure(lambda: step(compiled, model), device="cuda", warmup=1).peak_bytes
+    torch._dynamo.reset()
+    plain = memopt.compile(reference, fullgraph=True, reversible=False)
+    plain_peak = memopt.measure(lambda: step(plain, reference), device="cuda", warmup=1).peak_bytes
+    # 12 blocks of saved activations against one block's recomputation: measured ~4x; 2x
+    # leaves room for the allocator while failing if the chain kept its activations.
+    assert plain_peak >= 2 * reversible_peak, (plain_peak, reversible_peak)
+
+
+class SliceNet(nn.Module):
+    """Activations dominate: 3 channels in and out, 64-128 inside, GroupNorm between."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, width, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, width)
+        self.conv1 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, 2 * width)
+        self.conv2 = nn.Conv2d(2 * width, width, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        r = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(h))))))
+        return self.conv_out(h + r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_slicing_on_cuda_is_exact_and_lowers_the_measured_peak(dtype):
+    torch.manual_seed(6)
+    model = SliceNet().eval().cuda().to(dtype)
+    x = torch.randn(8, 3, 96, 96, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        sliced = memopt.compile(model, slicing={"min_group_bytes": 1 << 20}, strict=True)
+        out = sliced(x)
+        assert pass_result(memopt.last_report(), "slicing").rewrites >= 1
+        sliced_peak = memopt.measure(sliced, x).peak_bytes
+        torch._dynamo.reset()
+        plain = torch.compile(model, backend="inductor")
+        plain_out = plain(x)
+        plain_peak = memopt.measure(plain, x).peak_bytes
+    # bfloat16: slicing changes only how sums are blocked, so it is as close to eager as
+    # Inductor itself is.
+    tolerance = RTOL[dtype] if dtype == torch.float32 else 2 * max(rel_error(plain_out, expected), 1e-2)
+    assert rel_error(out, expected) <= tolerance
+    assert plain_peak >= 1.5 * sliced_peak, (plain_peak, sliced_peak)
