@@ -35,19 +35,19 @@ $py -c "import torch, triton, memopt; print('torch', torch.__version__, 'triton'
 
 # Tests (correctness only, nothing timed) overlap the compilation of im2win's kernels.
 say "tests: start in background"
-(timeout -k 5 170 $py -m pytest -q -p no:cacheprovider -n 6 --tb=short tests/test_cuda.py tests/test_im2win.py tests/test_monarch.py tests/test_measure.py >"$out/tests.log" 2>&1; echo "tests exit $?" >>"$out/tests.log") &
+(timeout -k 5 140 $py -m pytest -q -p no:cacheprovider -n 6 --tb=short tests/test_cuda.py tests/test_im2win.py tests/test_monarch.py tests/test_measure.py >"$out/tests.log" 2>&1; echo "tests exit $?" >>"$out/tests.log") &
 tests=$!
 capped 120 im2win-precompile $py benchmarks/im2win.py --precompile 10 --precompile-only
 wait $tests
 tail -n 25 "$out/tests.log" >>"$log"
 
 # Timed benchmarks: one at a time, nothing else running.
-capped 60 monarch $py benchmarks/monarch.py --save
-capped 150 im2win $py benchmarks/im2win.py --save
-capped 40 rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 --rehash-channels 64,128,128 --out "$out/rehash"
-capped 120 slicing $py benchmarks/slicing.py --skip-rehash --models animatediff,unet3d,svd --channels 64,128,128 \
+capped 50 monarch $py benchmarks/monarch.py --save
+capped 140 im2win $py benchmarks/im2win.py --save
+capped 30 rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 --rehash-channels 64,128,128 --out "$out/rehash"
+capped 110 slicing $py benchmarks/slicing.py --skip-rehash --models animatediff,unet3d,svd --channels 64,128,128 \
   --size 64 --frames 16 --out benchmarks/results
-capped 110 reversible $py benchmarks/reversible.py --depths 8,64 --lowering eager --budget-lowering inductor \
+capped 90 reversible $py benchmarks/reversible.py --depths 8,64 --lowering eager --budget-lowering inductor \
   --models reformer,revnet --variants eager,checkpoint,memopt-reversible,budget-0.1 \
   --output "benchmarks/results/reversible-$(date +%F)-cuda.md"
 cp benchmarks/results/*-cuda.md "$out"/ 2>/dev/null
