@@ -98,9 +98,12 @@ class Config:
     """Feature Slicer + Operator Grouping (``passes/slicing.py``, inference graphs only): runs
     chains of ops that treat one dimension independently (frames, tokens, batch x heads)
     slice by slice into a preallocated output, so peak memory is the chain's input, its
-    output and one slice's intermediates. Exact. ``"auto"`` (default): slice groups whose
-    estimated saving is worth it; ``False``: off; or a dict of :class:`SlicingOptions` fields
-    (``max_slice_bytes``, ``min_group_bytes``, ``max_slices``)."""
+    output and one slice's intermediates. Exact, but it costs time (the sliced ops run one
+    slice at a time, outside Inductor's fusion), so ``"auto"`` (default) slices only under
+    memory pressure: when the graph's estimated peak of intermediates exceeds half the memory
+    free on its device at compile time, and then only the groups it takes to get under that.
+    ``True``: slice every group worth it; ``False``: off; or a dict of :class:`SlicingOptions`
+    fields (``max_slice_bytes``, ``min_group_bytes``, ``max_slices``, ``max_peak_bytes``)."""
 
     step_rehash: Any = None
     """Step Rehash for diffusion denoisers (changes results on purpose, opt-in): reuse the deep
@@ -182,11 +185,17 @@ class SlicingOptions:
     min_group_bytes: int = 16 << 20
     """Groups whose estimated saving is below this many bytes are left alone: slicing runs the
     group's ops one slice at a time outside Inductor's fusion, which cost 1.35-2.7x the time
-    of small graphs (a 3 MiB MLP, a tiny GPT-2) on CPU. 16 MiB keeps ``"auto"`` to graphs
-    whose activations dominate (video UNets); pass ``{"min_group_bytes": 1 << 20}`` to slice
-    harder (8.4x instead of 4.1x lower peak on the CPU UNet3D benchmark)."""
+    of small graphs (a 3 MiB MLP, a tiny GPT-2) on CPU. 16 MiB keeps ``True`` and dicts to
+    groups whose activations dominate (video UNets); pass ``{"min_group_bytes": 1 << 20}`` to
+    slice harder (8.4x instead of 4.1x lower peak on the CPU UNet3D benchmark). ``"auto"``
+    uses 1 MiB: its memory budget already decides whether slicing is worth its time."""
     max_slices: int = 64
     """Upper bound on the slice count of one group (bounds the per-slice launch overhead)."""
+    max_peak_bytes: int | None = None
+    """Memory budget for the graph's intermediates: groups are sliced, largest saving at the
+    estimated peak first, only until the estimated peak fits in this many bytes (nothing is
+    sliced when it already fits). ``None``: slice every group worth it. ``"auto"`` sets it
+    to half the memory free on the graph's device when it is compiled."""
 
     def __post_init__(self) -> None:
         if self.max_slice_bytes is not None and (
@@ -197,16 +206,23 @@ class SlicingOptions:
             raise ValueError(f"slicing option 'min_group_bytes' must be an int >= 0, got {self.min_group_bytes!r}")
         if isinstance(self.max_slices, bool) or not isinstance(self.max_slices, int) or self.max_slices < 2:
             raise ValueError(f"slicing option 'max_slices' must be an int >= 2, got {self.max_slices!r}")
+        if self.max_peak_bytes is not None and (
+            isinstance(self.max_peak_bytes, bool) or not isinstance(self.max_peak_bytes, int) or self.max_peak_bytes < 0
+        ):
+            raise ValueError(f"slicing option 'max_peak_bytes' must be an int >= 0 or None, got {self.max_peak_bytes!r}")
 
     @classmethod
     def from_option(cls, value: Any) -> Any:
-        """Validate ``Config.slicing``: ``"auto"`` and ``False`` stay, a dict becomes options."""
+        """Validate ``Config.slicing``: ``"auto"`` and ``False`` stay, ``True`` and a dict become
+        options."""
         if isinstance(value, cls) or (isinstance(value, str) and value == "auto") or value is False:
             return value
+        if value is True:
+            return cls()
         if isinstance(value, Mapping):
             return cls(**_known_keys("slicing", value, cls))
         raise ValueError(
-            f"memopt option 'slicing' must be 'auto', False or a dict with keys "
+            f"memopt option 'slicing' must be 'auto', True, False or a dict with keys "
             f"{', '.join(f.name for f in dataclasses.fields(cls))}; got {value!r}"
         )
 

@@ -31,6 +31,9 @@ class MemoryTimeline:
     peak_node: str | None
     input_bytes: int
     """Bytes of the graph's inputs (placeholders), alive throughout and not in the timeline."""
+    running_bytes: list[int] = dataclasses.field(default_factory=list)
+    """``running_bytes[i]``: bytes of intermediates live while node ``i`` runs (its outputs
+    exist before its inputs die); their maximum is ``peak_bytes``."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,9 +109,11 @@ def estimate(gm: torch.fx.GraphModule | torch.fx.Graph) -> MemoryTimeline:
 
     live = 0
     live_bytes: list[int] = []
+    running_bytes: list[int] = []
     peak, peak_node = 0, None
     for index, node in enumerate(nodes):
         live += sum(storage_bytes[key] for key in born.get(index, ()))
+        running_bytes.append(live)
         # The peak is reached while the node runs: its outputs exist before its inputs die.
         if live > peak:
             peak, peak_node = live, node.name
@@ -122,4 +127,5 @@ def estimate(gm: torch.fx.GraphModule | torch.fx.Graph) -> MemoryTimeline:
         peak_bytes=peak,
         peak_node=peak_node,
         input_bytes=input_bytes,
+        running_bytes=running_bytes,
     )

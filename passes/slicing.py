@@ -25,7 +25,12 @@ intermediates.
    values' ``meta["val"]``): the smallest count whose per-slice intermediates fit
    ``max_slice_bytes``, at most ``max_slices``; groups saving less than
    ``min_group_bytes`` are left alone.
-4. **Lowering**: the group becomes one call of the opaque custom op, so Inductor can
+4. **Budget** (``_select_for_budget``): slicing costs time (on a GPU, each slice's ops are
+   separate small launches: 35x Inductor's time on a small AnimateDiff step on an H100), so
+   under ``max_peak_bytes`` (``"auto"``: half the memory free on the device) groups are
+   sliced only until the estimated peak fits, the one saving most at the current peak
+   first, and none when the graph already fits.
+5. **Lowering**: the group becomes one call of the opaque custom op, so Inductor can
    neither fuse across slices nor rebuild full-size intermediates; the body runs op by op
    per slice. (A higher-order ``map`` would have to be unrolled or fall back; Inductor's
    peak-memory reordering cannot shrink intermediates that a fused kernel needs whole.)
@@ -39,6 +44,7 @@ import hashlib
 import heapq
 import math
 import operator
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -687,6 +693,8 @@ class _Group:
     input_bytes: int = 0
     slices: int = 1
     saving: int = 0
+    member_saving: dict[torch.fx.Node, int] = dataclasses.field(default_factory=dict)
+    """Bytes slicing saves while each member runs (its transient intermediates, less one slice's)."""
 
     @property
     def dim(self) -> int:
@@ -834,12 +842,15 @@ def _measure_group(group: _Group, options: SlicingOptions) -> None:
     for node in members:
         uses = [index[u] for u in node.users if u in index]
         last_use[node] = len(members) if node in outputs else max(uses, default=index[node])
-    live = peak = 0
+    live = peak = outputs_live = 0
     dying: dict[int, int] = {}
+    transient_at: dict[torch.fx.Node, int] = {}
     for i, node in enumerate(members):
         nbytes = _nbytes(node)
         live += nbytes
+        outputs_live += nbytes if node in outputs else 0
         peak = max(peak, live)
+        transient_at[node] = live - outputs_live
         dying[last_use[node]] = dying.get(last_use[node], 0) + nbytes
         live -= dying.pop(i, 0)
     group.intermediate_bytes = peak
@@ -852,6 +863,75 @@ def _measure_group(group: _Group, options: SlicingOptions) -> None:
     slices = max(1, math.ceil(transient / max(target, 1)))
     group.slices = min(slices, options.max_slices, group.slicing.units)
     group.saving = transient - math.ceil(transient / group.slices) if group.slices > 1 else 0
+    group.member_saving = {
+        node: min(group.saving, t - math.ceil(t / group.slices)) if group.slices > 1 else 0
+        for node, t in transient_at.items()
+    }
+
+
+# "auto" keeps this fraction of the device's free memory for the graph's intermediates; the
+# rest is headroom for the allocator's fragmentation, other graphs and the caller's tensors.
+AUTO_FREE_FRACTION = 0.5
+# Under "auto" the budget decides whether to slice at all, so groups down to 1 MiB may be
+# sliced when memory is short (largest saving at the peak first).
+AUTO_MIN_GROUP_BYTES = 1 << 20
+
+
+def _available_host_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def auto_budget(device: torch.device) -> tuple[int | None, str]:
+    """``"auto"``'s memory budget on ``device`` and where it comes from (``None``: unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * AUTO_FREE_FRACTION), f"half of the {format_bytes(free)} free on {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        available = _available_host_memory()
+        if available is not None:
+            return int(available * AUTO_FREE_FRACTION), f"half of the {format_bytes(available)} of available host memory"
+    return None, f"free memory on {device.type} is unknown"
+
+
+def _select_for_budget(
+    groups: list[_Group], running_bytes: list[int], position: dict[torch.fx.Node, int], budget: int
+) -> tuple[list[_Group], int]:
+    """The groups to slice so the estimated peak fits ``budget``, and that estimated peak.
+
+    Greedy on the estimated timeline: while its peak is over budget, slice the group that
+    saves most at that point. A group saves, at each of its members, that member's transient
+    intermediates less one slice's; at nodes between its members it is credited nothing, so
+    the estimate errs towards slicing more, not less.
+    """
+    remaining = list(running_bytes)
+    chosen: set[int] = set()
+    while remaining:
+        at = max(range(len(remaining)), key=remaining.__getitem__)
+        if remaining[at] <= budget:
+            break
+        covering = [
+            (group.member_saving.get(node, 0), index)
+            for index, group in enumerate(groups) if index not in chosen
+            for node in group.members if position[node] == at
+        ]
+        covering = [(saving, index) for saving, index in covering if saving > 0]
+        if not covering:
+            break  # the peak is outside every group: slicing cannot lower it further
+        _, best = max(covering)
+        chosen.add(best)
+        for node, saving in groups[best].member_saving.items():
+            remaining[position[node]] -= saving
+    return [group for index, group in enumerate(groups) if index in chosen], max(remaining, default=0)
 
 
 def _condensed_acyclic(graph: torch.fx.Graph, unit_of: dict[torch.fx.Node, Any]) -> bool:
@@ -1050,7 +1130,7 @@ def _toposort(graph: torch.fx.Graph) -> None:
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult("slicing")
-    options = ctx.option if isinstance(ctx.option, SlicingOptions) else SlicingOptions()
+    options = ctx.option if isinstance(ctx.option, SlicingOptions) else SlicingOptions(min_group_bytes=AUTO_MIN_GROUP_BYTES)
     graph = gm.graph
     nodes = list(graph.nodes)
     if any(_tensor(n) is not None and _shape(n) is None for n in nodes):
@@ -1113,7 +1193,31 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if not groups:
         result.notes.append("no group worth slicing: graph left untouched")
         return result
-    before = estimate(gm).peak_bytes
+    timeline = estimate(gm)
+    before = timeline.peak_bytes
+    auto = not isinstance(ctx.option, SlicingOptions)
+    if auto:
+        budget, source = auto_budget(ctx.device)
+    else:
+        budget, source = options.max_peak_bytes, "max_peak_bytes"
+    if budget is None and auto:
+        result.notes.append(f"{source}, so memory pressure cannot be judged: graph left untouched (slicing=True slices)")
+        return result
+    if budget is not None:
+        candidates = len(groups)
+        groups, estimated = _select_for_budget(groups, timeline.running_bytes, position, budget)
+        if not groups:
+            force = "slicing=True" if auto else "max_peak_bytes=None"
+            result.notes.append(
+                f"estimated peak of intermediates {format_bytes(before)} fits the budget {format_bytes(budget)} "
+                f"({source}): nothing sliced, since slicing costs time ({force} slices anyway)"
+            )
+            return result
+        verdict = "under" if estimated <= budget else "still over"
+        result.notes.append(
+            f"sliced {len(groups)} of {candidates} candidate group(s): estimated peak {format_bytes(before)} -> "
+            f"about {format_bytes(estimated)}, {verdict} the budget {format_bytes(budget)} ({source})"
+        )
     for index, group in enumerate(groups):
         first, last = group.members[0], group.members[-1]
         result.details.append({

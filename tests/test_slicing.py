@@ -16,7 +16,9 @@ from torch import nn
 
 import memopt
 import zoo
+from memopt.config import SlicingOptions
 from memopt.ops.slicing import SlicedGroup, SliceSpec, TensorLayout, register_group
+from memopt.passes import slicing as slicing_pass
 
 RTOL = 1e-5
 SMALL_GROUPS = {"min_group_bytes": 1024, "max_slice_bytes": 16 * 1024}
@@ -108,9 +110,13 @@ def test_config_validates_slicing_options():
     assert memopt.Config(slicing=False).slicing is False
     options = memopt.Config(slicing={"max_slice_bytes": 4096, "min_group_bytes": 0}).slicing
     assert options.max_slice_bytes == 4096 and options.min_group_bytes == 0 and options.max_slices == 64
-    with pytest.raises(ValueError, match="valid keys are: max_slice_bytes, min_group_bytes, max_slices"):
+    assert memopt.Config(slicing=True).slicing == SlicingOptions()
+    assert memopt.Config(slicing={"max_peak_bytes": 1 << 30}).slicing.max_peak_bytes == 1 << 30
+    with pytest.raises(ValueError, match="max_peak_bytes"):
+        memopt.Config(slicing={"max_peak_bytes": -1})
+    with pytest.raises(ValueError, match="valid keys are: max_slice_bytes, min_group_bytes, max_slices, max_peak_bytes"):
         memopt.Config(slicing={"max_slices_bytes": 1})
-    with pytest.raises(ValueError, match="'auto', False or a dict"):
+    with pytest.raises(ValueError, match="'auto', True, False or a dict"):
         memopt.Config(slicing="yes")
     with pytest.raises(ValueError, match="max_slices"):
         memopt.Config(slicing={"max_slices": 1})
@@ -210,6 +216,74 @@ def test_small_groups_are_left_alone_under_auto():
     # Untouched: bit for bit what the same lowering gives with slicing off.
     _, unsliced, _ = compile_and_run(model, x, slicing=False)
     torch.testing.assert_close(out, unsliced, rtol=0, atol=0)
+
+
+class TwoStages(nn.Module):
+    """Two activation-heavy stages of 1x1 convolutions joined by a 3x3 one. With batch 1 only
+    height or width can be sliced, and the 3x3 convolution mixes both, so each stage is its
+    own group; the second stage is twice as wide, so its intermediates set the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.Conv2d(3, 16, 1), nn.SiLU(), nn.Conv2d(16, 16, 1), nn.SiLU())
+        self.mix = nn.Conv2d(16, 8, 3, padding=1)
+        self.second = nn.Sequential(nn.Conv2d(8, 32, 1), nn.SiLU(), nn.Conv2d(32, 32, 1), nn.SiLU(), nn.Conv2d(32, 3, 1))
+
+    def forward(self, x):
+        return self.second(self.mix(self.first(x)))
+
+
+def test_budget_slices_only_the_groups_it_takes_to_fit():
+    torch.manual_seed(9)
+    model = TwoStages().eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(x)
+    common = {"min_group_bytes": 1024, "max_slice_bytes": 16 * 1024}
+    _, out, everything = compile_and_run(model, x, slicing=common)
+    assert everything.rewrites >= 2
+    before = everything.details[0]["estimated_peak_before"]
+
+    # A budget the graph already fits: nothing is sliced, and the note says why.
+    _, out_fit, fits = compile_and_run(model, x, slicing={**common, "max_peak_bytes": before})
+    assert fits.rewrites == 0 and any("fits the budget" in note for note in fits.notes), fits.notes
+    torch.testing.assert_close(out_fit, expected, rtol=1e-5, atol=1e-6)
+
+    # Just under the peak: the group at the peak is enough; the other stays whole.
+    _, out_some, some = compile_and_run(model, x, slicing={**common, "max_peak_bytes": before - 1})
+    assert 1 <= some.rewrites < everything.rewrites, (some.rewrites, everything.rewrites)
+    assert any("under the budget" in note for note in some.notes), some.notes
+    assert_close_rel(out_some, expected)
+
+    # An impossible budget: every group that lowers the peak is sliced, and the note says
+    # the estimate is still over.
+    _, _, tight = compile_and_run(model, x, slicing={**common, "max_peak_bytes": 0})
+    assert tight.rewrites >= 1 and any("still over the budget" in note for note in tight.notes), tight.notes
+
+
+def test_auto_slices_only_under_memory_pressure(monkeypatch):
+    torch.manual_seed(10)
+    model = ConvNet().eval()
+    x = torch.randn(8, 3, 40, 40)
+    # Plenty of free memory: "auto" leaves the graph alone although its groups qualify.
+    monkeypatch.setattr(slicing_pass, "auto_budget", lambda device: (1 << 40, "a test's 1 TiB"))
+    _, _, relaxed = compile_and_run(model, x, slicing="auto")
+    assert relaxed.rewrites == 0 and any("fits the budget" in note for note in relaxed.notes), relaxed.notes
+    # Little free memory: "auto" slices, exactly.
+    monkeypatch.setattr(slicing_pass, "auto_budget", lambda device: (1 << 20, "a test's 1 MiB"))
+    _, out, pressed = compile_and_run(model, x, slicing="auto")
+    assert pressed.rewrites >= 1 and any("a test's 1 MiB" in note for note in pressed.notes), pressed.notes
+    with torch.no_grad():
+        assert_close_rel(out, model(x))
+    # Unknown free memory: left alone.
+    monkeypatch.setattr(slicing_pass, "auto_budget", lambda device: (None, "free memory on meta is unknown"))
+    _, _, unknown = compile_and_run(model, x, slicing="auto")
+    assert unknown.rewrites == 0 and any("cannot be judged" in note for note in unknown.notes)
+
+
+def test_auto_budget_reads_the_host_memory():
+    budget, source = slicing_pass.auto_budget(torch.device("cpu"))
+    assert budget is not None and 0 < budget and "available host memory" in source
 
 
 def test_training_graphs_are_not_sliced():
