@@ -207,6 +207,17 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.memopt.monarch_matmul_backward, (grad, x, w1.detach(), w2.detach()))
 
 
+def test_op_keeps_its_dtype_under_autocast():
+    # Autocast would run the reference's bmm in bfloat16; the fake implementation says float32.
+    x, w1, w2 = _factors(6, 3, 5, 2, 7, dtype=torch.float32)
+    grad = torch.randn(6, 21)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.ops.memopt.monarch_matmul(x, w1, w2)
+        grads = torch.ops.memopt.monarch_matmul_backward(grad, x, w1, w2)
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert _rel(out, monarch_matmul_reference(x.double(), w1.double(), w2.double())) < RTOL[torch.float32]
+
+
 def test_op_rejects_bad_shapes():
     x, w1, w2 = _factors(4, 2, 3, 2, 5, dtype=torch.float32)
     with pytest.raises(ValueError, match="features"):

@@ -21,6 +21,21 @@ from memopt.triton_kernels.monarch import (
 __all__ = ["monarch_matmul", "monarch_matmul_backward"]
 
 
+def _forward_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    # Autocast stays on inside an op's implementation: off, or its bmm would return bfloat16
+    # for float32 inputs where the fake implementation (and the Triton kernels) give float32.
+    with torch.autocast(x.device.type, enabled=False):
+        return monarch_matmul_reference(x, w1, w2)
+
+
+def _backward_reference(
+    grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Autocast off as in the forward; contiguous like the fake implementation promises.
+    with torch.autocast(x.device.type, enabled=False):
+        return tuple(t.contiguous() for t in monarch_backward_reference(grad, x, w1, w2))
+
+
 def _check(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int, int, int]:
     shapes = monarch_shapes(x.shape[-1], w1, w2)
     if not (x.dtype == w1.dtype == w2.dtype):
@@ -35,7 +50,7 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch
     """``x · Mᵀ`` for the Monarch matrix ``M`` of the block factors ``w1 (b, q, p)`` and
     ``w2 (b, s, q)``; ``x`` is ``(..., b*p)``, the result ``(..., b*s)``."""
     _check(x, w1, w2)
-    return monarch_matmul_reference(x, w1, w2)
+    return _forward_reference(x, w1, w2)
 
 
 @monarch_matmul.register_kernel("cuda")
@@ -58,7 +73,7 @@ def monarch_matmul_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dw1, dw2)`` of :func:`monarch_matmul` for the output gradient ``grad``."""
     _check(x, w1, w2)
-    return tuple(t.contiguous() for t in monarch_backward_reference(grad, x, w1, w2))
+    return _backward_reference(grad, x, w1, w2)
 
 
 @monarch_matmul_backward.register_kernel("cuda")
