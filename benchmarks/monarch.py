@@ -6,9 +6,10 @@
 Per size n (square n x n layers), nblocks and ``--tokens`` tokens, the forward pass of:
   dense      ``nn.Linear`` (MKL/oneDNN on CPU, cuBLAS on GPU)
   monarch    ``memopt.nn.MonarchLinear`` (the ``memopt::monarch_matmul`` op: on CPU the
-             two-batched-matmul reference, on CUDA the Triton kernels)
-  reference  (CUDA only) the pure-PyTorch reference (two ``bmm`` and a transpose) on the same
-             factors, to compare the Triton kernels with it
+             two-batched-matmul reference; on CUDA whichever of the next two rows its first
+             call measured faster, named in the row as ``monarch (auto: <kernel>)``)
+  triton     (CUDA only) the Triton kernels alone on the same factors
+  reference  (CUDA only) the pure-PyTorch reference (two ``bmm`` and a transpose) alone
 Targets (issue 5): CPU float32 n=4096, nblocks=4: monarch >= 1.5x faster than dense. GPU
 bfloat16 nblocks=4: monarch >= 1.7x faster than dense, Triton >= 1.2x faster than the
 reference. Parameter bytes 2/nblocks of dense. Times: median (p20-p80) over ``--repeat``
@@ -30,7 +31,8 @@ import torch
 
 import memopt
 from memopt.nn import MonarchLinear
-from memopt.triton_kernels.monarch import monarch_matmul_reference
+from memopt.ops import monarch as monarch_op
+from memopt.triton_kernels.monarch import monarch_matmul_reference, monarch_matmul_triton
 
 
 def device_line(device: str) -> str:
@@ -101,12 +103,15 @@ def run(args: argparse.Namespace) -> str:
             fns[("monarch", nblocks)] = lambda layer=layer: layer(x)
             weights[("monarch", nblocks)] = sum(p.numel() * p.element_size() for p in layer.parameters())
             if device == "cuda":
+                fns[("triton", nblocks)] = lambda layer=layer: monarch_matmul_triton(x, layer.w1, layer.w2)
                 fns[("reference", nblocks)] = lambda layer=layer: monarch_matmul_reference(x, layer.w1, layer.w2)
-                weights[("reference", nblocks)] = weights[("monarch", nblocks)]
+                weights[("triton", nblocks)] = weights[("reference", nblocks)] = weights[("monarch", nblocks)]
         times = time_interleaved(fns, device, args.warmup, args.repeat, inner)
         dense_time = statistics.median(times[("dense", "-")])
         for key, fn in fns.items():
             name, nblocks = key
+            if name == "monarch" and device == "cuda":
+                name = f"monarch (auto: {chosen_kernel(layers[nblocks])})"
             median, p20, p80 = quantiles(times[key])
             peak = peak_bytes(fn, device)
             rows.append([n, nblocks, name, median * 1e3, f"{p20 * 1e3:.3g}-{p80 * 1e3:.3g}", dense_time / median,
@@ -126,6 +131,16 @@ def run(args: argparse.Namespace) -> str:
         _table(headers, rows),
     ]
     return "\n".join(lines)
+
+
+def chosen_kernel(layer: MonarchLinear) -> str:
+    """The kernel ``memopt::monarch_matmul`` chose for ``layer``'s forward (its first call timed both)."""
+    choices = {
+        kernel
+        for key, kernel in monarch_op.chosen_kernels.items()
+        if key[0] == "forward" and key[2:5] == tuple(layer.w1.shape)
+    }
+    return "/".join(sorted(choices)) or "not timed"
 
 
 def _table(headers: list[str], rows: list[list]) -> str:

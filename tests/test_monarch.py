@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import memopt
+import memopt.ops.monarch as monarch_op
 from memopt.config import Config, MonarchOptions
 from memopt.nn import MonarchLinear, monarchize
 from memopt.triton_kernels.monarch import (
@@ -207,6 +208,17 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.memopt.monarch_matmul_backward, (grad, x, w1.detach(), w2.detach()))
 
 
+def test_op_keeps_its_dtype_under_autocast():
+    # Autocast would run the reference's bmm in bfloat16; the fake implementation says float32.
+    x, w1, w2 = _factors(6, 3, 5, 2, 7, dtype=torch.float32)
+    grad = torch.randn(6, 21)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.ops.memopt.monarch_matmul(x, w1, w2)
+        grads = torch.ops.memopt.monarch_matmul_backward(grad, x, w1, w2)
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert _rel(out, monarch_matmul_reference(x.double(), w1.double(), w2.double())) < RTOL[torch.float32]
+
+
 def test_op_rejects_bad_shapes():
     x, w1, w2 = _factors(4, 2, 3, 2, 5, dtype=torch.float32)
     with pytest.raises(ValueError, match="features"):
@@ -259,8 +271,12 @@ def test_triton_kernels_match_reference(shape, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA implementation needs a GPU")
+@pytest.mark.parametrize("kernel", monarch_op.KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_op_on_cuda_dispatches_to_triton_and_matches_reference(dtype):
+def test_op_on_cuda_matches_reference_with_each_kernel(dtype, kernel, monkeypatch):
+    monkeypatch.setattr(monarch_op, "chosen_kernels", {})
+    monkeypatch.setattr(monarch_op, "_kernel", "auto")
+    monarch_op.set_kernel(kernel)
     x, w1, w2 = _factors(300, 4, 64, 16, 64, dtype=torch.float64, lead=(2,))
     grad = torch.randn(*x.shape[:-1], 4 * 64, dtype=torch.float64)
     expected = monarch_matmul_reference(x, w1, w2)
@@ -275,6 +291,125 @@ def test_op_on_cuda_dispatches_to_triton_and_matches_reference(dtype):
     for tensor, expected_grad in zip(inputs, expected_grads):
         assert _rel(tensor.grad.cpu(), expected_grad) < rtol
     torch.library.opcheck(torch.ops.memopt.monarch_matmul, tuple(t.detach() for t in inputs))
+    if kernel == "auto":
+        assert sorted(key[0] for key in monarch_op.chosen_kernels) == ["backward", "forward"]
+        assert set(monarch_op.chosen_kernels.values()) <= {"triton", "torch"}
+
+
+# ------------------------------------------------------------------------------ kernel choice
+
+_CANDIDATES = {name: (lambda name=name: name) for name in ("triton", "torch")}  # each returns its name
+
+
+@pytest.fixture
+def kernel_choice(monkeypatch):
+    """An empty choice cache and the ``"auto"`` setting, both restored after the test."""
+    monkeypatch.setattr(monarch_op, "chosen_kernels", {})
+    monkeypatch.setattr(monarch_op, "_kernel", "auto")
+    return monarch_op
+
+
+def test_choose_kernel_times_each_candidate_once_per_key_and_keeps_the_faster(kernel_choice, monkeypatch):
+    times = {"triton": 2.0, "torch": 1.0}
+    timed = []
+
+    def fake_time_ms(fn):
+        timed.append(fn())
+        return times[timed[-1]]
+
+    monkeypatch.setattr(kernel_choice, "time_ms", fake_time_ms)
+    assert kernel_choice.choose_kernel(("forward", 1), _CANDIDATES) == "torch"
+    assert sorted(timed) == ["torch", "triton"]
+    times.update(triton=0.5)  # cached: the same key is not timed again
+    assert kernel_choice.choose_kernel(("forward", 1), _CANDIDATES) == "torch"
+    assert len(timed) == 2
+    assert kernel_choice.choose_kernel(("backward", 1), _CANDIDATES) == "triton"
+    assert len(timed) == 4
+    assert kernel_choice.chosen_kernels == {("forward", 1): "torch", ("backward", 1): "triton"}
+
+
+def test_choose_kernel_honours_a_forced_kernel_and_rejects_unknown_ones(kernel_choice, monkeypatch):
+    def no_timing(fn):
+        raise AssertionError("a forced kernel is not timed")
+
+    monkeypatch.setattr(kernel_choice, "time_ms", no_timing)
+    assert kernel_choice.get_kernel() == "auto"
+    for kernel in ("triton", "torch"):
+        kernel_choice.set_kernel(kernel)
+        assert kernel_choice.get_kernel() == kernel
+        assert kernel_choice.choose_kernel(("forward", 1), _CANDIDATES) == kernel
+    assert kernel_choice.chosen_kernels == {}
+    for bad in ("cublas", "Triton", None):
+        with pytest.raises(ValueError, match="one of auto, triton, torch"):
+            kernel_choice.set_kernel(bad)
+    assert kernel_choice.get_kernel() == "torch"
+
+
+def test_choose_kernel_skips_a_candidate_that_fails(kernel_choice, monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(kernel_choice, "time_ms", lambda fn: (fn(), 1.0)[1])
+    assert kernel_choice.choose_kernel(("forward", 1), {"triton": broken, "torch": lambda: None}) == "torch"
+    with pytest.raises(RuntimeError, match="no compiler"):
+        kernel_choice.choose_kernel(("forward", 2), {"triton": broken, "torch": broken})
+    assert kernel_choice.chosen_kernels == {("forward", 1): "torch"}
+
+
+def test_choose_kernel_without_timing_takes_the_cache_or_the_reference(kernel_choice, monkeypatch):
+    # can_time=False is what a call inside CUDA graph capture gets: nothing is run or cached.
+    monkeypatch.setattr(kernel_choice, "time_ms", lambda fn: {"triton": 1.0, "torch": 2.0}[fn()])
+    assert kernel_choice.choose_kernel(("forward", 1), _CANDIDATES, can_time=False) == "torch"
+    assert kernel_choice.chosen_kernels == {}
+    assert kernel_choice.choose_kernel(("forward", 1), _CANDIDATES) == "triton"
+    assert kernel_choice.choose_kernel(("forward", 1), _CANDIDATES, can_time=False) == "triton"
+
+
+_NEEDS_TRITON_ON_CPU = pytest.mark.skipif(
+    not (_TRITON and _INTERPRET), reason="the Triton candidate runs on CPU only under TRITON_INTERPRET=1"
+)
+
+
+@pytest.mark.parametrize("kernel", [pytest.param("triton", marks=_NEEDS_TRITON_ON_CPU), "torch"])
+@pytest.mark.parametrize("shape", OP_SHAPES)
+def test_dispatched_op_matches_reference_with_each_kernel(shape, kernel, kernel_choice):
+    kernel_choice.set_kernel(kernel)
+    x, w1, w2 = _factors(*shape, dtype=torch.float64, lead=(2,))
+    grad = torch.randn(*x.shape[:-1], shape[1] * shape[4], dtype=torch.float64)
+    expected = monarch_matmul_reference(x, w1, w2)
+    expected_grads = monarch_backward_reference(grad, x, w1, w2)
+    args = [t.float() for t in (x, w1, w2)]
+    out = kernel_choice.monarch_matmul_dispatched(*args)
+    grads = kernel_choice.monarch_backward_dispatched(grad.float(), *args)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert _rel(out, expected) < RTOL[torch.float32]
+    for actual, reference in zip(grads, expected_grads):
+        assert actual.shape == reference.shape and actual.is_contiguous()
+        assert _rel(actual, reference) < RTOL[torch.float32]
+
+
+@_NEEDS_TRITON_ON_CPU
+def test_dispatched_op_keys_forward_and_backward_apart_and_rounds_tokens(kernel_choice, monkeypatch):
+    timed = []
+
+    def fake_time_ms(fn):  # runs the real candidate; the later one timed is "faster"
+        fn()
+        timed.append(fn)
+        return 1.0 / len(timed)
+
+    monkeypatch.setattr(kernel_choice, "time_ms", fake_time_ms)
+    for tokens in (5, 7, 8, 9):  # 5, 7 and 8 share a key (8 tokens); 9 has its own (16)
+        x, w1, w2 = _factors(tokens, 3, 5, 2, 9, dtype=torch.float32)
+        grad = torch.randn(tokens, 27)
+        out = kernel_choice.monarch_matmul_dispatched(x, w1, w2)
+        grads = kernel_choice.monarch_backward_dispatched(grad, x, w1, w2)
+        assert _rel(out, monarch_matmul_reference(x.double(), w1.double(), w2.double())) < RTOL[torch.float32]
+        for actual, reference in zip(grads, monarch_backward_reference(grad, x, w1, w2)):
+            assert _rel(actual, reference) < RTOL[torch.float32]
+    keys = sorted(kernel_choice.chosen_kernels)
+    assert [(key[0], key[1]) for key in keys] == [("backward", 8), ("backward", 16), ("forward", 8), ("forward", 16)]
+    assert keys[0][2:] == (3, 6, 5, 9, "torch.float32", "cpu")  # nblocks, q, p, s, dtype, device
+    assert len(timed) == 2 * len(keys)
 
 
 # ------------------------------------------------------------------------------------ config

@@ -48,7 +48,8 @@ class MonarchLinear(nn.Module):
 
     Parameters: ``w1 (b, q, p)`` (the block-diagonal R), ``w2 (b, s, q)`` (L) and ``bias``.
     The forward calls ``torch.ops.memopt.monarch_matmul``, so a compiled graph holds one op
-    per layer: the Triton kernels on CUDA, two batched matmuls on CPU.
+    per layer: two batched matmuls on CPU; on CUDA the faster of the Triton kernels and those
+    batched matmuls, timed once per shape (``memopt.ops.monarch.set_kernel`` forces one).
     """
 
     def __init__(
