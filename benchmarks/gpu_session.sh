@@ -42,7 +42,7 @@ wait $tests
 tail -n 25 "$out/tests.log" >>"$log"
 
 # Timed benchmarks: one at a time, nothing else running.
-capped 50 monarch $py benchmarks/monarch.py --save
+capped 70 monarch $py benchmarks/monarch.py --save
 capped 140 im2win $py benchmarks/im2win.py --save
 capped 30 rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 --rehash-channels 64,128,128 --out "$out/rehash"
 capped 110 slicing $py benchmarks/slicing.py --skip-rehash --models animatediff,unet3d,svd --channels 64,128,128 \

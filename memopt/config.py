@@ -103,7 +103,8 @@ class Config:
     memory pressure: when the graph's estimated peak of intermediates exceeds half the memory
     free on its device at compile time, and then only the groups it takes to get under that.
     ``True``: slice every group worth it; ``False``: off; or a dict of :class:`SlicingOptions`
-    fields (``max_slice_bytes``, ``min_group_bytes``, ``max_slices``, ``max_peak_bytes``)."""
+    fields (``max_slice_bytes``, ``min_group_bytes``, ``max_slices``, ``compile_body``,
+    ``max_peak_bytes``)."""
 
     step_rehash: Any = None
     """Step Rehash for diffusion denoisers (changes results on purpose, opt-in): reuse the deep
@@ -191,6 +192,13 @@ class SlicingOptions:
     uses 1 MiB: its memory budget already decides whether slicing is worth its time."""
     max_slices: int = 64
     """Upper bound on the slice count of one group (bounds the per-slice launch overhead)."""
+    compile_body: bool | None = None
+    """Run each group's body compiled by Inductor, once per distinct slice shape, instead of
+    op by op. Op by op, a GPU runs every slice's ops as separate small kernels (35x
+    Inductor's time on a small AnimateDiff step on an H100); compiled, each slice is a few
+    fused kernels, at the price of one Inductor compile per group. ``None``: on for graphs on
+    CUDA under ``lowering="inductor"``, off elsewhere (a CPU runs the ops compute-bound, and
+    compiles C++)."""
     max_peak_bytes: int | None = None
     """Memory budget for the graph's intermediates: groups are sliced, largest saving at the
     estimated peak first, only until the estimated peak fits in this many bytes (nothing is
@@ -206,6 +214,8 @@ class SlicingOptions:
             raise ValueError(f"slicing option 'min_group_bytes' must be an int >= 0, got {self.min_group_bytes!r}")
         if isinstance(self.max_slices, bool) or not isinstance(self.max_slices, int) or self.max_slices < 2:
             raise ValueError(f"slicing option 'max_slices' must be an int >= 2, got {self.max_slices!r}")
+        if self.compile_body not in (None, True, False):
+            raise ValueError(f"slicing option 'compile_body' must be True, False or None, got {self.compile_body!r}")
         if self.max_peak_bytes is not None and (
             isinstance(self.max_peak_bytes, bool) or not isinstance(self.max_peak_bytes, int) or self.max_peak_bytes < 0
         ):

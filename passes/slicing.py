@@ -1038,7 +1038,16 @@ def _layout(tensor: torch.Tensor) -> TensorLayout:
     return TensorLayout(tuple(tensor.shape), stride, tensor.dtype)
 
 
-def _prepare(group: _Group) -> tuple[str, SlicedGroup, list[torch.fx.Node]]:
+def _even_slices(units: int, slices: int, max_slices: int) -> int:
+    """The smallest slice count from ``slices`` to ``2 * slices`` that divides ``units``
+    (one slice shape, so one compile of the body), or ``slices`` when none does."""
+    for count in range(slices, min(2 * slices, max_slices, units) + 1):
+        if units % count == 0:
+            return count
+    return slices
+
+
+def _prepare(group: _Group, compile_body: bool) -> tuple[str, SlicedGroup, list[torch.fx.Node]]:
     """Build and register the group's body (from the untouched graph)."""
     placeholders = list(group.feeds)
     body, norms = _body(group, placeholders)
@@ -1051,10 +1060,11 @@ def _prepare(group: _Group) -> tuple[str, SlicedGroup, list[torch.fx.Node]]:
         units=group.slicing.units,
         slices=group.slices,
         norm_stats=tuple(norms),
+        compile_body=compile_body,
     )
     fingerprint = repr((
         body.code, sliced.input_specs, sliced.output_specs, sliced.output_layouts,
-        sliced.units, sliced.slices, sliced.norm_stats,
+        sliced.units, sliced.slices, sliced.norm_stats, sliced.compile_body,
     ))
     key = register_group("g" + hashlib.sha256(fingerprint.encode()).hexdigest()[:24], sliced)
     return key, sliced, [node for node, _ in placeholders]
@@ -1218,6 +1228,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             f"sliced {len(groups)} of {candidates} candidate group(s): estimated peak {format_bytes(before)} -> "
             f"about {format_bytes(estimated)}, {verdict} the budget {format_bytes(budget)} ({source})"
         )
+    compile_body = options.compile_body
+    if compile_body is None:
+        compile_body = ctx.device.type == "cuda" and ctx.config.lowering == "inductor"
+    if compile_body:
+        for group in groups:
+            group.slices = _even_slices(group.slicing.units, group.slices, options.max_slices)
+        result.notes.append("group bodies run compiled by Inductor, once per slice shape (compile_body)")
     for index, group in enumerate(groups):
         first, last = group.members[0], group.members[-1]
         result.details.append({
@@ -1236,8 +1253,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             ),
             "intermediate_bytes": group.intermediate_bytes,
             "per_slice_bytes": math.ceil(max(group.intermediate_bytes - group.output_bytes, 0) / group.slices),
+            "compiled": compile_body,
         })
-    prepared = [_prepare(group) for group in groups]
+    prepared = [_prepare(group, compile_body) for group in groups]
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
     for group, (key, sliced, inputs) in zip(groups, prepared):
         _rewrite(graph, group, key, sliced, inputs, replaced)

@@ -17,7 +17,7 @@ from torch import nn
 import memopt
 import zoo
 from memopt.config import SlicingOptions
-from memopt.ops.slicing import SlicedGroup, SliceSpec, TensorLayout, register_group
+from memopt.ops.slicing import SlicedGroup, SliceSpec, TensorLayout, register_group, registered_groups
 from memopt.passes import slicing as slicing_pass
 
 RTOL = 1e-5
@@ -114,7 +114,7 @@ def test_config_validates_slicing_options():
     assert memopt.Config(slicing={"max_peak_bytes": 1 << 30}).slicing.max_peak_bytes == 1 << 30
     with pytest.raises(ValueError, match="max_peak_bytes"):
         memopt.Config(slicing={"max_peak_bytes": -1})
-    with pytest.raises(ValueError, match="valid keys are: max_slice_bytes, min_group_bytes, max_slices, max_peak_bytes"):
+    with pytest.raises(ValueError, match="valid keys are: max_slice_bytes, min_group_bytes, max_slices, compile_body, max_peak_bytes"):
         memopt.Config(slicing={"max_slices_bytes": 1})
     with pytest.raises(ValueError, match="'auto', True, False or a dict"):
         memopt.Config(slicing="yes")
@@ -341,6 +341,35 @@ def test_measured_peak_drops_on_a_conv_net(lowering):
     # allocator noise while still failing if Inductor rebuilt the full intermediates.
     assert peak_plain >= 1.5 * peak_sliced, (peak_plain, peak_sliced)
     assert result.bytes_saved > 0
+
+
+@pytest.mark.slow
+def test_compiled_bodies_are_exact_compile_once_and_keep_the_saving():
+    torch.manual_seed(11)
+    model = ConvNet().eval()
+    x = torch.randn(8, 3, 40, 40)
+    options = {"min_group_bytes": 1024, "max_slice_bytes": 256 * 1024, "compile_body": True}
+    with torch.no_grad():
+        expected = model(x)
+        sliced, out, result = compile_and_run(model, x, slicing=options)
+        assert result.rewrites == 1 and result.details[0]["compiled"]
+        # The slice count divides the 8 samples: one slice shape, one Inductor compile.
+        assert 8 % result.details[0]["slices"] == 0
+        (group,) = [g for g in registered_groups() if g.compile_body and g.units == 8 and g.compiled]
+        assert len(group.compiled) == 1
+        assert_close_rel(out, expected)
+        plain, _, _ = compile_and_run(model, x, slicing=False)
+        peak_sliced = memopt.measure(sliced, x).peak_bytes
+        peak_plain = memopt.measure(plain, x).peak_bytes
+    assert peak_plain >= 1.5 * peak_sliced, (peak_plain, peak_sliced)
+
+
+def test_compile_body_defaults_off_on_cpu_and_is_validated():
+    torch.manual_seed(12)
+    _, _, result = compile_and_run(ConvNet(width=16).eval(), torch.randn(4, 3, 24, 24))
+    assert result.rewrites >= 1 and not any(row["compiled"] for row in result.details)
+    with pytest.raises(ValueError, match="compile_body"):
+        memopt.Config(slicing={"compile_body": "yes"})
 
 
 # ---------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def monarch_matmul_dispatched(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
 
 
 def _forward_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    # Autocast stays on inside an op's implementation: off, or its bmm would return bfloat16
+    # Autocast stays on inside an op's implementation; turned off here, or its bmm would return bfloat16
     # for float32 inputs where the fake implementation (and the Triton kernels) give float32.
     with torch.autocast(x.device.type, enabled=False):
         return monarch_matmul_reference(x, w1, w2)
