@@ -42,6 +42,16 @@ def partition(
     save_reversible_chains(joint)
     with activation_memory_budget(config.memory_budget):
         forward, backward = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+    if config.memory_budget is not None and saves_a_whole_chain(forward, kwargs["num_fwd_outputs"]):
+        # With nothing but chains (and graph inputs) left to recompute, PyTorch's budget
+        # solver returns the chain node itself as a saved value, a tuple no graph can save.
+        # Nothing else could have been recomputed, so the default partition is as good.
+        forward, backward = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        if report is not None:
+            report.partition_notes.append(
+                f"memory_budget={config.memory_budget} not applied: nothing but reversible chains "
+                "to recompute, and they are always kept"
+            )
     if report is not None:
         count, nbytes = saved_activations(forward, kwargs["num_fwd_outputs"])
         report.saved_activations = count
@@ -64,6 +74,17 @@ def save_reversible_chains(joint: torch.fx.GraphModule) -> None:
     chain_op = torch.ops.memopt.reversible_chain.default
     for node in joint.graph.find_nodes(op="call_function", target=chain_op):
         never_recompute(node)
+
+
+def saves_a_whole_chain(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> bool:
+    """Whether the forward graph saves a ``memopt::reversible_chain`` node (its whole output
+    tuple) rather than the tensors taken out of it."""
+    chain_op = torch.ops.memopt.reversible_chain.default
+    output = forward.graph.find_nodes(op="output")[0]
+    return any(
+        isinstance(node, torch.fx.Node) and node.target is chain_op
+        for node in output.args[0][num_fwd_outputs:]
+    )
 
 
 _PASS_THROUGH = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
