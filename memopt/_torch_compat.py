@@ -29,6 +29,7 @@ __all__ = [
     "fake_tensor_mode",
     "make_boxed_func",
     "min_cut_rematerialization_partition",
+    "never_recompute",
     "profiler_allocations",
     "size_hint",
 ]
@@ -76,6 +77,18 @@ def min_cut_rematerialization_partition(
     from torch._functorch.partitioners import min_cut_rematerialization_partition as partition
 
     return partition(joint, joint_inputs, **kwargs)
+
+
+def never_recompute(node: torch.fx.Node) -> None:
+    """Make the min-cut partitioner save ``node``'s outputs for the backward, never recompute it.
+
+    This is the tag selective activation checkpointing puts on a node (``MUST_SAVE``); the
+    partitioner honours it under every ``activation_memory_budget``, including the knapsack
+    stage that otherwise may recompute any custom op.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
 def custom_partitioner_base() -> type:

@@ -23,6 +23,7 @@ from memopt._torch_compat import (
     custom_partitioner_base,
     hash_of_files,
     min_cut_rematerialization_partition,
+    never_recompute,
 )
 from memopt.config import Config
 from memopt.estimate import storage_nbytes, tensor_values
@@ -38,14 +39,52 @@ def partition(
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     """Split a joint graph into forward and backward graphs under memopt's config."""
     kwargs.setdefault("compiler", "inductor")
+    save_reversible_chains(joint)
     with activation_memory_budget(config.memory_budget):
         forward, backward = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+    if config.memory_budget is not None and saves_a_whole_chain(forward, kwargs["num_fwd_outputs"]):
+        # With nothing but chains (and graph inputs) left to recompute, PyTorch's budget
+        # solver returns the chain node itself as a saved value, a tuple no graph can save.
+        # Nothing else could have been recomputed, so the default partition is as good.
+        forward, backward = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        if report is not None:
+            report.partition_notes.append(
+                f"memory_budget={config.memory_budget} not applied: nothing but reversible chains "
+                "to recompute, and they are always kept"
+            )
     if report is not None:
         count, nbytes = saved_activations(forward, kwargs["num_fwd_outputs"])
         report.saved_activations = count
         report.saved_activation_bytes = nbytes
         record_reversible_saved(forward, kwargs["num_fwd_outputs"], report)
     return forward, backward
+
+
+def save_reversible_chains(joint: torch.fx.GraphModule) -> None:
+    """Keep every ``memopt::reversible_chain`` in the forward graph, whatever the budget.
+
+    The chain's outputs are what its backward rebuilds everything else from, and they are
+    what it saves instead of per-block activations. Under a small ``memory_budget`` the
+    partitioner's knapsack would otherwise recompute the whole chain in the backward (its
+    FLOP counter does not look inside custom ops and prices the chain at 1 FLOP): that runs
+    every block's forward a second time, draws dropout masks from a later RNG state, and
+    reads the BatchNorm running statistics the forward has since updated in place (autograd
+    then fails on their version counter under the eager lowering).
+    """
+    chain_op = torch.ops.memopt.reversible_chain.default
+    for node in joint.graph.find_nodes(op="call_function", target=chain_op):
+        never_recompute(node)
+
+
+def saves_a_whole_chain(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> bool:
+    """Whether the forward graph saves a ``memopt::reversible_chain`` node (its whole output
+    tuple) rather than the tensors taken out of it."""
+    chain_op = torch.ops.memopt.reversible_chain.default
+    output = forward.graph.find_nodes(op="output")[0]
+    return any(
+        isinstance(node, torch.fx.Node) and node.target is chain_op
+        for node in output.args[0][num_fwd_outputs:]
+    )
 
 
 _PASS_THROUGH = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)

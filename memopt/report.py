@@ -56,6 +56,8 @@ class Report:
     """Training only: bytes the forward graph saves for the backward (graph inputs excluded)."""
     saved_activations: int | None = None
     """Training only: how many tensors the forward graph saves for the backward."""
+    partition_notes: list[str] = dataclasses.field(default_factory=list)
+    """Training only: where the partition differs from what the options asked, and why."""
     timeline_before: list[int] = dataclasses.field(default_factory=list, repr=False)
     timeline_after: list[int] = dataclasses.field(default_factory=list, repr=False)
 
@@ -93,6 +95,7 @@ def format_report(report: dict[str, Any], ops: bool = False, details: bool = Fal
             f"  saved for backward: {report['saved_activations']} tensors, "
             f"{format_bytes(report['saved_activation_bytes'])}"
         )
+    lines.extend(f"    - {note}" for note in report.get("partition_notes", ()))
     if ops:
         lines.append("  ops: " + ", ".join(f"{name} x{count}" for name, count in report["op_counts"].items()))
     for result in report["passes"]:

@@ -204,6 +204,26 @@ def test_saved_bytes_do_not_grow_with_depth_and_beat_ordinary_backward():
     assert saved[8, False] > 10 * saved[8, "auto"]
 
 
+@pytest.mark.parametrize("case", ["conv2d", "transformer"])
+def test_memory_budget_keeps_chains_in_the_forward(case):
+    """A small memory_budget never makes the partitioner recompute a chain in the backward:
+    that would draw new dropout masks (and reread BatchNorm buffers the forward updated).
+    With nothing else to recompute, the budget is left off with a note."""
+    torch.manual_seed(0)
+    model, x = CASES[case](3, 0.25)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True, memory_budget=0.1)
+    ref_out, x_ref = run_step(reference, x, seed=7)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    report = memopt.last_report()
+    assert reversible_result(report).rewrites == 1
+    # Saved: the chain's two outputs and one RNG state per step (6 steps), as without a budget.
+    half = out.numel() // 2 * out.element_size()
+    assert report.saved_activation_bytes == 2 * half + 6 * CPU_RNG_STATE_BYTES
+    assert all("memory_budget=0.1 not applied" in note for note in report.partition_notes)
+
+
 def test_dynamo_explain_sees_one_graph_and_no_break():
     from memopt._torch_compat import dynamo_explain
 

@@ -48,6 +48,39 @@ def conv_bn_inputs() -> tuple[torch.Tensor, ...]:
     return (torch.randn(3, 3, 15, 13),)
 
 
+class RevNet(nn.Module):
+    """RevNet-style couplings ``x1 += F(x2); x2 += G(x1)`` whose branches are conv 3x3 ->
+    BatchNorm -> ReLU, between a stem conv and a pooled classifier (odd sizes)."""
+
+    def __init__(self, depth: int = 2, channels: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 2 * channels, 3, padding=1)
+        self.f = nn.ModuleList(self._branch(channels) for _ in range(depth))
+        self.g = nn.ModuleList(self._branch(channels) for _ in range(depth))
+        self.head = nn.Linear(2 * channels, 7)
+
+    @staticmethod
+    def _branch(channels: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.stem(x).chunk(2, dim=1)
+        for f, g in zip(self.f, self.g):
+            x1 = x1 + f(x2)
+            x2 = x2 + g(x1)
+        return self.head(torch.cat([x1, x2], dim=1).mean((2, 3)))
+
+
+def revnet() -> nn.Module:
+    return RevNet()
+
+
+def revnet_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(3, 3, 11, 9),)
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block with scaled-dot-product attention (causal) and a GELU MLP."""
 
