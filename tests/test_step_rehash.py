@@ -201,3 +201,55 @@ def test_unet3d_denoising_loop_reports_final_latent_difference(record_property):
     # Changed on purpose (random weights are no trained denoiser, so the size means little);
     # finite means the reused features kept the loop well-formed.
     assert 0 < difference < float("inf")
+
+
+def _text_to_video_pipeline():
+    """diffusers' TextToVideoSDPipeline around zoo's tiny UNet3D and a tiny VAE, driven by
+    prompt embeddings (no text encoder or tokenizer: nothing to download)."""
+    torch.manual_seed(5)
+    unet = zoo.unet3d().eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+    ).eval()
+    pipe = diffusers.TextToVideoSDPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=diffusers.DDIMScheduler(num_train_timesteps=1000)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, unet
+
+
+def _generate(pipe, guidance_scale: float) -> torch.Tensor:
+    embeds = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(6))
+    negative = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(7))
+    return pipe(
+        prompt_embeds=embeds, negative_prompt_embeds=negative, num_frames=4, height=32, width=32,
+        num_inference_steps=4, guidance_scale=guidance_scale, output_type="latent",
+        generator=torch.Generator().manual_seed(8),
+    ).frames
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_diffusers_pipeline_runs_compiled_sliced_and_rehashed():
+    """The pipeline's own calling convention (classifier-free guidance doubles the batch,
+    ``return_dict=False``, attribute access on ``pipe.unet``) through memopt's wrappers."""
+    pipe, unet = _text_to_video_pipeline()
+    with torch.no_grad():
+        full = _generate(pipe, guidance_scale=1.0)
+        # Sliced and compiled: exact up to float32 reassociation, compounded over 4 steps.
+        pipe.unet = memopt.compile(unet, lowering="eager", slicing={"min_group_bytes": 1024, "max_slice_bytes": 16 << 10})
+        sliced = _generate(pipe, guidance_scale=1.0)
+        assert any(r.name == "slicing" and r.rewrites > 0 for r in memopt.last_report().passes)
+        assert ((sliced - full).abs().max() / full.abs().max()).item() < 1e-4
+        # Step Rehash under classifier-free guidance: half the steps in full, and a second
+        # generation starts afresh (timesteps went up again), so it repeats the first exactly.
+        torch._dynamo.reset()
+        pipe.unet = memopt.compile(unet, lowering="eager", slicing=False, step_rehash={"interval": 2})
+        first = _generate(pipe, guidance_scale=7.5)
+        assert (pipe.unet.full_steps, pipe.unet.rehash_steps) == (2, 2)
+        second = _generate(pipe, guidance_scale=7.5)
+        assert (pipe.unet.full_steps, pipe.unet.rehash_steps) == (4, 4)
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+        pipe.unet = unet
+        assert not torch.equal(first, _generate(pipe, guidance_scale=7.5))  # rehash did change it
