@@ -39,6 +39,11 @@ class MemoryTimeline:
         return dataclasses.asdict(self)
 
 
+TRANSIENT_BYTES = "memopt_transient_bytes"
+"""``node.meta`` key: bytes an opaque op allocates and frees while it runs (a sliced group's
+one slice of intermediates), counted at that node on top of what is live."""
+
+
 def tensor_values(node: torch.fx.Node) -> Iterator[torch.Tensor]:
     """The tensors a node produces, from its ``meta["val"]`` (or Dynamo's ``example_value``)."""
     value = node.meta.get("val", node.meta.get("example_value"))
@@ -113,10 +118,12 @@ def estimate(gm: torch.fx.GraphModule | torch.fx.Graph) -> MemoryTimeline:
     peak, peak_node = 0, None
     for index, node in enumerate(nodes):
         live += sum(storage_bytes[key] for key in born.get(index, ()))
-        running_bytes.append(live)
-        # The peak is reached while the node runs: its outputs exist before its inputs die.
-        if live > peak:
-            peak, peak_node = live, node.name
+        # The peak is reached while the node runs: its outputs exist before its inputs die,
+        # and so do the transients of an opaque op.
+        running = live + node.meta.get(TRANSIENT_BYTES, 0)
+        running_bytes.append(running)
+        if running > peak:
+            peak, peak_node = running, node.name
         live -= sum(storage_bytes[key] for key in dies.get(index, ()))
         live_bytes.append(live)
 

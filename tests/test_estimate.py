@@ -69,3 +69,21 @@ def test_report_carries_estimates_of_the_dynamo_graph():
     assert report.peak_before == 2 * 16 * 256 * 4
     assert report.peak_after == report.peak_before  # no pass rewrote anything
     assert len(report.timeline_before) == report.nodes_before
+
+
+def test_transient_bytes_of_an_opaque_op_count_while_it_runs():
+    from memopt.estimate import TRANSIENT_BYTES
+
+    def chain(x):
+        return (x * 2).relu() + 1
+
+    gm = traced(chain, torch.randn(1000))
+    plain = memopt.estimate(gm)
+    relu = next(node for node in gm.graph.nodes if "relu" in str(node.target))
+    relu.meta[TRANSIENT_BYTES] = 10_000
+    with_transient = memopt.estimate(gm)
+    index = with_transient.node_names.index(relu.name)
+    assert with_transient.running_bytes[index] == plain.running_bytes[index] + 10_000
+    assert with_transient.peak_bytes == plain.running_bytes[index] + 10_000 > plain.peak_bytes
+    assert with_transient.peak_node == relu.name
+    assert with_transient.live_bytes == plain.live_bytes  # nothing outlives the op
