@@ -364,6 +364,23 @@ def test_compiled_bodies_are_exact_compile_once_and_keep_the_saving():
     assert peak_plain >= 1.5 * peak_sliced, (peak_plain, peak_sliced)
 
 
+def test_a_body_that_fails_to_compile_runs_op_by_op(monkeypatch):
+    import memopt.ops.slicing as slicing_ops
+
+    def broken(body, args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(slicing_ops, "compile_body", broken)
+    torch.manual_seed(13)
+    model = ConvNet(width=16).eval()
+    x = torch.randn(4, 3, 24, 24)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        _, out, result = compile_and_run(model, x, slicing={**SMALL_GROUPS, "compile_body": True})
+    assert result.rewrites >= 1
+    with torch.no_grad():
+        assert_close_rel(out, model(x))
+
+
 def test_compile_body_defaults_off_on_cpu_and_is_validated():
     torch.manual_seed(12)
     _, _, result = compile_and_run(ConvNet(width=16).eval(), torch.randn(4, 3, 24, 24))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,7 +114,17 @@ class SlicedGroup:
         )
         function = self.compiled.get(key)
         if function is None:
-            function = self.compiled[key] = compile_body(self.body, args)
+            try:
+                function = compile_body(self.body, args)
+            except Exception as error:  # same results either way: fall back, never fail the model
+                warnings.warn(
+                    f"memopt::slicing: compiling a group body with Inductor failed ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); running it op by op",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                function = self.body
+            self.compiled[key] = function
         return function
 
 
