@@ -194,9 +194,10 @@ def chain_backward(
     param_grads: list[Tensor | None] = [None] * len(leaves)
 
     rng_row = chain.random_steps
-    # ``current`` is never written in place: the first two are the forward's saved outputs.
+    trained_index = [[i for i in step.param_index if leaves[i].requires_grad] for step in chain.steps]
     with torch.enable_grad():
-        for step in reversed(chain.steps):
+        for step_number in reversed(range(n)):
+            step = chain.steps[step_number]
             step_params = [leaves[i] for i in step.param_index]
             step_consts = [scratch_consts[i] for i in step.const_index]
             step_sizes = [sizes[i] for i in step.size_index] if step.size_index else ()
@@ -209,17 +210,15 @@ def chain_backward(
                     h = step.fn(x, step_params, step_consts, step_sizes)
             else:
                 h = step.fn(x, step_params, step_consts, step_sizes)
-            trained = [i for i in step.param_index if leaves[i].requires_grad]
-            h_value = h.detach()
+            rebuilt = current - h.detach()
+            if step.scale != 1.0:
+                rebuilt = rebuilt / step.scale
+            trained = trained_index[step_number]
             if h.requires_grad:
                 grads = vjp_unchecked(h, grad_current, [x] + [leaves[i] for i in trained])
             else:
                 grads = (None,) * (1 + len(trained))
             del h
-            rebuilt = current - h_value
-            if step.scale != 1.0:
-                rebuilt = rebuilt / step.scale
-            del h_value
             grad_x = grads[0]
             grad_rebuilt = grad_current if step.scale == 1.0 else grad_current * step.scale
             new_grad_current = grad_previous if grad_x is None else grad_previous + grad_x
