@@ -436,9 +436,16 @@ def _step_module(gm: torch.fx.GraphModule, step: _Step) -> torch.fx.GraphModule:
 
 
 def _make_fn(module: torch.fx.GraphModule, order: list[tuple[str, int]]) -> reversible_ops.StepFn:
+    # The generated ``forward`` directly, not ``module(...)``: nn.Module's call machinery (hooks,
+    # FX's traceback wrapper) costs a few microseconds a call, and the chain calls it twice per
+    # step (forward, recomputation).
+    forward = module.forward
+    pool_of = {"p": 0, "c": 1, "s": 2}
+    slots = [(pool_of[kind], i) for kind, i in order]
+
     def fn(x, params, consts, sizes):
-        pools = {"p": params, "c": consts, "s": sizes}
-        return module(x, *[pools[kind][i] for kind, i in order])
+        pools = (params, consts, sizes)
+        return forward(x, *[pools[pool][i] for pool, i in slots])
 
     return fn
 

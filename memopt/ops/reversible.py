@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from memopt._torch_compat import autograd_inside_kernel
+from memopt._torch_compat import autograd_inside_kernel, vjp_unchecked
 
 Tensor = torch.Tensor
 
@@ -130,9 +130,12 @@ def chain_forward(
         for step in chain.steps:
             if step.random:
                 states.append(_get_rng_state(device).clone())
-            step_params = [params[i] for i in step.param_index]
-            step_consts = [consts[i] for i in step.const_index]
-            h = step.fn(current, step_params, step_consts, [sizes[i] for i in step.size_index])
+            h = step.fn(
+                current,
+                [params[i] for i in step.param_index],
+                [consts[i] for i in step.const_index],
+                [sizes[i] for i in step.size_index] if step.size_index else (),
+            )
             update = previous if step.scale == 1.0 else previous * step.scale
             previous, current = current, update + h
     if len(chain.steps) % 2 == 0:
@@ -163,6 +166,11 @@ def chain_backward(
     ``params`` are already leaves requiring grad (module parameters in eager mode); otherwise
     each is detached into one. Returns ``(grad_x1, grad_x2, grad_params)``; a parameter no
     step reaches gets ``None``.
+
+    Each step's ``h`` is computed once, with autograd, and serves both the rebuild and the
+    gradient. The loop runs under one ``enable_grad`` and calls the autograd engine directly
+    (:func:`vjp_unchecked`): in a launch-bound chain the per-step Python around the step's
+    own ops is what separates this from an ordinary backward.
     """
     device = stream1.device
     n = len(chain.steps)
@@ -186,12 +194,15 @@ def chain_backward(
     param_grads: list[Tensor | None] = [None] * len(leaves)
 
     rng_row = chain.random_steps
-    for step in reversed(chain.steps):
-        step_params = [leaves[i] for i in step.param_index]
-        step_consts = [scratch_consts[i] for i in step.const_index]
-        step_sizes = [sizes[i] for i in step.size_index]
-        x = previous.detach().requires_grad_(True)
-        with torch.enable_grad():
+    trained_index = [[i for i in step.param_index if leaves[i].requires_grad] for step in chain.steps]
+    with torch.enable_grad():
+        for step_number in reversed(range(n)):
+            step = chain.steps[step_number]
+            step_params = [leaves[i] for i in step.param_index]
+            step_consts = [scratch_consts[i] for i in step.const_index]
+            step_sizes = [sizes[i] for i in step.size_index] if step.size_index else ()
+            # ``previous`` is a tensor of our own, computed without autograd: a leaf already.
+            x = previous.requires_grad_(True)
             if step.random:
                 rng_row -= 1
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -199,26 +210,24 @@ def chain_backward(
                     h = step.fn(x, step_params, step_consts, step_sizes)
             else:
                 h = step.fn(x, step_params, step_consts, step_sizes)
-        with torch.no_grad():
-            rebuilt = current - h
+            rebuilt = current - h.detach()
             if step.scale != 1.0:
                 rebuilt = rebuilt / step.scale
-        wrt = [x] + [p for p in step_params if p.requires_grad]
-        grads = torch.autograd.grad(h, wrt, grad_current, allow_unused=True) if h.requires_grad else [None] * len(wrt)
-        grad_x = grads[0]
-        grad_rebuilt = grad_current if step.scale == 1.0 else grad_current * step.scale
-        new_grad_current = grad_previous if grad_x is None else grad_previous + grad_x
-        position = 1
-        for i in step.param_index:
-            if not leaves[i].requires_grad:
-                continue
-            g = grads[position]
-            position += 1
-            if g is not None:
-                param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
-        current, previous = x.detach(), rebuilt
-        grad_current, grad_previous = new_grad_current, grad_rebuilt
-        del h, grads
+            trained = trained_index[step_number]
+            if h.requires_grad:
+                grads = vjp_unchecked(h, grad_current, [x] + [leaves[i] for i in trained])
+            else:
+                grads = (None,) * (1 + len(trained))
+            del h
+            grad_x = grads[0]
+            grad_rebuilt = grad_current if step.scale == 1.0 else grad_current * step.scale
+            new_grad_current = grad_previous if grad_x is None else grad_previous + grad_x
+            for i, g in zip(trained, grads[1:]):
+                if g is not None:
+                    param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+            current, previous = x.detach(), rebuilt
+            grad_current, grad_previous = new_grad_current, grad_rebuilt
+            del grads
     # Now ``previous`` is v[-1] = x1 and ``current`` is v[0] = x2.
     return grad_previous, grad_current, param_grads
 
