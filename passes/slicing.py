@@ -724,6 +724,11 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
     last_position = position[seed]
     push_users(seed)
     while heap and pending:
+        if heap[0][0] - last_position > _MAX_GAP:
+            # Nodes are taken in graph order and only a node within _MAX_GAP of the latest
+            # member can join, so nothing from here on can: stop (this keeps the pass linear
+            # in the graph rather than walking everything downstream of every seed).
+            break
         _, node = heapq.heappop(heap)
         pending -= 1
         reads_group = any(a in slicing.specs for a in node.all_input_nodes)
