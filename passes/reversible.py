@@ -489,8 +489,13 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
             if buffer in consts and consts.index(buffer) not in mutated:
                 mutated.append(consts.index(buffer))
     device = _value(chain.x1).device
-    op_chain = reversible_ops.Chain(op_steps, mutated, reversible_ops.rng_state_bytes(device))
+    # The graph was traced under the caller's autocast state (Dynamo guards on it); the chain
+    # keeps it so that its forward and its recomputation in the backward (which usually runs
+    # after the caller's ``autocast`` block has closed) compute in the precision eager would.
+    autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    op_chain = reversible_ops.Chain(op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast)
     fingerprint.append(repr([(tuple(_value(n).shape), _value(n).dtype) for n in [chain.x1, chain.x2, *params, *consts]]))
+    fingerprint.append(repr(autocast))
     key = reversible_ops.register_chain(op_chain, "\n".join(fingerprint))
 
     fake_mode = _fake_mode([chain.x1, *params])

@@ -346,6 +346,43 @@ def test_autocast_regions_are_left_alone():
     assert result.rewrites == 0 and "autocast" in result.notes[0]
 
 
+@pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_chain_keeps_the_callers_autocast_state(lowering):
+    """The usual mixed-precision step: forward inside ``torch.autocast``, backward after it.
+    The chain's forward and its recomputation must both run in bfloat16 like eager's, or the
+    rebuilt inputs and every gradient drift by bfloat16's rounding (~1e-2)."""
+    torch.manual_seed(3)
+    model = TransformerCouplings(4, width=16, heads=2)
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 5, 32)
+
+    def step(fn, autocast):
+        inp = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(inp)
+        out.float().square().mean().backward()
+        return out, inp
+
+    compiled = memopt.compile(model, lowering=lowering, fullgraph=True)
+    with memopt.collect_reports() as reports:
+        out, x_grad = step(compiled, autocast=True)
+    assert reversible_result(reports[0]).rewrites == 1
+    ref_out, ref_x_grad = step(reference, autocast=True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, ref_x_grad)
+
+    # Without autocast Dynamo recompiles (it guards on the autocast state) and the new chain
+    # runs in float32.
+    for p in [*model.parameters(), *reference.parameters()]:
+        p.grad = None
+    with memopt.collect_reports() as reports:
+        out, x_grad = step(compiled, autocast=False)
+    assert len(reports) == 1 and reversible_result(reports[0]).rewrites == 1
+    ref_out, ref_x_grad = step(reference, autocast=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, ref_x_grad)
+
+
 def test_nn_blocks_eager_recompute_under_the_forward_autocast_state():
     torch.manual_seed(0)
     module = mnn.ReversibleSequential(*[mnn.RevCoupling(MLP(4, 0.0), MLP(4, 0.0)) for _ in range(3)], dim=-1)

@@ -26,10 +26,12 @@ batch's own statistics, so the copies do not change the result).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -78,6 +80,18 @@ class Chain:
     """Positions in the constant list of buffers the steps update in place."""
     rng_bytes: int = 0
     """Bytes of one RNG state on the chain's device (see :func:`rng_state_bytes`)."""
+    autocast: tuple[str, bool, torch.dtype] | None = None
+    """``(device_type, enabled, dtype)``: the autocast state the chain was traced under (a
+    training step inside ``torch.autocast``). Its forward and its recomputation in the
+    backward both run under it, whatever the state when they run (the backward usually runs
+    outside the user's ``autocast`` block); ``None`` leaves the ambient state alone."""
+
+    def precision(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context the chain's steps run under."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        device_type, enabled, dtype = self.autocast
+        return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
     @property
     def random_steps(self) -> int:
@@ -126,7 +140,7 @@ def chain_forward(
     device = x1.device
     states = []
     previous, current = x1, x2
-    with torch.no_grad():
+    with torch.no_grad(), chain.precision():
         for step in chain.steps:
             if step.random:
                 states.append(_get_rng_state(device).clone())
@@ -195,7 +209,7 @@ def chain_backward(
 
     rng_row = chain.random_steps
     trained_index = [[i for i in step.param_index if leaves[i].requires_grad] for step in chain.steps]
-    with torch.enable_grad():
+    with torch.enable_grad(), chain.precision():
         for step_number in reversed(range(n)):
             step = chain.steps[step_number]
             step_params = [leaves[i] for i in step.param_index]
