@@ -1052,7 +1052,9 @@ def _even_slices(units: int, slices: int, max_slices: int) -> int:
     return slices
 
 
-def _prepare(group: _Group, compile_body: bool) -> tuple[str, SlicedGroup, list[torch.fx.Node]]:
+def _prepare(
+    group: _Group, compile_body: bool, autocast: tuple[str, bool, torch.dtype]
+) -> tuple[str, SlicedGroup, list[torch.fx.Node]]:
     """Build and register the group's body (from the untouched graph)."""
     placeholders = list(group.feeds)
     body, norms = _body(group, placeholders)
@@ -1066,10 +1068,11 @@ def _prepare(group: _Group, compile_body: bool) -> tuple[str, SlicedGroup, list[
         slices=group.slices,
         norm_stats=tuple(norms),
         compile_body=compile_body,
+        autocast=autocast,
     )
     fingerprint = repr((
         body.code, sliced.input_specs, sliced.output_specs, sliced.output_layouts,
-        sliced.units, sliced.slices, sliced.norm_stats, sliced.compile_body,
+        sliced.units, sliced.slices, sliced.norm_stats, sliced.compile_body, sliced.autocast,
     ))
     key = register_group("g" + hashlib.sha256(fingerprint.encode()).hexdigest()[:24], sliced)
     return key, sliced, [node for node, _ in placeholders]
@@ -1262,7 +1265,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             "per_slice_bytes": math.ceil(max(group.intermediate_bytes - group.output_bytes, 0) / group.slices),
             "compiled": compile_body,
         })
-    prepared = [_prepare(group, compile_body) for group in groups]
+    # The graph was traced under the caller's autocast state (Dynamo guards on it); the
+    # bodies run under it too, as the ops they replace would have.
+    device_type = ctx.device.type
+    autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    prepared = [_prepare(group, compile_body, autocast) for group in groups]
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
     for group, (key, sliced, inputs) in zip(groups, prepared):
         _rewrite(graph, group, key, sliced, inputs, replaced)

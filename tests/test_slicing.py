@@ -206,6 +206,21 @@ def test_unsliceable_graph_is_left_untouched():
     torch.testing.assert_close(out, mixes_everything(x), rtol=0, atol=0)
 
 
+def test_bodies_run_in_the_callers_autocast_precision():
+    """Inside a compiled graph the op runs with autocast off; the body must still compute in
+    bfloat16 where eager under ``torch.autocast`` does (not silently in float32)."""
+    torch.manual_seed(14)
+    model = ConvNet(width=16).eval()
+    x = torch.randn(4, 3, 24, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        _, out, result = compile_and_run(model, x)
+    assert result.rewrites >= 1 and out.dtype == expected.dtype == torch.bfloat16
+    # Same ops in the same precision, one slice at a time: equal to eager's up to bfloat16's
+    # last bit (float32 would differ by ~5e-3 of the output's scale).
+    assert_close_rel(out.float(), expected.float(), rtol=1e-3)
+
+
 def test_small_groups_are_left_alone_under_auto():
     torch.manual_seed(5)
     model = ConvNet(width=8).eval()
