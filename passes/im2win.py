@@ -196,6 +196,16 @@ def _match(conv: torch.fx.Node, ctx: PassContext) -> _Site:
     x_val, weight_val = _val(x), _val(weight)
     if x_val.dim() != 4:
         raise _Skip(f"{x_val.dim()}-D (unbatched) input; im2win takes NCHW batches")
+    device_type = x_val.device.type
+    if torch.is_autocast_enabled(device_type):
+        lower = torch.get_autocast_dtype(device_type)
+        if {x_val.dtype, weight_val.dtype} != {lower}:
+            # Autocast runs aten's convolution in its lower precision; the custom op has no
+            # autocast rule and would compute (and return) the graph's dtypes instead.
+            raise _Skip(
+                f"the graph runs under torch.autocast({device_type!r}), which computes this "
+                f"{x_val.dtype}/{weight_val.dtype} convolution in {lower}"
+            )
     if x_val.dtype not in im2win_conv.DTYPES or weight_val.dtype != x_val.dtype:
         raise _Skip(f"dtype {x_val.dtype}/{weight_val.dtype} (im2win supports float32, float16, bfloat16)")
     if bias is not None and _val(bias).dtype != x_val.dtype:

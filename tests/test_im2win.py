@@ -527,6 +527,21 @@ def test_pass_auto_follows_cached_choice(tmp_path):
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_pass_leaves_convolutions_that_autocast_lowers_to_aten():
+    torch.manual_seed(3)
+    model = small_net().eval()
+    x = torch.randn(2, 3, 9, 9)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = memopt.compile(model, lowering="eager", im2win=True)(x)
+        expected = model(x)
+    result = im2win_result(memopt.last_report())
+    assert result.rewrites == 0 and len(result.details) == 2
+    assert all("torch.autocast" in row["reason"] for row in result.details), result.details
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_pass_off_and_unsupported_dtype():
     model, x = small_net().double(), torch.randn(1, 3, 9, 9, dtype=torch.float64)
     torch._dynamo.reset()
