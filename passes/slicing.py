@@ -1014,7 +1014,8 @@ def _body(group: _Group, placeholders: list[tuple[torch.fx.Node, Spec | None]]) 
                 group_norm_with_stats,
                 (lookup(x, feeds), mean, rstd, _arg(node, 1, "num_groups"),
                  lookup(weight, feeds) if isinstance(weight, torch.fx.Node) else weight,
-                 lookup(bias, feeds) if isinstance(bias, torch.fx.Node) else bias),
+                 lookup(bias, feeds) if isinstance(bias, torch.fx.Node) else bias,
+                 _tensor(node).dtype),  # the traced dtype: float32 under autocast, like aten's
             )
         else:
             new = graph.create_node(node.op, node.target, args, kwargs)

@@ -221,6 +221,21 @@ def test_bodies_run_in_the_callers_autocast_precision():
     assert_close_rel(out.float(), expected.float(), rtol=1e-3)
 
 
+def test_two_pass_group_norm_returns_the_traced_dtype():
+    """Under CUDA autocast group_norm runs in float32 on bfloat16 input and returns float32;
+    the two-pass norm of a slice returns the dtype the traced node had, not its input's."""
+    from memopt.ops.slicing import group_norm_stats, group_norm_with_stats
+
+    x = (torch.randn(2, 8, 6, 5) * 3 + 1).to(torch.bfloat16)
+    weight, bias = torch.randn(8), torch.randn(8)
+    mean, rstd = group_norm_stats(x, 4, 1e-5)
+    out = group_norm_with_stats(x[:, :, 2:4], mean, rstd, 4, weight, bias, torch.float32)
+    assert out.dtype == torch.float32
+    expected = F.group_norm(x.float(), 4, weight, bias, 1e-5)[:, :, 2:4]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert group_norm_with_stats(x[:, :, 2:4], mean, rstd, 4, weight, bias).dtype == torch.bfloat16
+
+
 def test_small_groups_are_left_alone_under_auto():
     torch.manual_seed(5)
     model = ConvNet(width=8).eval()

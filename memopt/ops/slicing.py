@@ -206,9 +206,11 @@ def group_norm_with_stats(
     num_groups: int,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``group_norm`` of a slice of a tensor (sliced along a dimension >= 2), with the
-    statistics of the whole tensor from :func:`group_norm_stats`."""
+    statistics of the whole tensor from :func:`group_norm_stats`. ``out_dtype`` (default:
+    ``x``'s) is what ``group_norm`` returned when traced: autocast runs it in float32."""
     channels = x.shape[1]
     grouped = x.unflatten(1, (num_groups, channels // num_groups))
     stat_shape = (*mean.shape, *([1] * (grouped.dim() - 2)))
@@ -218,4 +220,4 @@ def group_norm_with_stats(
         normalized = normalized * weight.view(affine_shape)
     if bias is not None:
         normalized = normalized + bias.view(affine_shape)
-    return normalized.to(x.dtype)
+    return normalized.to(out_dtype or x.dtype)
