@@ -36,6 +36,7 @@ from torch.fx import Node
 
 from memopt._torch_compat import StorageWeakRef
 from memopt.estimate import storage_nbytes, tensor_values
+from memopt.ops import autocast_state
 from memopt.ops import reversible as reversible_ops
 from memopt.passes.base import GraphPass, PassContext
 from memopt.report import PassResult
@@ -489,10 +490,7 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
             if buffer in consts and consts.index(buffer) not in mutated:
                 mutated.append(consts.index(buffer))
     device = _value(chain.x1).device
-    # The graph was traced under the caller's autocast state (Dynamo guards on it); the chain
-    # keeps it so that its forward and its recomputation in the backward (which usually runs
-    # after the caller's ``autocast`` block has closed) compute in the precision eager would.
-    autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    autocast = autocast_state.current(device.type)  # see memopt.ops.autocast_state
     op_chain = reversible_ops.Chain(op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast)
     fingerprint.append(repr([(tuple(_value(n).shape), _value(n).dtype) for n in [chain.x1, chain.x2, *params, *consts]]))
     fingerprint.append(repr(autocast))

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from memopt._torch_compat import StorageWeakRef
 from memopt.config import SlicingOptions
 from memopt.estimate import TRANSIENT_BYTES, estimate, tensor_values
+from memopt.ops import autocast_state
 from memopt.ops.slicing import (
     NormStats,
     SlicedGroup,
@@ -1054,7 +1055,7 @@ def _even_slices(units: int, slices: int, max_slices: int) -> int:
 
 
 def _prepare(
-    group: _Group, compile_body: bool, autocast: tuple[str, bool, torch.dtype]
+    group: _Group, compile_body: bool, autocast: autocast_state.AutocastState
 ) -> tuple[str, SlicedGroup, list[torch.fx.Node]]:
     """Build and register the group's body (from the untouched graph)."""
     placeholders = list(group.feeds)
@@ -1266,10 +1267,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             "per_slice_bytes": math.ceil(max(group.intermediate_bytes - group.output_bytes, 0) / group.slices),
             "compiled": compile_body,
         })
-    # The graph was traced under the caller's autocast state (Dynamo guards on it); the
-    # bodies run under it too, as the ops they replace would have.
-    device_type = ctx.device.type
-    autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    autocast = autocast_state.current(ctx.device.type)  # see memopt.ops.autocast_state
     prepared = [_prepare(group, compile_body, autocast) for group in groups]
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
     for group, (key, sliced, inputs) in zip(groups, prepared):

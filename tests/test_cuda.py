@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memopt
+import zoo
 from memopt.nn import MonarchLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -230,28 +231,10 @@ def test_reversible_chain_on_cuda_matches_eager_and_saves_memory():
     assert plain_peak >= 2 * reversible_peak, (plain_peak, reversible_peak)
 
 
-class SliceNet(nn.Module):
-    """Activations dominate: 3 channels in and out, 64-128 inside, GroupNorm between."""
-
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-        self.conv_in = nn.Conv2d(3, width, 3, padding=1)
-        self.norm1 = nn.GroupNorm(8, width)
-        self.conv1 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.norm2 = nn.GroupNorm(8, 2 * width)
-        self.conv2 = nn.Conv2d(2 * width, width, 3, padding=1)
-        self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        r = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(h))))))
-        return self.conv_out(h + r)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_slicing_on_cuda_is_exact_and_lowers_the_measured_peak(dtype):
     torch.manual_seed(6)
-    model = SliceNet().eval().cuda().to(dtype)
+    model = zoo.GroupNormConvNet(width=64).eval().cuda().to(dtype)
     x = torch.randn(8, 3, 96, 96, device="cuda", dtype=dtype)
     with torch.no_grad():
         expected = model(x)
@@ -302,7 +285,7 @@ def test_reversible_chain_under_cuda_autocast_matches_eager():
 
 def test_slicing_under_cuda_autocast_keeps_eager_precision():
     torch.manual_seed(8)
-    model = SliceNet().eval().cuda()
+    model = zoo.GroupNormConvNet(width=64).eval().cuda()
     x = torch.randn(8, 3, 64, 64, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         expected = model(x)

@@ -40,23 +40,7 @@ def compile_and_run(model, *args, lowering="eager", slicing=SMALL_GROUPS, **kwar
     return compiled, out, result
 
 
-class ConvNet(nn.Module):
-    """Activations dominate: 3 channels in and out, 48-96 inside."""
-
-    def __init__(self, width: int = 48) -> None:
-        super().__init__()
-        self.conv_in = nn.Conv2d(3, width, 3, padding=1)
-        self.norm1 = nn.GroupNorm(4, width)
-        self.conv1 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.norm2 = nn.GroupNorm(8, 2 * width)
-        self.conv2 = nn.Conv2d(2 * width, width, 3, padding=1)
-        self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        r = F.silu(self.norm1(h))
-        r = self.conv2(F.silu(self.norm2(self.conv1(r))))
-        return self.conv_out(h + r)
+ConvNet = zoo.GroupNormConvNet
 
 
 class TemporalConv(nn.Module):

@@ -205,3 +205,23 @@ def unet3d() -> nn.Module:
         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
         cross_attention_dim=16, attention_head_dim=8,
     )
+
+
+class GroupNormConvNet(nn.Module):
+    """Activations dominate: 3 channels in and out, ``width`` to ``2 * width`` inside, GroupNorm
+    between (what the slicing pass slices per sample)."""
+
+    def __init__(self, width: int = 48) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, width, 3, padding=1)
+        self.norm1 = nn.GroupNorm(4, width)
+        self.conv1 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, 2 * width)
+        self.conv2 = nn.Conv2d(2 * width, width, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        r = F.silu(self.norm1(h))
+        r = self.conv2(F.silu(self.norm2(self.conv1(r))))
+        return self.conv_out(h + r)

@@ -26,16 +26,15 @@ batch's own statistics, so the copies do not change the result).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from memopt._torch_compat import autograd_inside_kernel, vjp_unchecked
+from memopt.ops.autocast_state import AutocastState, current, under
 
 Tensor = torch.Tensor
 
@@ -80,18 +79,10 @@ class Chain:
     """Positions in the constant list of buffers the steps update in place."""
     rng_bytes: int = 0
     """Bytes of one RNG state on the chain's device (see :func:`rng_state_bytes`)."""
-    autocast: tuple[str, bool, torch.dtype] | None = None
-    """``(device_type, enabled, dtype)``: the autocast state the chain was traced under (a
-    training step inside ``torch.autocast``). Its forward and its recomputation in the
-    backward both run under it, whatever the state when they run (the backward usually runs
-    outside the user's ``autocast`` block); ``None`` leaves the ambient state alone."""
-
-    def precision(self) -> contextlib.AbstractContextManager[Any]:
-        """The autocast context the chain's steps run under."""
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        device_type, enabled, dtype = self.autocast
-        return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+    autocast: AutocastState | None = None
+    """The autocast state the chain was traced under: its forward and its recomputation in
+    the backward both run under it (see :mod:`memopt.ops.autocast_state`); ``None`` leaves
+    the ambient state alone."""
 
     @property
     def random_steps(self) -> int:
@@ -140,7 +131,7 @@ def chain_forward(
     device = x1.device
     states = []
     previous, current = x1, x2
-    with torch.no_grad(), chain.precision():
+    with torch.no_grad(), under(chain.autocast):
         for step in chain.steps:
             if step.random:
                 states.append(_get_rng_state(device).clone())
@@ -209,7 +200,7 @@ def chain_backward(
 
     rng_row = chain.random_steps
     trained_index = [[i for i in step.param_index if leaves[i].requires_grad] for step in chain.steps]
-    with torch.enable_grad(), chain.precision():
+    with torch.enable_grad(), under(chain.autocast):
         for step_number in reversed(range(n)):
             step = chain.steps[step_number]
             step_params = [leaves[i] for i in step.param_index]
@@ -383,8 +374,7 @@ class ReversibleChainFunction(torch.autograd.Function):
     def forward(ctx, chain: Chain, x1: Tensor, x2: Tensor, num_params: int, *tensors: Tensor):
         params, consts = list(tensors[:num_params]), list(tensors[num_params:])
         # The recomputation must run under the same autocast state as this forward.
-        device_type = x1.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.autocast = current(x1.device.type)
         stream1, stream2, rng = chain_forward(chain, x1, x2, params, consts)
         ctx.chain = chain
         ctx.num_params = num_params
@@ -395,8 +385,7 @@ class ReversibleChainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad1: Tensor | None, grad2: Tensor | None):
         stream1, stream2, rng = ctx.saved_tensors
-        device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with under(ctx.autocast):
             grad_x1, grad_x2, param_grads = chain_backward(
                 ctx.chain, stream1, stream2, grad1, grad2, rng, ctx.params, ctx.consts, params_are_leaves=True
             )

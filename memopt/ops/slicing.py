@@ -22,7 +22,6 @@ Inductor's time that way.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import warnings
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.fx
+
+from memopt.ops.autocast_state import AutocastState, under
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +78,9 @@ class SlicedGroup:
     norm_stats: tuple[NormStats, ...] = ()
     compile_body: bool = False
     """Run the body compiled by Inductor (see :func:`compile_body`) instead of op by op."""
-    autocast: tuple[str, bool, torch.dtype] | None = None
-    """``(device_type, enabled, dtype)``: the autocast state the graph was traced under. The
-    body runs (and is compiled) under it: inside a compiled graph the op runs with autocast
-    off, and the body, written in the traced graph's ops, would otherwise compute in float32
-    where eager computed in bfloat16."""
+    autocast: AutocastState | None = None
+    """The autocast state the graph was traced under; the body runs, and is compiled, under
+    it (see :mod:`memopt.ops.autocast_state`)."""
     compiled: dict[tuple, Callable[..., Any]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     """Compiled bodies by the layouts of their arguments (one per distinct slice shape)."""
 
@@ -105,19 +104,13 @@ class SlicedGroup:
                 value if spec is None else value.narrow(spec.dim, first * spec.unit, (stop - first) * spec.unit)
                 for value, spec in zip(inputs, self.input_specs)
             ]
-            with self._precision():
+            with under(self.autocast):
                 results = self._body_for([*args, *stats])(*args, *stats)
             for output, result, spec in zip(outputs, results, self.output_specs):
                 output.narrow(spec.dim, first * spec.unit, (stop - first) * spec.unit).copy_(result)
             del results, args
         return outputs
 
-
-    def _precision(self) -> contextlib.AbstractContextManager[Any]:
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        device_type, enabled, dtype = self.autocast
-        return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
     def _body_for(self, args: Sequence[Any]) -> Callable[..., Any]:
         if not self.compile_body or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
