@@ -113,13 +113,15 @@ class SlicedGroup:
 
 
     def _body_for(self, args: Sequence[Any]) -> Callable[..., Any]:
-        if not self.compile_body or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            return self.body  # compiling inside CUDA graph capture would be captured too
+        if not self.compile_body:
+            return self.body
         key = tuple(
             (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args
         )
         function = self.compiled.get(key)
         if function is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                return self.body  # a compile inside CUDA graph capture would be captured too
             try:
                 function = compile_body(self.body, args)
             except Exception as error:  # same results either way: fall back, never fail the model
