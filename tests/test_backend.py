@@ -63,23 +63,28 @@ def test_inference_matches_eager(name, lowering):
     assert report is not None and not report.training
 
 
+def assert_steps_match(model, reference, actual, expected, what: str) -> None:
+    """Outputs, every gradient and every buffer of two :func:`training_step` results agree
+    (BatchNorm statistics updated exactly once, as in eager)."""
+    (actual_out, actual_grads, _), (expected_out, expected_grads, _) = actual, expected
+    assert_close(actual_out, expected_out, what=f"{what} outputs")
+    assert actual_grads.keys() == expected_grads.keys()
+    for key in expected_grads:
+        assert_close(actual_grads[key], expected_grads[key], what=f"{what} grad {key}")
+    for (key, buffer), (_, expected_buffer) in zip(model.named_buffers(), reference.named_buffers()):
+        assert_close(buffer, expected_buffer, what=f"{what} buffer {key}")
+
+
 @pytest.mark.parametrize(("name", "lowering"), CASES)
 def test_training_matches_eager(name, lowering):
     model, inputs = make(name)
     reference = copy.deepcopy(model)
     model.train()
     reference.train()
-    expected_out, expected_grads, weights = training_step(reference, inputs)
+    expected = training_step(reference, inputs)
     compiled = memopt.compile(model, lowering=lowering)
-    actual_out, actual_grads, _ = training_step(compiled, inputs, weights)
-
-    assert_close(actual_out, expected_out, what=f"{name} outputs")
-    assert actual_grads.keys() == expected_grads.keys()
-    for key in expected_grads:
-        assert_close(actual_grads[key], expected_grads[key], what=f"{name} grad {key}")
-    # BatchNorm statistics are updated exactly once, as in eager.
-    for (key, buffer), (_, expected_buffer) in zip(model.named_buffers(), reference.named_buffers()):
-        assert_close(buffer, expected_buffer, what=f"{name} buffer {key}")
+    actual = training_step(compiled, inputs, expected[2])
+    assert_steps_match(model, reference, actual, expected, name)
     report = memopt.last_report()
     assert report.training
     assert report.saved_activations is not None and report.saved_activations > 0
@@ -189,14 +194,9 @@ def test_memory_budget_with_reversible_batchnorm_matches_eager(budget, reversibl
     reference = copy.deepcopy(model)
     compiled = memopt.compile(model, lowering=lowering, reversible=reversible, memory_budget=budget)
     for step in range(2):  # the second step starts from statistics the first one updated
-        expected_out, expected_grads, weights = training_step(reference, inputs)
-        actual_out, actual_grads, _ = training_step(compiled, inputs, weights)
-        assert_close(actual_out, expected_out, what=f"step {step} outputs")
-        assert actual_grads.keys() == expected_grads.keys()
-        for key in expected_grads:
-            assert_close(actual_grads[key], expected_grads[key], what=f"step {step} grad {key}")
-        for (key, buffer), (_, expected_buffer) in zip(model.named_buffers(), reference.named_buffers()):
-            assert_close(buffer, expected_buffer, what=f"step {step} buffer {key}")
+        expected = training_step(reference, inputs)
+        actual = training_step(compiled, inputs, expected[2])
+        assert_steps_match(model, reference, actual, expected, f"step {step}")
     if reversible:
         report = memopt.last_report()
         (result,) = [result for result in report.passes if result.name == "reversible"]
