@@ -21,6 +21,7 @@ __all__ = [
     "aot_autograd",
     "autograd_inside_kernel",
     "vjp_unchecked",
+    "cast_like_autocast",
     "compile_fx",
     "custom_partitioner_base",
     "hash_of_files",
@@ -199,3 +200,38 @@ def vjp_unchecked(
     if torch._C._has_torch_function((output, grad_output, *inputs)):
         return torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
     return _engine_run_backward((output,), (grad_output,), False, False, tuple(inputs), True, accumulate_grad=False)
+
+
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def cast_like_autocast(op: Any, tensor_args: Sequence[int]) -> None:
+    """Give custom op ``op`` the autocast rule of aten's matmuls and convolutions.
+
+    Under ``torch.autocast(device, dtype=...)`` the floating-point tensors at positions
+    ``tensor_args`` are cast to that autocast dtype, read when the op is called (bfloat16 or
+    float16, whichever the caller chose), and the op runs with autocast off, as
+    ``torch.nn.functional.linear`` and ``conv2d`` do. (``torch.library.register_autocast``
+    fixes one dtype at registration.) Registered for CPU and CUDA, in eager mode and for
+    tracing alike: it is a kernel of the dispatcher's autocast keys.
+    """
+    library = torch.library.Library(op._namespace, "IMPL")
+    _LIBRARIES.append(library)  # a registration lives as long as its Library object
+    name = op._name
+    for device_type, key in _AUTOCAST_KEYS.items():
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset: Any, *args: Any, device_type: str = device_type, excluded: Any = excluded) -> Any:
+            dtype = torch.get_autocast_dtype(device_type)
+            cast = list(args)
+            for index in tensor_args:
+                value = cast[index]
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type:
+                    cast[index] = value.to(dtype)
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op._opoverload(*cast)
+
+        library.impl(name, kernel, key, with_keyset=True)
+
+
+_LIBRARIES: list[Any] = []

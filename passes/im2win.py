@@ -113,8 +113,10 @@ IM2WIN = GraphPass(name="im2win", config_field="im2win", run=run)
 class _Site:
     """One convolution node, its constant arguments and the activation it may absorb."""
 
-    def __init__(self, conv, x, weight, bias, stride, padding, dilation, groups, activation_node, activation):
+    def __init__(self, conv, x, weight, bias, stride, padding, dilation, groups, activation_node, activation, dtype):
         self.conv = conv
+        self.dtype = dtype
+        """What the convolution computes in: the graph's dtype, or autocast's."""
         self.x, self.weight, self.bias = x, weight, bias
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.activation_node = activation_node
@@ -137,7 +139,7 @@ class _Site:
 
     def describe(self) -> dict[str, Any]:
         geo = self.geometry
-        element = self.x_val.element_size()
+        element = self.dtype.itemsize
         window_bytes = geo.window_numel() * element
         im2col_bytes = geo.im2col_numel() * element
         return {
@@ -147,7 +149,7 @@ class _Site:
             "padding": list(self.padding),
             "dilation": list(self.dilation),
             "groups": self.groups,
-            "dtype": str(self.x_val.dtype).removeprefix("torch."),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "channels_last": im2win_conv.is_channels_last(self.x_val),
             "activation": self.activation,
             "im2win_window_bytes": window_bytes,
@@ -157,7 +159,7 @@ class _Site:
 
     def cache_key(self, device: torch.device) -> str:
         parts = [
-            _device_name(device), f"torch {torch.__version__}", str(self.x_val.dtype),
+            _device_name(device), f"torch {torch.__version__}", str(self.dtype),
             "channels_last" if im2win_conv.is_channels_last(self.x_val) else "nchw",
             f"x{list(self.x_val.shape)}", f"w{list(self.weight_val.shape)}",
             f"bias={self.bias is not None}", f"s{list(self.stride)}", f"p{list(self.padding)}",
@@ -196,22 +198,19 @@ def _match(conv: torch.fx.Node, ctx: PassContext) -> _Site:
     x_val, weight_val = _val(x), _val(weight)
     if x_val.dim() != 4:
         raise _Skip(f"{x_val.dim()}-D (unbatched) input; im2win takes NCHW batches")
-    device_type = x_val.device.type
-    if torch.is_autocast_enabled(device_type):
-        lower = torch.get_autocast_dtype(device_type)
-        if {x_val.dtype, weight_val.dtype} != {lower}:
-            # Autocast runs aten's convolution in its lower precision; the custom op has no
-            # autocast rule and would compute (and return) the graph's dtypes instead.
-            raise _Skip(
-                f"the graph runs under torch.autocast({device_type!r}), which computes this "
-                f"{x_val.dtype}/{weight_val.dtype} convolution in {lower}"
-            )
-    if x_val.dtype not in im2win_conv.DTYPES or weight_val.dtype != x_val.dtype:
-        raise _Skip(f"dtype {x_val.dtype}/{weight_val.dtype} (im2win supports float32, float16, bfloat16)")
-    if bias is not None and _val(bias).dtype != x_val.dtype:
-        raise _Skip("bias dtype differs from the input's")
     if x_val.device.type not in ("cpu", "cuda"):
         raise _Skip(f"device {x_val.device} (im2win runs on CPU and CUDA)")
+    device_type = x_val.device.type
+    bias_dtype = _val(bias).dtype if bias is not None else x_val.dtype
+    if {x_val.dtype, weight_val.dtype, bias_dtype} - set(im2win_conv.DTYPES):
+        raise _Skip(f"dtype {x_val.dtype}/{weight_val.dtype} (im2win supports float32, float16, bfloat16)")
+    if torch.is_autocast_enabled(device_type):
+        # The op casts like aten's conv2d under autocast: it computes in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+    elif weight_val.dtype != x_val.dtype or bias_dtype != x_val.dtype:
+        raise _Skip(f"input, weight and bias dtypes differ ({x_val.dtype}/{weight_val.dtype}/{bias_dtype})")
+    else:
+        dtype = x_val.dtype
     if any(not isinstance(size, int) for size in (*x_val.shape, *weight_val.shape)):
         raise _Skip("dynamic (symbolic) shapes")
     groups = args["groups"]
@@ -221,7 +220,7 @@ def _match(conv: torch.fx.Node, ctx: PassContext) -> _Site:
     dilation = _pair(args["dilation"], "dilation")
     padding = _padding(args["padding"], weight_val.shape[2:], dilation, stride)
     activation_node, activation = _activation(conv, ctx.training)
-    return _Site(conv, x, weight, bias, stride, padding, dilation, groups, activation_node, activation)
+    return _Site(conv, x, weight, bias, stride, padding, dilation, groups, activation_node, activation, dtype)
 
 
 def _padding(padding: Any, kernel: Any, dilation: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
@@ -381,9 +380,9 @@ def _time_candidates(site: _Site, device: torch.device, rounds: int = 7) -> dict
     an untested GPU, out of memory) gets ``None`` and is never chosen. One whose first run
     is over four times aten's is not run again: it cannot win.
     """
-    x = _random_like(site.x_val)
-    weight = _random_like(site.weight_val)
-    bias = _random_like(site.bias_val) if site.bias_val is not None else None
+    x = _random_like(site.x_val, site.dtype)
+    weight = _random_like(site.weight_val, site.dtype)
+    bias = _random_like(site.bias_val, site.dtype) if site.bias_val is not None else None
     stride, padding, dilation, groups = list(site.stride), list(site.padding), list(site.dilation), site.groups
     activation = site.activation
 
@@ -428,6 +427,6 @@ def _run_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     return (time.perf_counter() - begin) * 1e3
 
 
-def _random_like(val: torch.Tensor) -> torch.Tensor:
+def _random_like(val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     memory_format = torch.channels_last if im2win_conv.is_channels_last(val) else torch.contiguous_format
-    return torch.randn(tuple(val.shape), dtype=val.dtype, device=val.device).contiguous(memory_format=memory_format)
+    return torch.randn(tuple(val.shape), dtype=dtype, device=val.device).contiguous(memory_format=memory_format)

@@ -3,6 +3,7 @@ kernels (TRITON_INTERPRET=1 on CPU), the monarch pass, and a tiny GPT-2 trained 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -208,15 +209,21 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.memopt.monarch_matmul_backward, (grad, x, w1.detach(), w2.detach()))
 
 
-def test_op_keeps_its_dtype_under_autocast():
-    # Autocast would run the reference's bmm in bfloat16; the fake implementation says float32.
+def test_op_dtypes_under_autocast():
+    # The forward casts like aten's matmuls (to the autocast dtype) and then computes exactly
+    # what the op computes on those inputs; the backward op keeps its dtype (autocast would
+    # otherwise run the reference's bmm in bfloat16 where the fake implementation says float32).
     x, w1, w2 = _factors(6, 3, 5, 2, 7, dtype=torch.float32)
     grad = torch.randn(6, 21)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = torch.ops.memopt.monarch_matmul(x, w1, w2)
         grads = torch.ops.memopt.monarch_matmul_backward(grad, x, w1, w2)
-    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
-    assert _rel(out, monarch_matmul_reference(x.double(), w1.double(), w2.double())) < RTOL[torch.float32]
+    assert out.dtype == torch.bfloat16
+    by_hand = torch.ops.memopt.monarch_matmul(x.bfloat16(), w1.bfloat16(), w2.bfloat16())
+    torch.testing.assert_close(out, by_hand, rtol=0, atol=0)
+    assert all(g.dtype == torch.float32 for g in grads)
+    reference_grads = monarch_backward_reference(grad.double(), x.double(), w1.double(), w2.double())
+    assert all(_rel(g, r) < RTOL[torch.float32] for g, r in zip(grads, reference_grads))
 
 
 def test_op_rejects_bad_shapes():
@@ -634,3 +641,27 @@ def test_gpt2_inference_pass_rewrites_conv1d_mlps():
     reported = next(row for row in result.details if row["layer"] == "<graph outputs>")["output_rel_error"]
     assert 0 < measured < 0.05
     assert abs(measured - reported) <= 1e-5 * max(1.0, reported)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_monarch_linear_under_autocast_computes_like_nn_linear(dtype):
+    """Under torch.autocast the op casts x, w1, w2 to the autocast dtype (whichever the caller
+    chose) and the bias is added in it, as nn.Linear does; compiled graphs do the same."""
+    torch.manual_seed(13)
+    layer = MonarchLinear(40, 30, 4)
+    x = torch.randn(6, 40)
+    with torch.autocast("cpu", dtype=dtype):
+        out = layer(x)
+    assert out.dtype == dtype
+    padded = torch.nn.functional.pad(x, (0, 4 * layer.w1.shape[2] - 40)).to(dtype)
+    by_hand = monarch_matmul_reference(padded, layer.w1.to(dtype), layer.w2.to(dtype))[..., :30] + layer.bias.to(dtype)
+    torch.testing.assert_close(out, by_hand, rtol=0, atol=0)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(layer)
+    with torch.autocast("cpu", dtype=dtype):
+        compiled_out = memopt.compile(compiled, lowering="eager")(x)
+    torch.testing.assert_close(compiled_out, out, rtol=0, atol=0)
+    with torch.no_grad():
+        assert layer(x).dtype == torch.float32  # outside autocast nothing changes

@@ -102,7 +102,9 @@ class MonarchLinear(nn.Module):
         if self.nblocks * self.out_block != self.out_features:
             y = y[..., : self.out_features]
         if self.bias is not None:
-            y = y + self.bias
+            # Under autocast the op returns the autocast dtype; add the bias in it, as
+            # nn.Linear does (a no-op cast otherwise).
+            y = y + self.bias.to(y.dtype)
         return y
 
     def to_dense(self) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from memopt._torch_compat import cast_like_autocast
 from memopt.triton_kernels import im2win_conv
 
 OP_NAME = "memopt::im2win_conv2d"
@@ -50,6 +51,10 @@ def _im2win_conv2d_cuda(x, weight, bias, stride, padding, dilation, groups, acti
     return im2win_conv.im2win_conv2d_triton(
         x, weight, bias, stride, padding, dilation, groups, activation, window
     )
+
+
+# Under torch.autocast, like aten's conv2d: input, weight and bias in the autocast dtype.
+cast_like_autocast(im2win_conv2d, tensor_args=(0, 1, 2))
 
 
 @im2win_conv2d.register_fake

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from memopt._torch_compat import cast_like_autocast
 from memopt.triton_kernels.monarch import (
     monarch_backward_reference,
     monarch_matmul_reference,
@@ -201,6 +202,10 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch
 def _monarch_matmul_cuda(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     _check(x, w1, w2)
     return monarch_matmul_dispatched(x, w1, w2)
+
+
+# Under torch.autocast, like nn.Linear: x, w1 and w2 in the autocast dtype.
+cast_like_autocast(monarch_matmul, tensor_args=(0, 1, 2))
 
 
 @monarch_matmul.register_fake
