@@ -294,3 +294,23 @@ def test_slicing_under_cuda_autocast_keeps_eager_precision():
     assert pass_result(memopt.last_report(), "slicing").rewrites >= 1
     assert out.dtype == expected.dtype
     assert rel_error(out, expected) <= 2e-2
+
+
+def test_im2win_and_monarch_under_cuda_autocast():
+    """Under torch.autocast on CUDA both ops cast to the autocast dtype like aten's, so the
+    bf16 Triton kernels (or cuBLAS, for Monarch's dispatch) run, and results match eager's."""
+    torch.manual_seed(9)
+    conv = ConvNet().eval().cuda()
+    x = torch.randn(4, 3, 33, 31, device="cuda")
+    layer = MonarchLinear(256, 192, 4).cuda()
+    tokens = torch.randn(3, 100, 256, device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = memopt.compile(conv, im2win=True, strict=True)(x)
+        assert pass_result(memopt.last_report(), "im2win").rewrites == 4
+        expected = conv(x)
+        monarch_out = layer(tokens)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert rel_error(out, expected) <= RTOL[torch.bfloat16]
+    assert monarch_out.dtype == torch.bfloat16
+    assert rel_error(monarch_out, tokens @ layer.to_dense().T + layer.bias) <= RTOL[torch.bfloat16]
