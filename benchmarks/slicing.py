@@ -105,15 +105,20 @@ def step_row(kind, args, device, dtype):
     return rows
 
 
-def rehash_row(args, device, dtype):
+REHASH_MODELS = ("unet3d", "animatediff")  # SVD's sampler loop (image latents concatenated) differs
+
+
+def rehash_row(kind, args, device, dtype):
     import diffusers
 
     from memopt.diffusion import StepRehash
 
+    if kind not in REHASH_MODELS:
+        raise SystemExit(f"--rehash-models: unknown model {kind!r}; valid: {', '.join(REHASH_MODELS)}")
     channels = tuple(int(c) for c in args.rehash_channels.split(","))
     torch.manual_seed(0)
-    unet = build("unet3d", channels, args.frames).eval().to(device, dtype)
-    (latents, _, context), _ = inputs("unet3d", args.frames, args.size, channels[0], device, dtype)
+    unet = build(kind, channels, args.frames).eval().to(device, dtype)
+    (latents, _, context), _ = inputs(kind, args.frames, args.size, channels[0], device, dtype)
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(args.steps)
 
@@ -123,11 +128,14 @@ def rehash_row(args, device, dtype):
             x = scheduler.step(model(x, t, encoder_hidden_states=context).sample, t, x).prev_sample
         return x
 
-    loops = (
-        ("full", lambda: unet),
-        (f"rehash interval={args.interval}", lambda: StepRehash(unet, interval=args.interval)),
-        (f"rehash threshold={args.threshold}", lambda: StepRehash(unet, threshold=args.threshold)),
-    )
+    # Whole outer block pair (layers=None) and the finer cut at a skip connection inside it.
+    loops = [("full", lambda: unet)]
+    for layers in (None, *(int(k) for k in filter(None, args.rehash_layers.split(",")))):
+        cut = "" if layers is None else f", layers={layers}"
+        loops += [
+            (f"rehash interval={args.interval}{cut}", lambda layers=layers: StepRehash(unet, interval=args.interval, layers=layers)),
+            (f"rehash threshold={args.threshold}{cut}", lambda layers=layers: StepRehash(unet, threshold=args.threshold, layers=layers)),
+        ]
     results = {}
     with torch.no_grad():
         unet(latents, scheduler.timesteps[0], encoder_hidden_states=context)  # warm-up: first-call costs
@@ -156,6 +164,11 @@ def main(argv=None) -> str:
     parser.add_argument("--interval", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.1)
     parser.add_argument("--rehash-channels", default="32,64,64", help="block_out_channels of the Step Rehash UNet")
+    parser.add_argument(
+        "--rehash-layers", default="1",
+        help="comma-separated StepRehash layers= cuts to time besides the whole outer block pair",
+    )
+    parser.add_argument("--rehash-models", default=",".join(REHASH_MODELS), help="UNets of the Step Rehash loops")
     parser.add_argument("--loop-repeat", type=int, default=2, help="runs of each denoising loop (fastest kept)")
     parser.add_argument("--skip-rehash", action="store_true")
     parser.add_argument("--out", default=None, help="folder for the markdown result")
@@ -194,12 +207,12 @@ def main(argv=None) -> str:
                 f"{seconds * 1e3:.0f} ms | {seconds / base_time:.2f}x | {error:.1e} | {groups} | {compile_s:.0f} |"
             )
         print("\n".join(lines[-3:]), file=sys.stderr, flush=True)
-    if not args.skip_rehash:
-        results = rehash_row(args, device, dtype)
+    for kind in () if args.skip_rehash else filter(None, args.rehash_models.split(",")):
+        results = rehash_row(kind, args, device, dtype)
         full_time, full_final, _ = results["full"]
         lines += [
             "",
-            f"Step Rehash, unet3d (block_out_channels ({args.rehash_channels})), {args.frames} frames, "
+            f"Step Rehash, {kind} (block_out_channels ({args.rehash_channels})), {args.frames} frames, "
             f"latents {args.size}x{args.size}, {args.steps} DDIM steps, eager modules, fastest of {args.loop_repeat} runs:",
             "",
             "| loop | full steps | time | speed-up | final latents rel. L2 diff vs full |",

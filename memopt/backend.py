@@ -115,7 +115,8 @@ def compile(model: Callable[..., Any], *, fullgraph: bool = False, dynamic: bool
         rest = {key: value for key, value in options.items() if key != "step_rehash"}
         rehash = config.step_rehash
         return StepRehash(
-            model, interval=rehash.interval, threshold=rehash.threshold, depth=rehash.depth, compile_options=rest
+            model, interval=rehash.interval, threshold=rehash.threshold, depth=rehash.depth,
+            layers=rehash.layers, compile_options=rest,
         )
     return torch.compile(
         model, backend=memopt_backend, fullgraph=fullgraph, dynamic=dynamic, options=options or None

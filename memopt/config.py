@@ -249,6 +249,9 @@ class StepRehashOptions:
     at most this relative L2 distance (> 0)."""
     depth: int = 1
     """How many outer down/up block pairs form the shallow path that always runs (>= 1)."""
+    layers: int | None = None
+    """Cut inside the innermost shallow pair: at a rehash step only the last ``layers`` layers
+    of its up block (and the down-block layers they read) run (>= 1); ``None``: the whole pair."""
 
     def __post_init__(self) -> None:
         if (self.interval is None) == (self.threshold is None):
@@ -263,6 +266,10 @@ class StepRehashOptions:
             raise ValueError(f"step_rehash 'threshold' must be a number > 0, got {self.threshold!r}")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
             raise ValueError(f"step_rehash 'depth' must be an int >= 1, got {self.depth!r}")
+        if self.layers is not None and (
+            isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1
+        ):
+            raise ValueError(f"step_rehash 'layers' must be None or an int >= 1, got {self.layers!r}")
 
     @classmethod
     def from_option(cls, value: Any) -> StepRehashOptions | None:

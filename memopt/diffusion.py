@@ -12,9 +12,19 @@ change least between them. :class:`StepRehash` wraps a diffusers-style UNet (one
   down/up blocks, ``conv_out``) on the new latents and takes the deep blocks' outputs from
   the last full step.
 
+``layers=k`` cuts finer, inside the innermost shallow pair (``down_blocks[depth - 1]``,
+``up_blocks[-depth]``), at a skip connection between layers (as DeepCache does): at a rehash
+step that up block runs only its last ``k`` layers, and the down block only the first
+``k - 1`` layers whose outputs those consume; the rest of the pair comes from the cache with
+the deep part. ``depth=1, layers=1`` is the cheapest rehash step: ``conv_in``, the last layer
+of the outermost up block and ``conv_out``. Its layers are found generically: a diffusers
+block keeps one module list per kind of layer (``resnets``, ``attentions``,
+``temp_convs``, ``motion_modules``, ...), aligned by index, plus ``downsamplers`` or
+``upsamplers``; a block laid out otherwise is refused with the reason.
+
 ``interval=N`` makes every N-th step (counted from the start of a generation) a full step;
-``threshold=t`` rehashes when the features entering the deep part differ from the last
-full step's by at most ``t`` (relative L2 distance), so reuse happens only where measured
+``threshold=t`` rehashes when the features entering the deep part (the first module whose
+output is reused) differ from the last full step's by at most ``t`` (relative L2 distance), so reuse happens only where measured
 features say it is safe. A new generation starts (caches dropped, first step full) when
 the timestep goes up again. Calls at the same timestep (a pipeline that runs the
 conditional and unconditional passes separately) keep separate caches.
@@ -25,8 +35,9 @@ full loop (``benchmarks/slicing.py`` does).
 The wrapper takes the UNet's own calling convention (``unet(sample, timestep,
 encoder_hidden_states, ..., return_dict=...)``) and returns what the UNet returns, and it
 forwards attribute reads (``config``, ``dtype``, ...) to the UNet, so it can stand in for
-``pipe.unet``. During a call, it puts light stand-ins for the UNet's blocks in their
-places (restored before the call returns, also on errors), so the UNet's state dict and
+``pipe.unet``. During a call, it puts light stand-ins for the UNet's blocks (and, with
+``layers``, for the layers of the cut pair) in their places (restored before the call
+returns, also on errors), so the UNet's state dict and
 modules are unchanged between calls.
 """
 
@@ -55,38 +66,45 @@ class StepRecord:
     (``None`` on a full step forced by the interval or a new generation)."""
 
 
-class _Block(nn.Module):
-    """Stands in for one block of the UNet during a call: runs it (possibly compiled) or
-    returns its output from the last full step."""
+class _StandIn(nn.Module):
+    """Stands in for one block (or one layer module of the cut pair) of the UNet during a
+    call: runs it (possibly compiled), or, if it belongs to the deep part, returns its output
+    from the last full step."""
 
-    def __init__(self, owner: StepRehash, name: str, block: nn.Module, deep: bool, first_deep: bool) -> None:
+    def __init__(self, owner: StepRehash, name: str, module: nn.Module, deep: bool) -> None:
         super().__init__()
+        # Kept out of ``_modules``: the stand-in must not change the UNet's module tree.
         self.__dict__["_owner"] = owner
-        self.__dict__["_block"] = block
+        self.__dict__["_module"] = module
         self.__dict__["_name"] = name
         self.__dict__["_deep"] = deep
-        self.__dict__["_first_deep"] = first_deep
 
     def __getattr__(self, name: str) -> Any:
         # The UNet reads block attributes (``resnets``, ``has_cross_attention``).
-        return getattr(self.__dict__["_block"], name)
+        return getattr(self.__dict__["_module"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         owner = self._owner
         if not self._deep:
-            return owner._run_block(self._name, self._block, args, kwargs)
-        if self._first_deep:
-            features = kwargs.get("hidden_states", args[0] if args else None)
-            owner._decide(features)
+            return owner._run(self._name, self._module, args, kwargs)
+        # The first deep module entered decides the step, from the features it receives.
+        owner._decide(_features(args, kwargs))
+        key = owner._call_key(self._name)
+        cache = owner._cache()
         if owner._rehashing:
-            return owner._cache()[self._name]
-        output = owner._run_block(self._name, self._block, args, kwargs)
-        owner._cache()[self._name] = output
+            if key not in cache:
+                raise RuntimeError(
+                    f"StepRehash: {key} was not run at the last full step (the UNet's control flow "
+                    "changed between steps); call reset() before changing how the UNet is called"
+                )
+            return cache[key]
+        output = owner._run(self._name, self._module, args, kwargs)
+        cache[key] = output
         return output
 
 
 class StepRehash(nn.Module):
-    """Wrap a diffusers UNet so that rehash steps reuse the deep blocks' outputs.
+    """Wrap a diffusers UNet so that rehash steps reuse the deep part's outputs.
 
     Args:
         unet: a module with ``down_blocks``, ``mid_block`` and ``up_blocks`` (diffusers'
@@ -97,8 +115,12 @@ class StepRehash(nn.Module):
             L2 distance of the last full step's (> 0). Exactly one of the two.
         depth: the outer down/up block pairs that always run (>= 1, fewer than the down
             blocks).
-        compile_options: when given, each block runs ``torch.compile``-d with memopt and
-            these options (what :func:`memopt.compile` passes with ``step_rehash=``).
+        layers: when given (>= 1), of the innermost of those pairs only the last ``layers``
+            layers of the up block (and the down-block layers they read) run at a rehash
+            step; ``None`` runs the whole pair.
+        compile_options: when given, each block (each layer module of the cut pair, with
+            ``layers``) runs ``torch.compile``-d with memopt and these options (what
+            :func:`memopt.compile` passes with ``step_rehash=``).
     """
 
     def __init__(
@@ -107,10 +129,11 @@ class StepRehash(nn.Module):
         interval: int | None = None,
         threshold: float | None = None,
         depth: int = 1,
+        layers: int | None = None,
         compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.options = StepRehashOptions(interval=interval, threshold=threshold, depth=depth)
+        self.options = StepRehashOptions(interval=interval, threshold=threshold, depth=depth, layers=layers)
         for name in ("down_blocks", "up_blocks", "mid_block"):
             if getattr(unet, name, None) is None:
                 raise ValueError(
@@ -122,16 +145,16 @@ class StepRehash(nn.Module):
                 f"StepRehash depth must be in [1, {len(unet.down_blocks) - 1}] for this UNet "
                 f"({len(unet.down_blocks)} down blocks), got {depth}"
             )
+        if layers is not None:
+            _check_cut(unet.down_blocks[depth - 1], unet.up_blocks[-depth], depth, layers)
         self.unet = unet
         self._compiled: dict[str, Callable[..., Any]] = {}
         if compile_options is not None:
             from memopt.backend import memopt_backend
 
             options = dict(compile_options) or None
-            for name, block in self._blocks():
-                self._compiled[name] = torch.compile(
-                    block, backend=memopt_backend, options=options
-                )
+            for _, _, name, module, _ in self._plan():
+                self._compiled[name] = torch.compile(module, backend=memopt_backend, options=options)
         self.history: list[StepRecord] = []
         """One record per call since construction (or :meth:`reset`)."""
         self.generations = 0
@@ -140,6 +163,7 @@ class StepRehash(nn.Module):
         self._last_timestep: float | None = None
         self._step = -1
         self._call_in_step = 0
+        self._calls: dict[str, int] = {}
         self._rehashing = False
         self._decided = False
         self._distance: float | None = None
@@ -172,6 +196,7 @@ class StepRehash(nn.Module):
         self._decided = False
         self._rehashing = False
         self._distance = None
+        self._calls = {}
         swapped = self._install()
         try:
             output = self.unet(sample, timestep, *args, **kwargs)
@@ -198,17 +223,25 @@ class StepRehash(nn.Module):
     def _cache(self) -> dict[str, Any]:
         return self._caches.setdefault(self._call_in_step, {})
 
+    def _call_key(self, name: str) -> str:
+        """``name`` and how often it ran before in this call: a module run twice in one
+        call gets two cache entries."""
+        count = self._calls.get(name, 0)
+        self._calls[name] = count + 1
+        return f"{name}#{count}"
+
     def _decide(self, features: torch.Tensor | None) -> None:
         """Choose full or rehash for this call, when the deep part is entered."""
         if self._decided:
             return
         self._decided = True
         cached = self._features.get(self._call_in_step)
-        has_cache = bool(self._caches.get(self._call_in_step)) and cached is not None
-        if not has_cache or not isinstance(features, torch.Tensor):
+        if not self._caches.get(self._call_in_step):
             rehash = False
         elif self.options.interval is not None:
             rehash = self._step % self.options.interval != 0
+        elif cached is None or not isinstance(features, torch.Tensor) or features.shape != cached.shape:
+            rehash = False
         else:
             diff = torch.linalg.vector_norm((features - cached).float())
             self._distance = float(diff / torch.linalg.vector_norm(cached.float()).clamp_min(1e-12))
@@ -217,45 +250,109 @@ class StepRehash(nn.Module):
         if not rehash and isinstance(features, torch.Tensor):
             self._features[self._call_in_step] = features.detach()
 
-    def _run_block(self, name: str, block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        fn = self._compiled.get(name, block)
+    def _run(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        fn = self._compiled.get(name, module)
         return fn(*args, **kwargs)
 
-    def _blocks(self) -> list[tuple[str, nn.Module]]:
-        unet = self.unet
-        blocks = [(f"down.{i}", b) for i, b in enumerate(unet.down_blocks)]
-        blocks.append(("mid", unet.mid_block))
-        blocks += [(f"up.{i}", b) for i, b in enumerate(unet.up_blocks)]
-        return blocks
+    def _plan(self) -> list[tuple[Any, Any, str, nn.Module, bool]]:
+        """Every module that gets a stand-in, as ``(container, key, name, module, deep)``:
+        whole blocks, and with ``layers`` the layer modules of the cut pair instead of it."""
+        unet, depth, layers = self.unet, self.options.depth, self.options.layers
+        plan = []
+
+        def add(container: Any, key: Any, name: str, deep: bool) -> None:
+            module = container[key] if isinstance(container, nn.ModuleList) else getattr(container, key)
+            plan.append((container, key, name, module, deep))
+
+        def add_layers(block: nn.Module, name: str, deep_layer: Callable[[int], bool], sampler_deep: bool) -> None:
+            for attr, modules in _layer_lists(block):
+                for i in range(len(modules)):
+                    add(modules, i, f"{name}.{attr}.{i}", deep_layer(i))
+            for attr in ("downsamplers", "upsamplers"):
+                for i, _ in enumerate(getattr(block, attr, None) or ()):
+                    add(getattr(block, attr), i, f"{name}.{attr}.{i}", sampler_deep)
+
+        for i, block in enumerate(unet.down_blocks):
+            if layers is not None and i == depth - 1:
+                add_layers(block, f"down.{i}", lambda j: j >= layers - 1, sampler_deep=True)
+            else:
+                add(unet.down_blocks, i, f"down.{i}", deep=i >= depth)
+        add(unet, "mid_block", "mid", deep=True)
+        deep_up = len(unet.up_blocks) - depth
+        for i, block in enumerate(unet.up_blocks):
+            if layers is not None and i == deep_up:
+                count = len(block.resnets)
+                add_layers(block, f"up.{i}", lambda j, count=count: j < count - layers, sampler_deep=False)
+            else:
+                add(unet.up_blocks, i, f"up.{i}", deep=i < deep_up)
+        return plan
 
     def _install(self) -> list[tuple[Any, Any, nn.Module]]:
-        unet, depth = self.unet, self.options.depth
-        deep_up = len(unet.up_blocks) - depth
         swapped = []
-
-        def put(container: Any, key: Any, name: str, deep: bool, first: bool = False) -> None:
-            block = container[key] if isinstance(container, nn.ModuleList) else getattr(container, key)
-            stand_in = _Block(self, name, block, deep, first)
+        for container, key, name, module, deep in self._plan():
+            stand_in = _StandIn(self, name, module, deep)
             if isinstance(container, nn.ModuleList):
                 container[key] = stand_in
             else:
                 setattr(container, key, stand_in)
-            swapped.append((container, key, block))
-
-        for i in range(len(unet.down_blocks)):
-            put(unet.down_blocks, i, f"down.{i}", deep=i >= depth, first=i == depth)
-        put(unet, "mid_block", "mid", deep=True)
-        for i in range(len(unet.up_blocks)):
-            put(unet.up_blocks, i, f"up.{i}", deep=i < deep_up)
+            swapped.append((container, key, module))
         return swapped
 
     @staticmethod
     def _restore(swapped: list[tuple[Any, Any, nn.Module]]) -> None:
-        for container, key, block in reversed(swapped):
+        for container, key, module in reversed(swapped):
             if isinstance(container, nn.ModuleList):
-                container[key] = block
+                container[key] = module
             else:
-                setattr(container, key, block)
+                setattr(container, key, module)
+
+
+_SAMPLERS = ("downsamplers", "upsamplers")
+
+
+def _layer_lists(block: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The per-layer module lists of a diffusers block: its module lists as long as
+    ``resnets`` (``resnets``, ``attentions``, ``temp_convs``, ``motion_modules``, ...)."""
+    count = len(block.resnets)
+    return [
+        (attr, child)
+        for attr, child in block.named_children()
+        if attr not in _SAMPLERS and isinstance(child, nn.ModuleList) and len(child) == count
+    ]
+
+
+def _check_cut(down: nn.Module, up: nn.Module, depth: int, layers: int) -> None:
+    """Refuse ``layers`` where the cut pair is not laid out as diffusers' blocks are."""
+    for role, block in (("down", down), ("up", up)):
+        where = f"{role} block {type(block).__name__} (the pair at depth {depth})"
+        if not isinstance(getattr(block, "resnets", None), nn.ModuleList):
+            raise ValueError(f"StepRehash layers needs per-layer module lists; {where} has no 'resnets' list")
+        lists = {attr for attr, _ in _layer_lists(block)}
+        other = [attr for attr, _ in block.named_children() if attr not in lists and attr not in _SAMPLERS]
+        if other:
+            # A module outside the aligned layer lists would run on reused features unnoticed.
+            raise ValueError(
+                f"StepRehash layers can cut only blocks made of aligned layer lists and samplers; "
+                f"{where} also has {', '.join(other)}: use layers=None"
+            )
+    if len(up.resnets) != len(down.resnets) + 1:
+        raise ValueError(
+            f"StepRehash layers expects the up block to have one layer more than its down block "
+            f"(diffusers' layout), got {len(up.resnets)} and {len(down.resnets)} at depth {depth}: use layers=None"
+        )
+    if layers > len(up.resnets):
+        raise ValueError(
+            f"StepRehash layers must be in [1, {len(up.resnets)}] for the up block at depth {depth}, got {layers}"
+        )
+
+
+def _features(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The features a module receives: ``hidden_states`` (diffusers' name), else its first
+    tensor argument (resnets take ``input_tensor``)."""
+    features = kwargs.get("hidden_states")
+    if isinstance(features, torch.Tensor):
+        return features
+    return next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
 
 
 def _as_float(timestep: Any) -> float:

@@ -203,6 +203,110 @@ def test_unet3d_denoising_loop_reports_final_latent_difference(record_property):
     assert 0 < difference < float("inf")
 
 
+def _video_unet(kind: str):
+    """A tiny diffusers video UNet of ``kind`` and its call (args, kwargs) at ``frames=4``."""
+    frames = 4
+    if kind == "unet3d":
+        return zoo.unet3d().eval(), (torch.randn(1, 4, frames, 16, 16),), {"encoder_hidden_states": torch.randn(1, 5, 16)}
+    if kind == "animatediff":
+        unet = diffusers.UNetMotionModel(
+            in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+            up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
+            cross_attention_dim=16, num_attention_heads=2, motion_num_attention_heads=2,
+            motion_max_seq_length=8,
+        )
+        return unet.eval(), (torch.randn(1, 4, frames, 16, 16),), {"encoder_hidden_states": torch.randn(frames, 5, 16)}
+    unet = diffusers.UNetSpatioTemporalConditionModel(
+        in_channels=8, out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, num_attention_heads=(2, 4),
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=frames,
+    )
+    kwargs = {"encoder_hidden_states": torch.randn(1, 1, 16), "added_time_ids": torch.randn(1, 3)}
+    return unet.eval(), (torch.randn(1, frames, 8, 16, 16),), kwargs
+
+
+@pytest.mark.parametrize("kind", ["unet3d", "animatediff", "svd"])
+@pytest.mark.parametrize("layers", [None, 1, 2])
+def test_rehash_step_is_exact_where_the_reused_part_would_not_change(kind, layers):
+    """With the time embedding held at zero the UNet ignores the timestep, so at a rehash step
+    on the same latents the reused outputs are exactly what the skipped modules would compute:
+    the output must equal a full run bit for bit. Any reuse wired to the wrong place breaks it."""
+    torch.manual_seed(9)
+    unet, args, kwargs = _video_unet(kind)
+    unet.time_embedding.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output))
+    rehash = StepRehash(unet, interval=4, layers=layers)
+    with torch.no_grad():
+        full = unet(*args, TIMESTEPS[0], **kwargs, return_dict=False)[0]
+        first = rehash(*args, TIMESTEPS[0], **kwargs, return_dict=False)[0]
+        reused = rehash(*args, TIMESTEPS[1], **kwargs, return_dict=False)[0]
+        moved = (args[0] + 0.5 * torch.randn_like(args[0]),)
+        reused_moved = rehash(*moved, TIMESTEPS[2], **kwargs, return_dict=False)[0]
+        fresh_moved = unet(*moved, TIMESTEPS[2], **kwargs, return_dict=False)[0]
+    assert [record.full for record in rehash.history] == [True, False, False]
+    torch.testing.assert_close(first, full, rtol=0, atol=0)
+    torch.testing.assert_close(reused, full, rtol=0, atol=0)
+    assert not torch.equal(reused_moved, fresh_moved)  # the reused part really was reused
+
+
+def test_layers_cut_runs_only_the_last_up_layer_at_rehash_steps():
+    torch.manual_seed(10)
+    unet, args, kwargs = _video_unet("unet3d")
+    up = unet.up_blocks[-1]
+    deep = {
+        "down layer": count_calls(unet.down_blocks[0].resnets[0]),
+        "downsampler": count_calls(unet.down_blocks[0].downsamplers[0]),
+        "mid": count_calls(unet.mid_block),
+        "first up layer": count_calls(up.resnets[0]),
+        "its attention": count_calls(up.temp_attentions[0]),
+    }
+    shallow = {"last up layer": count_calls(up.resnets[-1]), "its attention": count_calls(up.temp_attentions[-1])}
+    rehash = StepRehash(unet, interval=3, layers=1)
+    with torch.no_grad():
+        for t in TIMESTEPS[:6]:
+            rehash(*args, t, **kwargs)
+    assert {name: calls[0] for name, calls in deep.items()} == dict.fromkeys(deep, 2)  # steps 0 and 3
+    assert {name: calls[0] for name, calls in shallow.items()} == dict.fromkeys(shallow, 6)
+    assert isinstance(up.resnets[0], type(up.resnets[-1])) and "StandIn" not in type(up.resnets[0]).__name__
+
+
+def test_threshold_with_layers_measures_the_features_entering_the_cut():
+    """AnimateDiff's resnets take ``input_tensor=``: the distance is still measured."""
+    torch.manual_seed(12)
+    unet, args, kwargs = _video_unet("animatediff")
+    rehash = StepRehash(unet, threshold=1e-3, layers=1)
+    moved = (args[0] + torch.randn_like(args[0]),)
+    with torch.no_grad():
+        for latents, t in zip((args, args, moved), TIMESTEPS):
+            rehash(*latents, t, **kwargs)
+    assert [record.full for record in rehash.history] == [True, False, True]
+    assert rehash.history[1].distance == 0.0 and rehash.history[2].distance > 1e-3
+
+
+def test_layers_option_is_validated_and_reaches_memopt_compile():
+    unet, args, kwargs = _video_unet("unet3d")
+    with pytest.raises(ValueError, match=r"layers must be in \[1, 2\]"):
+        StepRehash(unet, interval=2, layers=3)
+    with pytest.raises(ValueError, match="'layers' must be None or an int >= 1"):
+        memopt.Config(step_rehash={"interval": 2, "layers": 0})
+    with pytest.raises(ValueError, match="has no 'resnets' list"):
+        StepRehash(ToyUNet(), interval=2, layers=1)
+    torch._dynamo.reset()
+    torch.manual_seed(11)
+    wrapped = memopt.compile(unet, step_rehash={"interval": 2, "layers": 1}, lowering="eager", slicing=False)
+    assert wrapped.options.layers == 1
+    with torch.no_grad():
+        compiled = [wrapped(*args, t, **kwargs).sample for t in TIMESTEPS[:2]]
+        plain = StepRehash(unet, interval=2, layers=1)
+        eager = [plain(*args, t, **kwargs).sample for t in TIMESTEPS[:2]]
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert wrapped.rehash_steps == 1
+
+
 def _text_to_video_pipeline():
     """diffusers' TextToVideoSDPipeline around zoo's tiny UNet3D and a tiny VAE, driven by
     prompt embeddings (no text encoder or tokenizer: nothing to download)."""
