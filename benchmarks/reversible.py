@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         choices=("inductor", "eager"),
         help="lowering of the budget-0.1 variant (default: --lowering)",
     )
+    parser.add_argument(
+        "--scale", default="small", choices=("small", "compute"),
+        help="CPU sizes: 'small' (the sweep in minutes) or 'compute' (compute-bound steps; use few depths)",
+    )
     parser.add_argument("--output", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
@@ -159,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         conv = dict(batch=32, channels=64, size=32)
         text = dict(batch=8, tokens=512, width=256, heads=8)
         # float32 streams: the pass refuses to rebuild bfloat16/float16 streams (too coarse).
+        dtype = torch.float32
+    elif args.scale == "compute":  # CPU sizes where the ops' own work outweighs per-op overhead
+        conv = dict(batch=8, channels=32, size=32)
+        text = dict(batch=4, tokens=256, width=128, heads=4)
         dtype = torch.float32
     else:
         conv = dict(batch=4, channels=8, size=16)

@@ -451,6 +451,28 @@ def _make_fn(module: torch.fx.GraphModule, order: list[tuple[str, int]]) -> reve
     return fn
 
 
+def _compile_steps(ctx: PassContext) -> str:
+    """Which step runs Inductor compiles under ``lowering="inductor"`` (``Chain.compile_steps``).
+
+    On CUDA, all of them: op by op, each step's few ops are separate kernel launches, and a
+    recomputed conv -> BatchNorm -> ReLU step is several kernels where Inductor emits one or
+    two (not yet measured on a GPU: see docs/passes/reversible.md). On a CPU, none: there the
+    ops are compute-bound, and compiling the forward only, or everything, measured within
+    noise of op by op for whole training steps (RevNet and Reformer, depth 8, 1 thread:
+    132-135 ms against 132 ms, 259-260 ms against 258 ms), so the compile time would buy
+    nothing.
+    """
+    if ctx.config.lowering != "inductor" or ctx.device.type != "cuda":
+        return "none"
+    return "all"
+
+
+def _has_attributes(module: torch.fx.GraphModule) -> bool:
+    """Whether the step graph reads attributes (constants kept on the module): compiled
+    steps are shared by code, and two such graphs may print alike yet hold different values."""
+    return any(node.op == "get_attr" for node in module.graph.nodes)
+
+
 def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple[str, list[Node], list[Node]]:
     graph = gm.graph
     params: list[Node] = []
@@ -474,7 +496,9 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
             order.append((kind, len(indexes[kind]) - 1))
         op_steps.append(
             reversible_ops.Step(
-                _make_fn(module, order), step.scale, indexes["p"], indexes["c"], step.random, indexes["s"]
+                _make_fn(module, order), step.scale, indexes["p"], indexes["c"], step.random, indexes["s"],
+                graph=None if _has_attributes(module) else module,
+                slots=[({"p": 0, "c": 1, "s": 2}[kind], i) for kind, i in order],
             )
         )
         fingerprint.append(f"{step.scale}|{step.random}|{module.code}")
@@ -491,7 +515,10 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
                 mutated.append(consts.index(buffer))
     device = _value(chain.x1).device
     autocast = autocast_state.current(device.type)  # see memopt.ops.autocast_state
-    op_chain = reversible_ops.Chain(op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast)
+    op_chain = reversible_ops.Chain(
+        op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast,
+        compile_steps=_compile_steps(ctx),
+    )
     fingerprint.append(repr([(tuple(_value(n).shape), _value(n).dtype) for n in [chain.x1, chain.x2, *params, *consts]]))
     fingerprint.append(repr(autocast))
     key = reversible_ops.register_chain(op_chain, "\n".join(fingerprint))

@@ -668,6 +668,73 @@ def test_reversible_chain_op_passes_opcheck_and_gradcheck():
     assert torch.autograd.gradcheck(run, tuple(leaves))
 
 
+def _graph_chain(compile_steps: str) -> reversible_ops.Chain:
+    """Four steps of two kinds, each with its FX graph, as the graph pass builds them."""
+
+    def mlp(x, w, b):
+        return torch.tanh(torch.nn.functional.gelu(x @ w) + b)
+
+    def gate(x, w, b):
+        return torch.sigmoid(x @ w) * b
+
+    steps = []
+    for number, (fn, scale) in enumerate([(mlp, 1.0), (gate, 2.0), (mlp, 1.0), (gate, 0.5)]):
+        graph = torch.fx.symbolic_trace(fn)
+        steps.append(
+            reversible_ops.Step(
+                lambda x, params, consts, sizes, graph=graph: graph(x, params[0], consts[0]), scale,
+                [number], [number % 2], graph=graph, slots=[(0, 0), (1, 0)],
+            )
+        )
+    return reversible_ops.Chain(steps, [], reversible_ops.rng_state_bytes(torch.device("cpu")),
+                                compile_steps=compile_steps)
+
+
+def _run_chain(chain, x1, x2, params, consts):
+    s1, s2, rng = reversible_ops.chain_forward(chain, x1, x2, params, consts)
+    g1, g2 = torch.ones_like(s1), torch.linspace(-1, 1, s2.numel()).view(s2.shape)
+    grad_x1, grad_x2, grad_params = reversible_ops.chain_backward(chain, s1, s2, g1, g2, rng, params, consts)
+    return (s1, s2, grad_x1, grad_x2, *grad_params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_steps", ["forward", "all"])
+def test_compiled_steps_match_op_by_op_and_are_shared_by_code(compile_steps, monkeypatch):
+    monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
+    torch.manual_seed(13)
+    x1, x2 = torch.randn(7, 6), torch.randn(7, 6)
+    params = [torch.randn(6, 6) / 3 for _ in range(4)]
+    consts = [torch.randn(6), torch.randn(6)]
+    reference = _run_chain(_graph_chain("none"), x1, x2, params, consts)
+    assert reversible_ops._COMPILED_STEPS == {}
+    compiled = _run_chain(_graph_chain(compile_steps), x1, x2, params, consts)
+    for got, want in zip(compiled, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # Two kinds of step: one compile each for the forward (and one each for the recomputation).
+    grad_modes = [key[1] for key in reversible_ops._COMPILED_STEPS]
+    assert sorted(grad_modes) == ([False, False] if compile_steps == "forward" else [False, False, True, True])
+    assert reversible_ops._OP_BY_OP not in reversible_ops._COMPILED_STEPS.values()
+
+
+def test_a_step_that_fails_to_compile_runs_op_by_op(monkeypatch):
+    import memopt._torch_compat as compat
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
+    monkeypatch.setattr(compat, "compile_fx", broken)
+    torch.manual_seed(14)
+    x1, x2 = torch.randn(3, 6), torch.randn(3, 6)
+    params, consts = [torch.randn(6, 6) / 3 for _ in range(4)], [torch.randn(6), torch.randn(6)]
+    with pytest.warns(RuntimeWarning, match="compiling a step with Inductor failed.*no compiler here"):
+        compiled = _run_chain(_graph_chain("all"), x1, x2, params, consts)
+    for got, want in zip(compiled, _run_chain(_graph_chain("none"), x1, x2, params, consts)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="compile_steps must be one of 'none', 'forward', 'all'"):
+        reversible_ops.Chain([], [], 0, compile_steps=True)
+
+
 def test_low_precision_streams_are_left_alone():
     model = ConvCouplings(2).to(torch.bfloat16)
     x = conv_input(2).to(torch.bfloat16).requires_grad_(True)
