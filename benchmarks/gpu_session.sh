@@ -55,11 +55,12 @@ for step in "${steps[@]}"; do
     monarch) capped 90 monarch $py benchmarks/monarch.py --save ;;
     im2win) capped 140 im2win $py benchmarks/im2win.py --save ;;
     rehash)
-      capped 40 rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 \
+      capped 50 rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 \
         --rehash-channels 64,128,128 --out "$out/rehash" ;;
     reversible)
-      capped 150 reversible $py benchmarks/reversible.py --depths 8,64 --lowering eager \
-        --models reformer,revnet --variants eager,checkpoint,memopt-reversible \
+      # Inductor lowering: the chain's steps run compiled (compile_steps="all" on CUDA).
+      capped 170 reversible $py benchmarks/reversible.py --depths 8,64 --lowering inductor \
+        --models reformer,revnet --variants eager,memopt-reversible \
         --output "benchmarks/results/reversible-$date-cuda.md" ;;
     slicing)
       capped 540 slicing $py benchmarks/slicing.py --skip-rehash --models animatediff,unet3d,svd \

@@ -430,8 +430,12 @@ def _step_module(gm: torch.fx.GraphModule, step: _Step) -> torch.fx.GraphModule:
     for i, external in enumerate(step.externals):
         env[external] = graph.placeholder(f"input_{i}")
         env[external].meta = dict(external.meta)
-    for node in step.nodes:
-        env[node] = graph.node_copy(node, lambda arg: env[arg])
+    for number, node in enumerate(step.nodes):
+        # Names by position, not the traced ones (``relu_7``): identical blocks then print the
+        # same code, which is what compiled steps are shared by.
+        args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda arg: env[arg])
+        env[node] = graph.create_node(node.op, node.target, args, kwargs, name=f"h{number}", type_expr=node.type)
+        env[node].meta = dict(node.meta)
     graph.output(env[step.h])
     return torch.fx.GraphModule(gm, graph, "ReversibleStep")
 

@@ -434,6 +434,29 @@ def test_inductor_lowering_matches_eager():
     assert report.saved_activation_bytes == out.numel() * out.element_size()
 
 
+@pytest.mark.slow
+def test_compiled_steps_inside_the_op_match_eager(monkeypatch):
+    """What CUDA runs under the Inductor lowering (``compile_steps="all"``), forced on CPU:
+    the steps' compiled backward runs inside ``memopt::reversible_chain_backward``."""
+    from memopt.passes import reversible as reversible_pass
+
+    monkeypatch.setattr(reversible_pass, "_compile_steps", lambda ctx: "all")
+    monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
+    torch.manual_seed(1)
+    model, x = CASES["conv2d"](4, 0.0)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=0, lowering="inductor", strict=True)
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    compiled = reversible_ops._COMPILED_STEPS
+    assert {key[1] for key in compiled} == {False, True}  # forward and recomputation
+    assert reversible_ops._OP_BY_OP not in compiled.values()
+    # F and G print the same code, so all 8 steps share: per grad mode one compile per input
+    # layout (the chunked input is strided, computed values contiguous), not one per step.
+    assert len({key[0] for key in compiled}) == 1 and len(compiled) <= 4
+
+
 # --- memopt.nn building blocks --------------------------------------------------------
 
 
