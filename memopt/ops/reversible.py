@@ -136,7 +136,7 @@ def rng_state_bytes(device: torch.device) -> int:
 _COMPILED_STEPS: dict[tuple, Callable[..., Tensor]] = {}
 """Inductor-compiled step graphs, shared by every step (of every chain) with the same code,
 argument layout, grad mode and autocast state: a depth-64 RevNet compiles its F and G once
-for the forward and once for the backward's recomputation, not 128 times each."""
+per input layout for the forward and for the backward's recomputation, not 128 times each."""
 
 
 def run_step(
