@@ -785,7 +785,10 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
         push_users(node)
     if not members:
         return None
-    members = _trim(members)
+    members = _absorb_producers(members, member_feeds, slicing, position, claimed)
+    members = _sink_views(_trim(members))
+    if not members:
+        return None
     outputs = _outputs(members)
     if any(_tensor(node) is None for node in outputs):
         return None  # a tuple leaving the group whole
@@ -798,6 +801,66 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
                 feeds[(arg, slicing.specs[arg])] = None
     member_feeds = {node: member_feeds[node] for node in members}
     return _Group(seed, slicing, members, feeds, outputs, member_feeds, unknown_stops)
+
+
+def _absorb_producers(
+    members: list[torch.fx.Node],
+    member_feeds: dict[torch.fx.Node, dict[torch.fx.Node, Spec | None]],
+    slicing: _Slicing,
+    position: dict[torch.fx.Node, int],
+    claimed: set[torch.fx.Node],
+) -> list[torch.fx.Node]:
+    """Take into the group the elementwise ops that only compute a sliced input of it.
+
+    Growing follows the seed's users, so an operand computed beside the group from other
+    tensors stays outside, written whole: SVD's AlphaBlender computes ``alpha * x_spatial``
+    apart from the temporal branch that adds ``(1 - alpha) * x_temporal`` to it, a full-size
+    tensor live through the whole group. Such an op (pointwise, read only by members, none
+    of its inputs computed from the group) runs per slice instead, its inputs sliced the way
+    broadcasting lines them up with the slice."""
+    while True:
+        member_set = set(members)
+        candidates = {
+            arg: spec
+            for node in members
+            for arg, spec in member_feeds[node].items()
+            if spec is not None and arg not in member_set and arg not in claimed and arg not in slicing.specs
+            and _rule(arg) in (_pointwise, _unary) and all(user in member_set for user in arg.users)
+        }
+        if not candidates:
+            return members
+        # Nothing a member feeds may flow into an absorbed op (the group would stop being convex).
+        horizon = max(position[arg] for arg in candidates)
+        downstream = set(member_set)
+        stack = list(members)
+        while stack:
+            for user in stack.pop().users:
+                if user not in downstream and position[user] <= horizon:
+                    downstream.add(user)
+                    stack.append(user)
+        absorbed = []
+        for arg, spec in candidates.items():
+            out_shape = _shape(arg)
+            inputs = arg.all_input_nodes
+            if out_shape is None or any(a in downstream or a in slicing.specs or _tensor(a) is None for a in inputs):
+                continue
+            feeds = {}
+            for a in inputs:
+                ok, feed = _align_external(a, out_shape, spec)
+                if not ok:
+                    break
+                feeds[a] = feed
+            else:
+                if any(feed is not None for feed in feeds.values()):
+                    slicing.specs[arg] = spec
+                    member_feeds[arg] = feeds
+                    absorbed.append(arg)
+        if not absorbed:
+            return members
+        for node in members:
+            for arg in absorbed:
+                member_feeds[node].pop(arg, None)
+        members = sorted([*members, *absorbed], key=position.__getitem__)
 
 
 def _outputs(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
@@ -839,6 +902,55 @@ def _trim(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
         members = [node for node in members if node not in best[1]]
 
 
+_CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d}
+
+
+def _workspace_bytes(node: torch.fx.Node) -> int:
+    """Bytes an op allocates and frees while it runs, beyond its output (CPU convolutions).
+
+    Measured on torch 2.13's CPU kernels (fp32, 1 thread): a conv3d unfolds its input
+    (vol2col: input x kernel volume, 6 MiB for a (3, 1, 1) kernel on a 2 MiB input, plus a
+    contiguous copy of a strided input, 8 MiB in all); a conv2d/conv1d reorders its input
+    for oneDNN (its size, 2 MiB on 2 MiB; nothing for channels-last). Without this a group
+    of a temporal resnet's conv3d looked 1 MiB a slice and measured 6 MiB more."""
+    if node.op != "call_function" or node.target not in _CONVOLUTIONS:
+        return 0
+    x, weight, out = _tensor(node.args[0]), _tensor(_arg(node, 1, "weight")), _tensor(node)
+    if x is None or weight is None or out is None or x.device.type != "cpu":
+        return 0
+    in_bytes = x.numel() * x.element_size()
+    if x.dim() == 5:
+        kernel = math.prod(weight.shape[2:])
+        unfolded = kernel * weight.shape[1] * out.shape[0] * math.prod(out.shape[2:]) * x.element_size() if kernel > 1 else 0
+        return unfolded + (0 if x.is_contiguous() else in_bytes)
+    return 0 if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4 else in_bytes
+
+
+def _sink_views(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Move free views at the group's end out of it, so the group writes their base once.
+
+    A value read through two views (SVD's resnet output, permuted once for the temporal
+    resnet and once for its AlphaBlender) would otherwise leave the group as two outputs,
+    each a full-size copy, where the graph held one tensor. Outside the group the views
+    are free again: the op's output keeps the base's traced strides (dense bases only)."""
+    while True:
+        member_set = set(members)
+        outputs = set(_outputs(members))
+        sunk = set()
+        for node in members:
+            sources = node.all_input_nodes
+            if len(sources) != 1 or sources[0] not in member_set or any(user in member_set for user in node.users):
+                continue
+            base = sources[0]
+            if not _is_view_of(node, base) or not _dense(_tensor(base)):
+                continue
+            if base in outputs or _nbytes(node) >= _nbytes(base):
+                sunk.add(node)
+        if not sunk:
+            return members
+        members = [node for node in members if node not in sunk]
+
+
 def _measure_group(group: _Group, options: SlicingOptions) -> None:
     """Estimate the group's intermediates, pick its slice count and its saving."""
     members = group.members
@@ -855,8 +967,9 @@ def _measure_group(group: _Group, options: SlicingOptions) -> None:
         nbytes = _nbytes(node)
         live += nbytes
         outputs_live += nbytes if node in outputs else 0
-        peak = max(peak, live)
-        transient_at[node] = live - outputs_live
+        workspace = _workspace_bytes(node)
+        peak = max(peak, live + workspace)
+        transient_at[node] = live + workspace - outputs_live
         dying[last_use[node]] = dying.get(last_use[node], 0) + nbytes
         live -= dying.pop(i, 0)
     group.intermediate_bytes = peak
@@ -873,6 +986,127 @@ def _measure_group(group: _Group, options: SlicingOptions) -> None:
         node: min(group.saving, t - math.ceil(t / group.slices)) if group.slices > 1 else 0
         for node, t in transient_at.items()
     }
+
+
+def _subgroup(group: _Group, members: list[torch.fx.Node]) -> _Group:
+    """The group made of ``members`` (a graph-ordered part of ``group``): values of the rest
+    of ``group`` that it reads become sliced inputs, sliced as ``group`` slices them. Free
+    views of such inputs leave the piece too (like views of the seed): as members they would
+    be written out as copies where the graph had a view (SVD's transformer residual, a
+    ``permute`` + ``reshape`` view of the AlphaBlender's output)."""
+    specs = group.slicing.specs
+    member_set = set(members)
+    hoisted: set[torch.fx.Node] = set()
+    for node in members:
+        sources = node.all_input_nodes
+        if (
+            len(sources) == 1 and sources[0] in specs and (sources[0] not in member_set or sources[0] in hoisted)
+            and not group.member_feeds[node] and _is_view_of(node, sources[0])
+        ):
+            hoisted.add(node)
+    members = [node for node in members if node not in hoisted]
+    member_set = set(members)
+    member_feeds: dict[torch.fx.Node, dict[torch.fx.Node, Spec | None]] = {}
+    feeds: dict[tuple[torch.fx.Node, Spec | None], None] = {}
+    for node in members:
+        node_feeds = dict(group.member_feeds[node])
+        for arg in node.all_input_nodes:
+            if arg in specs and arg not in member_set and arg not in group.slicing.seed_views:
+                node_feeds[arg] = specs[arg]
+        member_feeds[node] = node_feeds
+        for arg, feed in node_feeds.items():
+            feeds[(arg, feed)] = None
+        for arg in node.all_input_nodes:
+            if arg in group.slicing.seed_views:
+                feeds[(arg, specs[arg])] = None
+    return _Group(group.seed, group.slicing, members, feeds, _outputs(members), member_feeds, group.unknown_stops)
+
+
+def _storage_bytes(nodes: Any) -> int:
+    """Bytes of the distinct storages behind ``nodes`` (graph inputs excluded: they exist
+    anyway); a view and its base count once."""
+    seen: dict[Any, int] = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            continue
+        for tensor in tensor_values(node):
+            try:
+                key = StorageWeakRef(tensor.untyped_storage())
+            except (NotImplementedError, RuntimeError):
+                key = id(tensor)
+            seen[key] = max(seen.get(key, 0), tensor.numel() * tensor.element_size())
+    return sum(seen.values())
+
+
+def _per_slice_bytes(group: _Group) -> int:
+    return math.ceil(max(group.intermediate_bytes - group.output_bytes, 0) / group.slices)
+
+
+def _inputs(group: _Group) -> set[torch.fx.Node]:
+    return {arg for arg, _ in group.feeds}
+
+
+def _footprint(group: _Group) -> int:
+    """Bytes live while the group runs, as far as the group decides: its inputs (they live
+    until its last slice), its outputs (allocated before its first) and one slice."""
+    return _storage_bytes(_inputs(group) | set(group.outputs)) + _per_slice_bytes(group)
+
+
+# A split must lower a group's footprint by at least this fraction: each cut materializes
+# the values crossing it and adds a loop, so small gains are not worth the time.
+_SPLIT_MIN_GAIN = 1 / 8
+
+
+def _split(group: _Group, options: SlicingOptions) -> list[_Group]:
+    """``group`` cut into graph-ordered pieces where that lowers the memory live while it runs.
+
+    A group holds all its inputs until its last slice and all its outputs from its first.
+    When its early ops consume large inputs and its late ops produce large outputs (SVD's
+    AlphaBlender reads the spatial and the temporal resnet outputs, then the spatial
+    transformer writes its residual, the spatial branch and the temporal input: five
+    full-size tensors at once), running the first part as its own group frees the inputs
+    before the outputs exist. Pieces keep the group's dimension and units; the values
+    crossing a cut are written whole once, then read slice by slice. Order-preserving cuts
+    keep both pieces convex: no path runs from a later member back to an earlier one."""
+    members = group.members
+    if len(members) < 2:
+        return [group]
+    whole = _footprint(group)
+    inputs = _inputs(group)
+    outputs = set(group.outputs)
+    last = members[-1]
+    order = {node: i for i, node in enumerate(last.graph.nodes)}
+    best = None
+    for cut in range(1, len(members)):
+        first, second = _subgroup(group, members[:cut]), _subgroup(group, members[cut:])
+        if not first.members or not second.members:
+            continue
+        if any(_tensor(node) is None for node in first.outputs) or not any(spec is not None for _, spec in second.feeds):
+            continue
+        if not any(spec is not None for _, spec in first.feeds):
+            continue
+        first_set = set(first.members)
+        _measure_group(first, options)
+        _measure_group(second, options)
+        # While the first piece runs, inputs the second reads from outside already exist; while
+        # the second runs, the first's outputs read after the group and its inputs read after
+        # the group stay alive.
+        during_first = _inputs(first) | set(first.outputs) | (_inputs(second) - first_set)
+        after = order[last]
+        carried = (set(first.outputs) & outputs) | {
+            arg for arg in _inputs(first) & inputs
+            if any(user not in first_set and order.get(user, -1) > after for user in arg.users)
+        }
+        during_second = _inputs(second) | set(second.outputs) | carried
+        cost = max(
+            _storage_bytes(during_first) + _per_slice_bytes(first),
+            _storage_bytes(during_second) + _per_slice_bytes(second),
+        )
+        if best is None or cost < best[0]:
+            best = (cost, first, second)
+    if best is None or best[0] > whole * (1 - _SPLIT_MIN_GAIN):
+        return [group]
+    return _split(best[1], options) + _split(best[2], options)
 
 
 # "auto" keeps this fraction of the device's free memory for the graph's intermediates; the
@@ -1166,10 +1400,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     claimed: set[torch.fx.Node] = set()
     unit_of: dict[torch.fx.Node, Any] = {}
     groups: list[_Group] = []
-    skipped_small = 0
+    skipped_small = split_groups = 0
     for seed in nodes:
         shape = _shape(seed)
-        if seed in parameters or seed in claimed or shape is None or not shape:
+        # A value a group writes whole (claimed, read outside it) seeds the next group: the
+        # LayerNorm after SVD's temporal ff_in, or a GroupNorm over frames reading a resnet
+        # group's output, then run sliced too instead of whole between the groups.
+        if seed in parameters or shape is None or not shape:
             continue
         if all(user in claimed for user in seed.users):
             continue
@@ -1190,15 +1427,20 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if best.saving < options.min_group_bytes or best.slices < 2:
             skipped_small += 1
             continue
+        pieces = [piece for piece in _split(best, options) if piece.slices >= 2]
         trial = dict(unit_of)
-        for node in best.members:
-            trial[node] = len(groups)
+        for offset, piece in enumerate(pieces):
+            for node in piece.members:
+                trial[node] = len(groups) + offset
         if not _condensed_acyclic(graph, trial):
             result.notes.append(f"group at {seed.name} (dim {best.dim}) would create a cycle with another group: left alone")
             continue
+        if len(pieces) > 1:
+            split_groups += 1
         unit_of = trial
-        claimed.update(best.members)
-        groups.append(best)
+        for piece in pieces:
+            claimed.update(piece.members)
+            groups.append(piece)
     unknown = collections.Counter(
         _op_name(node) for group in groups for node in group.unknown_stops
     )
@@ -1206,6 +1448,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result.notes.append(
             "ops without a slicing rule ended groups (conservative): "
             + ", ".join(f"{name} x{count}" for name, count in unknown.most_common(6))
+        )
+    if split_groups:
+        result.notes.append(
+            f"{split_groups} group(s) split where their inputs die and their outputs are born "
+            "(lower estimated footprint than running them as one group)"
         )
     if skipped_small:
         result.notes.append(
