@@ -75,6 +75,9 @@ def inputs(kind: str, frames: int, size: int, context_dim: int, device, dtype):
     }
 
 
+COMPILE_BODY = {"default": {}, "on": {"compile_body": True}, "off": {"compile_body": False}}
+
+
 def step_row(kind, args, device, dtype):
     channels = tuple(int(c) for c in args.channels.split(","))
     torch.manual_seed(0)
@@ -89,7 +92,7 @@ def step_row(kind, args, device, dtype):
             "inductor": torch.compile(unet, backend="inductor"),
             # 1 MiB groups: slicing at full strength (the "auto" default leaves groups saving
             # under 16 MiB alone, to protect small graphs' speed).
-            "memopt": memopt.compile(unet, slicing={"min_group_bytes": 1 << 20}),
+            "memopt": memopt.compile(unet, slicing={"min_group_bytes": 1 << 20, **COMPILE_BODY[args.compile_body]}),
         }
         for name, model in variants.items():
             torch._dynamo.reset()
@@ -171,6 +174,10 @@ def main(argv=None) -> str:
     parser.add_argument("--rehash-models", default=",".join(REHASH_MODELS), help="UNets of the Step Rehash loops")
     parser.add_argument("--loop-repeat", type=int, default=2, help="runs of each denoising loop (fastest kept)")
     parser.add_argument("--skip-rehash", action="store_true")
+    parser.add_argument(
+        "--compile-body", default="default", choices=tuple(COMPILE_BODY),
+        help="slicing's compile_body for the memopt variant (default: on under the Inductor lowering)",
+    )
     parser.add_argument("--out", default=None, help="folder for the markdown result")
     parser.add_argument(
         "--threads", type=int, default=None,

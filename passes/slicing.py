@@ -1489,7 +1489,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         )
     compile_body = options.compile_body
     if compile_body is None:
-        compile_body = ctx.device.type == "cuda" and ctx.config.lowering == "inductor"
+        compile_body = ctx.config.lowering == "inductor"
     if compile_body:
         for group in groups:
             group.slices = _even_slices(group.slicing.units, group.slices, options.max_slices)

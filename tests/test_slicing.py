@@ -429,10 +429,15 @@ def test_a_body_that_fails_to_compile_runs_op_by_op(monkeypatch):
         assert_close_rel(out, model(x))
 
 
-def test_compile_body_defaults_off_on_cpu_and_is_validated():
+def test_compile_body_follows_the_lowering_and_is_validated():
     torch.manual_seed(12)
-    _, _, result = compile_and_run(ConvNet(width=16).eval(), torch.randn(4, 3, 24, 24))
+    model, x = ConvNet(width=16).eval(), torch.randn(4, 3, 24, 24)
+    _, _, result = compile_and_run(model, x)
     assert result.rewrites >= 1 and not any(row["compiled"] for row in result.details)
+    _, out, result = compile_and_run(model, x, lowering="inductor")
+    assert result.rewrites >= 1 and all(row["compiled"] for row in result.details)
+    with torch.no_grad():
+        assert_close_rel(out, model(x))
     with pytest.raises(ValueError, match="compile_body"):
         memopt.Config(slicing={"compile_body": "yes"})
 
