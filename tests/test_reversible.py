@@ -442,6 +442,7 @@ def test_compiled_steps_inside_the_op_match_eager(monkeypatch):
 
     monkeypatch.setattr(reversible_pass, "_compile_steps", lambda ctx: "all")
     monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
+    monkeypatch.setattr(reversible_ops, "_LAYOUTS", {})
     torch.manual_seed(1)
     model, x = CASES["conv2d"](4, 0.0)
     reference = copy.deepcopy(model)
@@ -724,6 +725,7 @@ def _run_chain(chain, x1, x2, params, consts):
 @pytest.mark.parametrize("compile_steps", ["forward", "all"])
 def test_compiled_steps_match_op_by_op_and_are_shared_by_code(compile_steps, monkeypatch):
     monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
+    monkeypatch.setattr(reversible_ops, "_LAYOUTS", {})
     torch.manual_seed(13)
     x1, x2 = torch.randn(7, 6), torch.randn(7, 6)
     params = [torch.randn(6, 6) / 3 for _ in range(4)]
@@ -739,6 +741,28 @@ def test_compiled_steps_match_op_by_op_and_are_shared_by_code(compile_steps, mon
     assert reversible_ops._OP_BY_OP not in reversible_ops._COMPILED_STEPS.values()
 
 
+def test_compiled_layouts_per_step_are_bounded(monkeypatch):
+    compiles = []
+
+    def counting(graph, args):
+        compiles.append(tuple(args[0].shape))
+        return lambda *call_args: graph(*call_args)
+
+    monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
+    monkeypatch.setattr(reversible_ops, "_LAYOUTS", {})
+    monkeypatch.setattr(reversible_ops, "_compile_step", counting)
+    monkeypatch.setattr(reversible_ops, "MAX_COMPILED_LAYOUTS", 3)
+    params, consts = [torch.randn(6, 6) / 3 for _ in range(4)], [torch.randn(6), torch.randn(6)]
+    chain = _graph_chain("forward")
+    for rows in range(1, 7):  # six batch sizes: the first three compile, the rest run op by op
+        x1, x2 = torch.randn(rows, 6), torch.randn(rows, 6)
+        got = reversible_ops.chain_forward(chain, x1, x2, params, consts)[:2]
+        want = reversible_ops.chain_forward(_graph_chain("none"), x1, x2, params, consts)[:2]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert sorted(set(compiles)) == [(1, 6), (2, 6), (3, 6)]
+
+
 def test_a_step_that_fails_to_compile_runs_op_by_op(monkeypatch):
     import memopt._torch_compat as compat
 
@@ -746,6 +770,7 @@ def test_a_step_that_fails_to_compile_runs_op_by_op(monkeypatch):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
+    monkeypatch.setattr(reversible_ops, "_LAYOUTS", {})
     monkeypatch.setattr(compat, "compile_fx", broken)
     torch.manual_seed(14)
     x1, x2 = torch.randn(3, 6), torch.randn(3, 6)

@@ -139,6 +139,12 @@ argument layout, grad mode and autocast state: a depth-64 RevNet compiles its F 
 per input layout for the forward and for the backward's recomputation, not 128 times each."""
 
 
+MAX_COMPILED_LAYOUTS = 8
+"""Argument layouts (shapes, strides, dtypes) compiled per step graph and grad mode; more run
+op by op."""
+_LAYOUTS: dict[tuple, int] = {}
+
+
 def run_step(
     chain: Chain, step: Step, x: Tensor, params: Sequence[Tensor], consts: Sequence[Tensor], sizes: Sequence[int]
 ) -> Tensor:
@@ -168,6 +174,12 @@ def run_step(
     if function is None:
         if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return step.fn(x, params, consts, sizes)  # a compile inside capture would be captured too
+        layouts = _LAYOUTS.setdefault(key[:3], 0)
+        if layouts >= MAX_COMPILED_LAYOUTS:
+            # Shapes that keep changing would compile forever (Dynamo's recompile limit, 8,
+            # is the same idea): past the limit new layouts run op by op.
+            return step.fn(x, params, consts, sizes)
+        _LAYOUTS[key[:3]] = layouts + 1
         function = _compile_step(step.graph, args)
         _COMPILED_STEPS[key] = function
     if function is _OP_BY_OP:
