@@ -209,23 +209,10 @@ def _video_unet(kind: str):
     if kind == "unet3d":
         return zoo.unet3d().eval(), (torch.randn(1, 4, frames, 16, 16),), {"encoder_hidden_states": torch.randn(1, 5, 16)}
     if kind == "animatediff":
-        unet = diffusers.UNetMotionModel(
-            in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-            up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
-            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
-            cross_attention_dim=16, num_attention_heads=2, motion_num_attention_heads=2,
-            motion_max_seq_length=8,
-        )
-        return unet.eval(), (torch.randn(1, 4, frames, 16, 16),), {"encoder_hidden_states": torch.randn(frames, 5, 16)}
-    unet = diffusers.UNetSpatioTemporalConditionModel(
-        in_channels=8, out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, num_attention_heads=(2, 4),
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=frames,
-    )
-    kwargs = {"encoder_hidden_states": torch.randn(1, 1, 16), "added_time_ids": torch.randn(1, 3)}
+        context = torch.randn(frames, 5, 16)
+        return zoo.unet_motion(frames).eval(), (torch.randn(1, 4, frames, 16, 16),), {"encoder_hidden_states": context}
+    unet = zoo.unet_svd(frames)
+    kwargs = {"encoder_hidden_states": torch.randn(1, 1, 32), "added_time_ids": torch.randn(1, 3)}
     return unet.eval(), (torch.randn(1, frames, 8, 16, 16),), kwargs
 
 

@@ -207,6 +207,36 @@ def unet3d() -> nn.Module:
     )
 
 
+def unet_motion(frames: int = 4) -> nn.Module:
+    """A tiny ``diffusers`` UNetMotionModel (AnimateDiff: 2-D blocks with motion modules)."""
+    from diffusers import UNetMotionModel
+
+    return UNetMotionModel(
+        in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
+        cross_attention_dim=16, num_attention_heads=2, motion_num_attention_heads=2,
+        motion_max_seq_length=max(8, frames),
+    )
+
+
+def unet_svd(frames: int = 4) -> nn.Module:
+    """A tiny ``diffusers`` UNetSpatioTemporalConditionModel (SVD: spatial and temporal
+    branches mixed by AlphaBlenders); called with 8 input channels, a ``[1, 1, 32]`` context
+    and ``added_time_ids`` of shape ``[1, 3]``."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    return UNetSpatioTemporalConditionModel(
+        in_channels=8, out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        num_attention_heads=(2, 2), addition_time_embed_dim=4, projection_class_embeddings_input_dim=12,
+        num_frames=frames,
+    )
+
+
 class GroupNormConvNet(nn.Module):
     """Activations dominate: 3 channels in and out, ``width`` to ``2 * width`` inside, GroupNorm
     between (what the slicing pass slices per sample)."""
