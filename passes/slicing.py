@@ -786,7 +786,11 @@ def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], cla
     if not members:
         return None
     members = _absorb_producers(members, member_feeds, slicing, position, claimed)
-    members = _sink_views(_trim(members))
+    # Views sunk first too: a value read through two views leaves as one output, so _trim
+    # weighs the bytes the group will really write (SVD's resnet output, permuted for the
+    # temporal resnet and for the AlphaBlender, looked like three outputs, and the whole
+    # tail from `/ output_scale_factor` on was cut off).
+    members = _sink_views(_trim(_sink_views(members)))
     if not members:
         return None
     outputs = _outputs(members)
@@ -895,7 +899,13 @@ def _trim(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
             }
             new_bytes = sum(_nbytes(node) for node in new_outputs)
             largest = max(_nbytes(node) for node in tail)
-            if base - new_bytes >= max(largest, 1) and (best is None or new_bytes < best[0]):
+            # Among cuts writing equally few bytes, the shortest tail: the ops a longer one
+            # would also drop (SVD's resnet `/ output_scale_factor`, read through views by
+            # two groups) run whole outside, and Inductor computes such a cheap op into one
+            # fresh copy per custom-op input that reads it, 2 MiB each in SVD.
+            if base - new_bytes >= max(largest, 1) and (
+                best is None or (new_bytes, len(tail)) < (best[0], len(best[1]))
+            ):
                 best = (new_bytes, tail)
         if best is None:
             return members
