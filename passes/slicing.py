@@ -1249,7 +1249,11 @@ def _body(group: _Group, placeholders: list[tuple[torch.fx.Node, Spec | None]]) 
         if node.target in _SIZED_METHODS and node.op == "call_method" or node.target is torch.reshape:
             sizes = list(_shape(node))
             sizes[specs[node].dim] = -1
-            new = graph.create_node(node.op, node.target, (args[0], tuple(sizes)))
+            # `view` becomes `reshape` (the same view wherever a view exists): under the Inductor
+            # lowering the op's inputs come in the layout Inductor chose (flexible_layout, see
+            # memopt/ops/slicing.py), e.g. a channels-last convolution output traced contiguous.
+            target = "reshape" if node.target == "view" else node.target
+            new = graph.create_node(node.op, target, (args[0], tuple(sizes)))
         elif node in stats:
             x = node.args[0]
             norms.append(NormStats(placeholders.index((x, specs[x])), _arg(node, 1, "num_groups"), _arg(node, 4, "eps", 1e-5)))

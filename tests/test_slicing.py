@@ -288,6 +288,41 @@ def test_inductor_lowering_keeps_the_eager_lowered_peak():
     assert peaks["inductor"] <= 1.05 * peaks["eager"], peaks
 
 
+def test_bodies_accept_inputs_in_another_layout(monkeypatch):
+    """Under the Inductor lowering the op's inputs come in the layout Inductor chose
+    (``flexible_layout``: no copy into the traced one), e.g. a convolution output laid out
+    channels-last where the graph traced it contiguous. A body's ``view`` runs as
+    ``reshape``: on a channels-last slice ``view`` raises."""
+    assert torch.Tag.flexible_layout in torch.ops.memopt.slicing.default.tags
+
+    class RowMlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(8, 1, 1))
+            self.linear = nn.Linear(6, 6)
+
+        def forward(self, x):
+            f, c, h, w = x.shape
+            rows = F.silu(x * self.scale).view(f, c * h, w)  # merges channels and height
+            return self.linear(F.gelu(rows)).view(f, c, h, w) + x
+
+    calls = []
+    run = SlicedGroup.run
+    monkeypatch.setattr(SlicedGroup, "run", lambda group, inputs: calls.append((group, inputs)) or run(group, inputs))
+    torch.manual_seed(19)
+    model = RowMlp().eval()
+    x = torch.randn(16, 8, 5, 6)  # frames the longest dim: one group, sliced by frame
+    _, out, result = compile_and_run(model, x, slicing={"min_group_bytes": 0, "max_slice_bytes": 1024})
+    assert result.rewrites == 1 and result.details[0]["dim"] == 0
+    ((group, inputs),) = calls
+    relaid = [value.contiguous(memory_format=torch.channels_last) if value.shape == x.shape else value for value in inputs]
+    assert any(value is not original for value, original in zip(relaid, inputs))
+    with torch.no_grad():
+        for expected, relaid_out in zip(run(group, inputs), run(group, relaid)):
+            assert_close_rel(relaid_out, expected)
+        assert_close_rel(out, model(x))
+
+
 def test_unsliceable_graph_is_left_untouched():
     torch.manual_seed(4)
 

@@ -171,7 +171,13 @@ def registered_group(key: str) -> SlicedGroup:
         raise RuntimeError(f"memopt::slicing: no group registered under {key!r}") from None
 
 
-@torch.library.custom_op("memopt::slicing", mutates_args=())
+# flexible_layout: Inductor hands the inputs over in the layout it chose for them, instead of
+# copying each into the layout it was traced with (its default for custom ops). Inductor lays
+# CPU convolution outputs out channels-last; traced contiguous, a value read by several groups
+# (a UNet's conv_in skip) became one full-size copy per group, all made at its producer: 4 MiB
+# above the eager-lowered peak on AnimateDiff. Slices are narrowed views of any layout, bodies
+# use `reshape` where the graph had `view`, and outputs keep their traced layout.
+@torch.library.custom_op("memopt::slicing", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def slicing(key: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Run the registered group ``key`` slice by slice on ``inputs``."""
     return registered_group(key).run(inputs)
