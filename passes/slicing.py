@@ -961,6 +961,80 @@ def _sink_views(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
         members = [node for node in members if node not in sunk]
 
 
+def _best_group(
+    seed: torch.fx.Node, position: dict[torch.fx.Node, int], claimed: set[torch.fx.Node], options: SlicingOptions
+) -> _Group | None:
+    """The group grown from ``seed`` along the dimension that saves most (ties: the larger
+    group, so fewer values are materialized between groups), measured."""
+    best = None
+    for dim, size in enumerate(_shape(seed)):
+        if size < 2:
+            continue
+        group = _grow(seed, dim, position, claimed)
+        if group is None:
+            continue
+        _measure_group(group, options)
+        if best is None or (group.saving, len(group.members)) > (best.saving, len(best.members)):
+            best = group
+    return best
+
+
+def _hand_over_tail(
+    group: _Group, position: dict[torch.fx.Node, int], claimed: set[torch.fx.Node], options: SlicingOptions
+) -> tuple[_Group, _Group] | None:
+    """``group`` without a tail, and the group that takes the tail whole (grown from a value
+    at the cut), when that lowers the bytes ``group`` writes; ``None`` when no such tail
+    exists.
+
+    ``_trim`` keeps a tail whose ops are wider than the bytes a cut saves, since they would
+    run whole outside. But per-token ops at the end of a frame-sliced group are often just as
+    sliceable along the dimension the next group uses: SVD's spatial transformer group ends
+    with the temporal block's ``norm_in``, ``ff_in`` and residual add, whose result it wrote
+    whole for the position-sliced temporal group, beside the spatial branch that group
+    reads anyway. Cut there, the temporal group, seeded from the spatial branch, computes
+    them per slice of positions, and 2 MiB fewer are live across both groups. A tail is
+    handed over only when the group grown from a value at the cut (along its best
+    dimension, as the seed loop grows groups) covers every op of the tail; that group is
+    taken next."""
+    members = group.members
+    member_set = set(members)
+    outputs = set(group.outputs)
+    base = sum(_nbytes(node) for node in outputs)
+    # Cuts writing within 1/64 of each other count as equal (a time embedding of a few KiB
+    # crossing the cut too must not decide), and then the shortest tail wins.
+    quantum = max(base // 64, 1)
+    best = None
+    for start in members[1:]:
+        tail = {start}
+        stack = [start]
+        while stack:
+            for user in stack.pop().users:
+                if user in member_set and user not in tail:
+                    tail.add(user)
+                    stack.append(user)
+        kept = [node for node in members if node not in tail]
+        boundary = {node for node in kept if any(user in tail for user in node.users)}
+        new_bytes = sum(_nbytes(node) for node in (outputs - tail) | boundary)
+        key = (new_bytes // quantum, len(tail))
+        if base - new_bytes < quantum or (best is not None and key >= best[0]):
+            continue
+        for seed in sorted(boundary, key=_nbytes, reverse=True):
+            follower = _best_group(seed, position, claimed | set(kept), options)
+            if follower is None or not tail <= set(follower.slicing.specs):
+                continue
+            if follower.saving >= options.min_group_bytes and follower.slices >= 2:
+                best = (key, tail, follower)
+                break
+    if best is None:
+        return None
+    _, tail, follower = best
+    rest = _subgroup(group, [node for node in members if node not in tail])
+    _measure_group(rest, options)
+    if rest.saving < options.min_group_bytes or rest.slices < 2 or any(_tensor(node) is None for node in rest.outputs):
+        return None
+    return rest, follower
+
+
 def _measure_group(group: _Group, options: SlicingOptions) -> None:
     """Estimate the group's intermediates, pick its slice count and its saving."""
     members = group.members
@@ -1414,7 +1488,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     claimed: set[torch.fx.Node] = set()
     unit_of: dict[torch.fx.Node, Any] = {}
     groups: list[_Group] = []
-    skipped_small = split_groups = 0
+    skipped_small = split_groups = handed_over = 0
     for seed in nodes:
         shape = _shape(seed)
         # A value a group writes whole (claimed, read outside it) seeds the next group: the
@@ -1424,37 +1498,37 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         if all(user in claimed for user in seed.users):
             continue
-        best = None
-        for dim, size in enumerate(shape):
-            if size < 2:
-                continue
-            group = _grow(seed, dim, position, claimed)
-            if group is None:
-                continue
-            _measure_group(group, options)
-            # Ties go to the larger group: fewer values materialized between groups.
-            if best is None or (group.saving, len(group.members)) > (best.saving, len(best.members)):
-                best = group
+        best = _best_group(seed, position, claimed, options)
         if best is None:
             continue
         result.matched += 1
         if best.saving < options.min_group_bytes or best.slices < 2:
             skipped_small += 1
             continue
-        pieces = [piece for piece in _split(best, options) if piece.slices >= 2]
-        trial = dict(unit_of)
-        for offset, piece in enumerate(pieces):
-            for node in piece.members:
-                trial[node] = len(groups) + offset
-        if not _condensed_acyclic(graph, trial):
-            result.notes.append(f"group at {seed.name} (dim {best.dim}) would create a cycle with another group: left alone")
-            continue
-        if len(pieces) > 1:
-            split_groups += 1
-        unit_of = trial
-        for piece in pieces:
-            claimed.update(piece.members)
-            groups.append(piece)
+        queue = [best]
+        while queue:
+            best = queue.pop(0)
+            follower = None
+            handed = _hand_over_tail(best, position, claimed, options)
+            if handed is not None:
+                best, follower = handed
+            pieces = [piece for piece in _split(best, options) if piece.slices >= 2]
+            trial = dict(unit_of)
+            for offset, piece in enumerate(pieces):
+                for node in piece.members:
+                    trial[node] = len(groups) + offset
+            if not _condensed_acyclic(graph, trial):
+                result.notes.append(f"group at {best.seed.name} (dim {best.dim}) would create a cycle with another group: left alone")
+                break
+            handed_over += follower is not None
+            if len(pieces) > 1:
+                split_groups += 1
+            unit_of = trial
+            for piece in pieces:
+                claimed.update(piece.members)
+                groups.append(piece)
+            if follower is not None:
+                queue.append(follower)
     unknown = collections.Counter(
         _op_name(node) for group in groups for node in group.unknown_stops
     )
@@ -1462,6 +1536,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result.notes.append(
             "ops without a slicing rule ended groups (conservative): "
             + ", ".join(f"{name} x{count}" for name, count in unknown.most_common(6))
+        )
+    if handed_over:
+        result.notes.append(
+            f"{handed_over} group(s) left their tail to the next group, which slices it along "
+            "another dimension (fewer bytes written whole between the groups)"
         )
     if split_groups:
         result.notes.append(

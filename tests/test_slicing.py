@@ -602,8 +602,10 @@ def test_svd_spatio_temporal_unet_sliced_matches_eager():
     AlphaBlenders. Its groups used to hold the blender's two inputs and the spatial
     transformer's three outputs at once, with ``alpha * x_spatial`` and the transformer's
     residual view written whole beside them: the estimated peak fell only 1.90x. Split
-    groups, absorbed blender operands and hoisted views give 2.35x on this config; 2.2x
-    fails the old grouping with margin."""
+    groups, absorbed blender operands and hoisted views gave 2.35x on this config. The
+    spatial transformer group then still wrote the temporal block's input (after its
+    per-token ``norm_in``/``ff_in``) whole beside the spatial branch; handing that tail to
+    the position-sliced temporal group gives 2.75x, and 2.6x fails without it."""
     torch.manual_seed(16)
     unet = diffusers.UNetSpatioTemporalConditionModel(
         in_channels=8, out_channels=4,
@@ -624,6 +626,7 @@ def test_svd_spatio_temporal_unet_sliced_matches_eager():
     (result,) = [r for r in memopt.last_report().passes if r.name == "slicing"]
     assert result.rewrites >= 20
     assert any("split" in note for note in result.notes), result.notes
+    assert any("left their tail" in note for note in result.notes), result.notes
     row = result.details[0]
-    assert row["estimated_peak_before"] >= 2.2 * row["estimated_peak_after"], row
+    assert row["estimated_peak_before"] >= 2.6 * row["estimated_peak_after"], row
     assert_close_rel(out, expected)
