@@ -136,6 +136,10 @@ class _Slicing:
     """Spec of every group value: the seed, its hoisted views and the members."""
     seed_views: set[torch.fx.Node]
     """The seed and the views of it computed outside the group (sliced like inputs)."""
+    coarser: set[int] = dataclasses.field(default_factory=set)
+    """Factors by which coarser slices of the seed would let a reshape that ended the group
+    keep whole slices (positions ``H*W`` split back into rows ``[H, W]``: slices of whole
+    rows, ``W`` positions each)."""
 
     def spec(self, node: Any) -> Spec | None:
         return self.specs.get(node) if isinstance(node, torch.fx.Node) else None
@@ -506,7 +510,25 @@ def _reshape(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
     if any(isinstance(a, torch.fx.Node) for a in node.args[1:]):
         return None  # symbolic sizes
     out_spec = _reshape_spec(in_shape, out_shape, spec)
+    if out_spec is None:
+        inner = _split_inner(in_shape, out_shape, spec)
+        if inner is not None:
+            s.coarser.add(inner // math.gcd(spec.unit, inner))
     return None if out_spec is None else (out_spec, {})
+
+
+def _split_inner(in_shape: tuple[int, ...], out_shape: tuple[int, ...], spec: Spec) -> int | None:
+    """The product of the later dims a split reshape unfolds the sliced dim into (``W`` for
+    ``[.., H*W, ..] -> [.., H, W, ..]``), or ``None`` when the reshape is no such split."""
+    before = math.prod(in_shape[: spec.dim])
+    size = in_shape[spec.dim]
+    for out_dim in range(len(out_shape)):
+        if math.prod(out_shape[:out_dim]) != before or out_shape[out_dim] >= size:
+            continue
+        for stop in range(out_dim + 1, len(out_shape) + 1):
+            if math.prod(out_shape[out_dim:stop]) == size:
+                return math.prod(out_shape[out_dim + 1 : stop])
+    return None
 
 
 def _permute(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
@@ -702,9 +724,20 @@ class _Group:
         return self.slicing.specs[self.seed].dim
 
 
-def _grow(seed: torch.fx.Node, dim: int, position: dict[torch.fx.Node, int], claimed: set[torch.fx.Node]) -> _Group | None:
+def _grow(
+    seed: torch.fx.Node,
+    dim: int,
+    position: dict[torch.fx.Node, int],
+    claimed: set[torch.fx.Node],
+    unit: int = 1,
+    coarser: set[int] | None = None,
+) -> _Group | None:
+    """The group grown from ``seed`` sliced along ``dim`` in slices of whole ``unit``s;
+    ``coarser`` collects the units that would let it grow past a reshape it stopped at."""
     shape = _shape(seed)
-    slicing = _Slicing(units=shape[dim], specs={seed: Spec(dim, 1)}, seed_views={seed})
+    slicing = _Slicing(units=shape[dim] // unit, specs={seed: Spec(dim, unit)}, seed_views={seed})
+    if coarser is not None:
+        slicing.coarser = coarser
     members: list[torch.fx.Node] = []
     member_feeds: dict[torch.fx.Node, dict[torch.fx.Node, Spec | None]] = {}
     feeds: dict[tuple[torch.fx.Node, Spec | None], None] = {}
@@ -970,13 +1003,35 @@ def _best_group(
     for dim, size in enumerate(_shape(seed)):
         if size < 2:
             continue
-        group = _grow(seed, dim, position, claimed)
-        if group is None:
-            continue
-        _measure_group(group, options)
-        if best is None or (group.saving, len(group.members)) > (best.saving, len(best.members)):
-            best = group
+        coarser: set[int] = set()
+        candidates = [_grow(seed, dim, position, claimed, coarser=coarser)]
+        # Slices of whole rows where positions are split back into rows later (SVD's temporal
+        # transformer, sliced by position, can then take its proj_out, the reshape to
+        # [F, H, W, C] and the residual add instead of writing its output for them).
+        candidates += [
+            _grow(seed, dim, position, claimed, unit=unit)
+            for unit in sorted(coarser) if unit > 1 and size % unit == 0 and size // unit >= 2
+        ]
+        for group in candidates:
+            if group is None:
+                continue
+            _measure_group(group, options)
+            if best is None or _ranks_above(group, best):
+                best = group
     return best
+
+
+# Savings within this fraction of each other count as equal when choosing a seed's group:
+# the estimate of one slice's intermediates is no finer than that, and the larger group
+# writes fewer values whole between groups (which the saving does not count).
+_SAVING_TIE = 1 / 16
+
+
+def _ranks_above(group: _Group, other: _Group) -> bool:
+    """Whether ``group`` saves more than ``other`` or, within ``_SAVING_TIE``, is larger."""
+    if abs(group.saving - other.saving) <= _SAVING_TIE * max(group.saving, other.saving):
+        return (len(group.members), group.saving) > (len(other.members), other.saving)
+    return group.saving > other.saving
 
 
 def _hand_over_tail(

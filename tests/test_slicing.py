@@ -323,6 +323,42 @@ def test_bodies_accept_inputs_in_another_layout(monkeypatch):
         assert_close_rel(out, model(x))
 
 
+class TemporalBackToRows(nn.Module):
+    """SVD's temporal transformer in small: attention over frames per position on
+    ``[H*W, F, C]``, then back to ``[F, H*W, C]``, ``proj_out``, reshaped to rows
+    ``[F, H, W, C]``, permuted to ``[F, C, H, W]`` and added to the residual."""
+
+    def __init__(self, channels: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm, self.qkv = nn.LayerNorm(channels), nn.Linear(channels, 3 * channels)
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, frame_tokens, x):
+        f, c, h, w = x.shape  # frame_tokens: [F, H*W, C], a spatial block's output
+        tokens = frame_tokens[None].reshape(1, f, h * w, c).permute(0, 2, 1, 3).reshape(h * w, f, c)
+        q, k, v = (z.view(h * w, f, self.heads, -1).transpose(1, 2) for z in self.qkv(self.norm(tokens)).chunk(3, dim=-1))
+        tokens = tokens + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(h * w, f, c)
+        frames = tokens.reshape(1, h * w, f, c).permute(0, 2, 1, 3).reshape(f, h * w, c)
+        out = self.proj_out(frames).reshape(f, h, w, c).permute(0, 3, 1, 2).contiguous()
+        return out + x
+
+
+def test_positions_sliced_by_whole_rows_to_take_the_reshape_back():
+    """Sliced by single positions, the group stopped at the reshape of ``H*W`` back into
+    rows and wrote the attention's output whole for ``proj_out`` and the residual add.
+    Slices of whole rows (``W`` positions each) keep them in the group."""
+    torch.manual_seed(20)
+    model = TemporalBackToRows().eval()
+    tokens, x = torch.randn(5, 63, 16), torch.randn(5, 16, 9, 7)
+    _, out, result = compile_and_run(model, tokens, x)
+    biggest = max(result.details, key=lambda row: row["ops"])
+    assert biggest["units"] == 9 and biggest["outputs"] == 1, result.details  # rows, not 63 positions
+    assert biggest["last"].startswith("add"), result.details  # through proj_out and the residual add
+    with torch.no_grad():
+        assert_close_rel(out, model(tokens, x))
+
+
 def test_unsliceable_graph_is_left_untouched():
     torch.manual_seed(4)
 
