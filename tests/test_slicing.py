@@ -616,15 +616,8 @@ def test_unet3d_sliced_matches_eager():
 
 def test_animatediff_motion_unet_sliced_matches_eager():
     torch.manual_seed(8)
-    unet = diffusers.UNetMotionModel(
-        in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
-        cross_attention_dim=16, num_attention_heads=2, motion_num_attention_heads=2,
-        motion_max_seq_length=8,
-    ).eval()
     frames = 4
+    unet = zoo.unet_motion(frames).eval()
     sample, context = torch.randn(1, 4, frames, 16, 16), torch.randn(frames, 5, 16)
     timestep = torch.tensor(17)
     _, out, result = compile_and_run(unet, sample, timestep, context, return_dict=False)
@@ -643,14 +636,7 @@ def test_svd_spatio_temporal_unet_sliced_matches_eager():
     per-token ``norm_in``/``ff_in``) whole beside the spatial branch; handing that tail to
     the position-sliced temporal group gives 2.75x, and 2.6x fails without it."""
     torch.manual_seed(16)
-    unet = diffusers.UNetSpatioTemporalConditionModel(
-        in_channels=8, out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        num_attention_heads=(2, 2), addition_time_embed_dim=4, projection_class_embeddings_input_dim=12,
-        num_frames=4,
-    ).eval()
+    unet = zoo.unet_svd(frames=4).eval()
     sample, context, added = torch.randn(1, 4, 8, 16, 16), torch.randn(1, 1, 32), torch.randn(1, 3)
     timestep = torch.tensor(17)
     torch._dynamo.reset()
