@@ -1422,6 +1422,18 @@ def _layout(tensor: torch.Tensor) -> TensorLayout:
     return TensorLayout(tuple(tensor.shape), stride, tensor.dtype)
 
 
+def _fusible(group: _Group) -> bool:
+    """Whether compiling the group's body can fuse anything: at least two ops that are not
+    views. A body of one op (a convolution, a matmul, one pointwise op) compiled by Inductor
+    runs the same kernel as op by op, after a compile that buys nothing."""
+    compute = [
+        node for node in group.members
+        if not (node.op == "call_method" and node.target in _VIEW_METHODS)
+        and not (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+    ]
+    return len(compute) >= 2
+
+
 def _even_slices(units: int, slices: int, max_slices: int) -> int:
     """The smallest slice count from ``slices`` to ``2 * slices`` that divides ``units``
     (one slice shape, so one compile of the body), or ``slices`` when none does."""
@@ -1638,10 +1650,15 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     compile_body = options.compile_body
     if compile_body is None:
         compile_body = ctx.config.lowering == "inductor"
+    compiled = [compile_body and _fusible(group) for group in groups]
     if compile_body:
-        for group in groups:
-            group.slices = _even_slices(group.slicing.units, group.slices, options.max_slices)
-        result.notes.append("group bodies run compiled by Inductor, once per slice shape (compile_body)")
+        for group, compile_it in zip(groups, compiled):
+            if compile_it:
+                group.slices = _even_slices(group.slicing.units, group.slices, options.max_slices)
+        result.notes.append(
+            f"group bodies run compiled by Inductor, once per slice shape (compile_body): "
+            f"{sum(compiled)} of {len(groups)}; bodies of one op run it directly (nothing to fuse)"
+        )
     for index, group in enumerate(groups):
         first, last = group.members[0], group.members[-1]
         result.details.append({
@@ -1660,10 +1677,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             ),
             "intermediate_bytes": group.intermediate_bytes,
             "per_slice_bytes": math.ceil(max(group.intermediate_bytes - group.output_bytes, 0) / group.slices),
-            "compiled": compile_body,
+            "compiled": compiled[index],
         })
     autocast = autocast_state.current(ctx.device.type)  # see memopt.ops.autocast_state
-    prepared = [_prepare(group, compile_body, autocast) for group in groups]
+    prepared = [_prepare(group, compile_it, autocast) for group, compile_it in zip(groups, compiled)]
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
     for group, (key, sliced, inputs) in zip(groups, prepared):
         _rewrite(graph, group, key, sliced, inputs, replaced)
