@@ -905,6 +905,18 @@ def _outputs(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
     return [node for node in members if any(user not in member_set for user in node.users)]
 
 
+def _tail_from(start: torch.fx.Node, members: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """``start`` and every member that depends on it: what a cut before ``start`` moves out."""
+    tail = {start}
+    stack = [start]
+    while stack:
+        for user in stack.pop().users:
+            if user in members and user not in tail:
+                tail.add(user)
+                stack.append(user)
+    return tail
+
+
 def _trim(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
     """Cut tails off a group where that shrinks what the group writes whole.
 
@@ -920,13 +932,7 @@ def _trim(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
         member_set = set(members)
         best = None
         for start in members[1:]:
-            tail = {start}
-            stack = [start]
-            while stack:
-                for user in stack.pop().users:
-                    if user in member_set and user not in tail:
-                        tail.add(user)
-                        stack.append(user)
+            tail = _tail_from(start, member_set)
             new_outputs = (outputs - tail) | {
                 node for node in member_set - tail if any(user in tail for user in node.users)
             }
@@ -1060,13 +1066,7 @@ def _hand_over_tail(
     quantum = max(base // 64, 1)
     best = None
     for start in members[1:]:
-        tail = {start}
-        stack = [start]
-        while stack:
-            for user in stack.pop().users:
-                if user in member_set and user not in tail:
-                    tail.add(user)
-                    stack.append(user)
+        tail = _tail_from(start, member_set)
         kept = [node for node in members if node not in tail]
         boundary = {node for node in kept if any(user in tail for user in node.users)}
         new_bytes = sum(_nbytes(node) for node in (outputs - tail) | boundary)
