@@ -111,7 +111,8 @@ class Config:
     part of a UNet from the last full denoising step. ``None`` (default): off;
     ``{"interval": N}``: a full step every N steps; ``{"threshold": t}``: rehash when the
     features entering the deep part differ from the last full step's by at most ``t``
-    (relative L2). Applied to the module by :func:`memopt.compile` (or directly with
+    (relative L2); ``depth`` and ``layers`` choose where the reused part begins (see
+    :class:`StepRehashOptions`). Applied to the module by :func:`memopt.compile` (or directly with
     ``memopt.diffusion.StepRehash``); a bare ``torch.compile(backend="memopt")`` sees only
     graphs and rejects it."""
 
