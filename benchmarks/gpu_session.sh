@@ -40,31 +40,37 @@ fi
 capped 90 install $py -m pip install -q --no-deps --no-build-isolation -e .
 $py -c "import torch, triton, memopt; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >>"$log" 2>&1
 
+# Caps in seconds, each overridable from the environment (CAP_SLICING=300 ...), so that one call
+# can hold several steps when the lease is short.
+cap() { local var=CAP_$1; echo "${!var:-$2}"; }
 for step in "${steps[@]}"; do
   case $step in
     tests)
       # Correctness only, nothing timed: overlaps the compilation of im2win's kernels.
       say "tests: start in background"
-      (timeout -k 5 200 $py -m pytest -q -p no:cacheprovider -n 8 --tb=short -rfE tests/test_cuda.py \
-        tests/test_im2win.py tests/test_monarch.py tests/test_measure.py >"$out/tests.log" 2>&1
+      (timeout -k 5 "$(cap TESTS 200)" $py -m pytest -q -p no:cacheprovider -n 8 --tb=short -rfE \
+        ${TEST_FILES:-tests/test_cuda.py tests/test_im2win.py tests/test_monarch.py tests/test_measure.py} \
+        >"$out/tests.log" 2>&1
        echo "tests exit $?" >>"$out/tests.log") &
       tests=$!
-      capped 120 im2win-precompile $py benchmarks/im2win.py --precompile 8 --precompile-only
+      [ -n "${SKIP_PRECOMPILE:-}" ] || capped 120 im2win-precompile $py benchmarks/im2win.py --precompile 8 --precompile-only
       wait $tests
       tail -n 40 "$out/tests.log" >>"$log" ;;
-    monarch) capped 90 monarch $py benchmarks/monarch.py --save ;;
-    im2win) capped 140 im2win $py benchmarks/im2win.py --save ;;
+    monarch) capped "$(cap MONARCH 90)" monarch $py benchmarks/monarch.py --save ;;
+    im2win) capped "$(cap IM2WIN 140)" im2win $py benchmarks/im2win.py --save ;;
     rehash)
-      capped 50 rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 \
+      capped "$(cap REHASH 50)" rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 \
         --rehash-channels 64,128,128 --out "$out/rehash" ;;
     reversible)
       # Inductor lowering: the chain's steps run compiled (compile_steps="all" on CUDA).
-      capped 170 reversible $py benchmarks/reversible.py --depths 8,64 --lowering inductor \
-        --models reformer,revnet --variants eager,memopt-reversible \
+      capped "$(cap REVERSIBLE 170)" reversible $py benchmarks/reversible.py --depths "${REVERSIBLE_DEPTHS:-8,32}" \
+        --lowering inductor --models reformer,revnet --variants eager,inductor,memopt-reversible --repeat 5 \
         --output "benchmarks/results/reversible-$date-cuda.md" ;;
     slicing)
-      capped 540 slicing $py benchmarks/slicing.py --skip-rehash --models animatediff,unet3d,svd \
-        --channels 64,128,128 --size 64 --frames 16 --out benchmarks/results ;;
+      # Also replayed as CUDA graphs: the sliced groups' per-slice Python is what costs time.
+      capped "$(cap SLICING 540)" slicing $py benchmarks/slicing.py --skip-rehash --cudagraphs \
+        --models "${SLICING_MODELS:-animatediff,svd,unet3d}" --channels 64,128,128 --size 64 --frames 16 \
+        --out benchmarks/results ;;
     *) say "unknown step '$step' (valid: tests monarch im2win rehash reversible slicing)" ;;
   esac
 done

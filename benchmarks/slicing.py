@@ -94,17 +94,41 @@ def step_row(kind, args, device, dtype):
             # under 16 MiB alone, to protect small graphs' speed).
             "memopt": memopt.compile(unet, slicing={"min_group_bytes": 1 << 20, **COMPILE_BODY[args.compile_body]}),
         }
+        if args.cudagraphs and device.type == "cuda":
+            # The whole step replayed as CUDA graphs: Inductor's cudagraph trees, and memopt's
+            # Inductor lowering with the same switch (the sliced groups' bodies are compiled on
+            # the warm-up call, before capture, and replayed inside the graph).
+            variants["inductor-cudagraphs"] = torch.compile(unet, mode="reduce-overhead")
+            variants["memopt-cudagraphs"] = memopt.compile(
+                unet,
+                slicing={"min_group_bytes": 1 << 20, **COMPILE_BODY[args.compile_body]},
+                inductor_config={"triton.cudagraphs": True},
+            )
         for name, model in variants.items():
             torch._dynamo.reset()
+            graphs = name.endswith("-cudagraphs")
+            if graphs:
+                # A replay allocates nothing (its memory was taken from the graph pool while
+                # recording), so the peak is read over the calls that warm up and record.
+                torch.cuda.synchronize()
+                start_level = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             begin = time.perf_counter()
             out = model(*call_args, **call_kwargs)[0]  # compiles
             compile_s = time.perf_counter() - begin
-            report = memopt.last_report() if name == "memopt" else None
-            measured = memopt.measure(model, *call_args, **call_kwargs, repeat=args.repeat)
+            # Read now: a later replay of a CUDA graph overwrites its outputs.
             error = ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+            report = memopt.last_report() if name.startswith("memopt") else None
+            if graphs:
+                for _ in range(2):  # record, then the first replay
+                    model(*call_args, **call_kwargs)
+                torch.cuda.synchronize()
+                recorded_peak = torch.cuda.max_memory_allocated() - start_level
+            measured = memopt.measure(model, *call_args, **call_kwargs, repeat=args.repeat)
+            peak = recorded_peak if graphs else measured.peak_bytes
             groups = next((r.rewrites for r in report.passes if r.name == "slicing"), 0) if report else 0
             # Fastest timed call: on a shared machine other jobs only ever add time.
-            rows[name] = (measured.peak_bytes, min(measured.times_s), error, compile_s, groups)
+            rows[name] = (peak, min(measured.times_s), error, compile_s, groups)
     return rows
 
 
@@ -178,6 +202,10 @@ def main(argv=None) -> str:
         "--compile-body", default="default", choices=tuple(COMPILE_BODY),
         help="slicing's compile_body for the memopt variant (default: on under the Inductor lowering)",
     )
+    parser.add_argument(
+        "--cudagraphs", action="store_true",
+        help="CUDA only: also time Inductor and memopt replayed as CUDA graphs (peak read while recording)",
+    )
     parser.add_argument("--out", default=None, help="folder for the markdown result")
     parser.add_argument(
         "--threads", type=int, default=None,
@@ -200,7 +228,8 @@ def main(argv=None) -> str:
         f"block_out_channels ({args.channels}), random weights",
         "",
         f"peak: memopt.measure ({'CUDA peak statistics' if device.type == 'cuda' else 'CPU allocator events'}); "
-        f"time: fastest of {max(args.repeat - 1, 1)} calls after compiling",
+        f"time: fastest of {max(args.repeat - 1, 1)} calls after compiling"
+        + ("; *-cudagraphs rows: peak over the warm-up, recording and first replay calls" if args.cudagraphs else ""),
         "",
         "| model | variant | peak memory | vs Inductor | time | vs Inductor | rel. error vs eager | groups | compile s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
