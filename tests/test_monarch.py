@@ -277,6 +277,27 @@ def test_triton_kernels_match_reference(shape, dtype):
         assert _rel(actual.cpu(), reference) < RTOL[dtype]
 
 
+@pytest.mark.skipif(
+    not (_TRITON and (_INTERPRET or torch.cuda.is_available())),
+    reason="Triton kernels need triton and either TRITON_INTERPRET=1 (CPU interpreter) or a CUDA GPU",
+)
+def test_triton_kernels_with_int64_tile_offsets(monkeypatch):
+    # Real inputs take the int64 tile offsets only past ~8M-element strides; a zero limit
+    # sends these small ones down that path.
+    from memopt.triton_kernels import monarch as kernels
+
+    monkeypatch.setattr(kernels, "_INT32_TILE_LIMIT", 0)
+    shape = (21, 2, 8, 16, 5)  # r = 16: the tile-aligned split on the interpreter's 16-wide tiles
+    device = "cpu" if _INTERPRET else "cuda"
+    x, w1, w2 = _factors(*shape, dtype=torch.float64)
+    grad = torch.randn(x.shape[0], shape[1] * shape[4], dtype=torch.float64)
+    args = [t.to(device, torch.float32) for t in (x, w1, w2)]
+    assert _rel(kernels.monarch_matmul_triton(*args).cpu(), monarch_matmul_reference(x, w1, w2)) < RTOL[torch.float32]
+    grads = kernels.monarch_backward_triton(grad.to(device, torch.float32), *args)
+    for actual, reference in zip(grads, monarch_backward_reference(grad, x, w1, w2)):
+        assert _rel(actual.cpu(), reference) < RTOL[torch.float32]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA implementation needs a GPU")
 @pytest.mark.parametrize("kernel", monarch_op.KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -150,6 +150,31 @@ def project(
 # ---------------------------------------------------------------------------------------------
 
 
+# How the kernel addresses a dimension with split S, high stride hi and low stride lo (offset
+# (i // S) * hi + (i % S) * lo), chosen per launch by a heuristic (the kernel's A_K_MODE,
+# B_N_MODE, C_N_MODE). Without the first two, Triton 3.6 proves no 16-byte alignment through
+# // and % (nor through a split of 1 << 30 with hi = 0) and loads those operands one element
+# at a time (ld.global.b16, unpipelined) instead of with 16-byte cp.async:
+_SPLIT_NONE = 0  # S >= the dimension: plain stride lo, no // or % at all
+_SPLIT_TILED = 1  # S a multiple of the tile, hi of 16: one scalar offset a tile, hinted aligned
+_SPLIT_GENERAL = 2  # anything else: per-element // and %, int64
+# Offsets inside one tile (index < 256 times a stride) are int32 below this; int64 above.
+_INT32_TILE_LIMIT = 2**31
+
+
+def _split_mode(split: int, hi: int, size: int, block: int) -> int:
+    if split >= size:
+        return _SPLIT_NONE
+    if split % block == 0 and block % 16 == 0 and hi % 16 == 0:
+        return _SPLIT_TILED
+    return _SPLIT_GENERAL
+
+
+def _tile_offsets_fit_int32(args: dict[str, Any]) -> bool:
+    strides = (args["a_sm"], args["a_sk_lo"], args["b_sk"], args["b_sn_lo"], args["c_sm"], args["c_sn_lo"])
+    return 256 * max(abs(stride) for stride in strides) < _INT32_TILE_LIMIT
+
+
 @functools.cache
 def _kernels() -> tuple[Any, Any]:
     """``(kernel, autotuned_kernel)``, built on first use so ``import memopt`` never imports
@@ -159,12 +184,11 @@ def _kernels() -> tuple[Any, Any]:
 
     @triton.heuristics(
         {
-            # A tile that never straddles a split segment is contiguous along its split axis
-            # (base + arange * lo), which lets Triton vectorize the loads/stores; the general
-            # form (i // S) * hi + (i % S) * lo is only needed when S is not a multiple of the tile.
-            "A_K_ALIGNED": lambda args: args["a_ksplit"] % args["BLOCK_K"] == 0,
-            "B_N_ALIGNED": lambda args: args["b_nsplit"] % args["BLOCK_N"] == 0,
-            "C_N_ALIGNED": lambda args: args["c_nsplit"] % args["BLOCK_N"] == 0,
+            "A_K_MODE": lambda args: _split_mode(args["a_ksplit"], args["a_sk_hi"], args["K"], args["BLOCK_K"]),
+            "B_N_MODE": lambda args: _split_mode(args["b_nsplit"], args["b_sn_hi"], args["N"], args["BLOCK_N"]),
+            "C_N_MODE": lambda args: _split_mode(args["c_nsplit"], args["c_sn_hi"], args["N"], args["BLOCK_N"]),
+            "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+            "TILE_I32": _tile_offsets_fit_int32,
         }
     )
     @triton.jit
@@ -176,56 +200,84 @@ def _kernels() -> tuple[Any, Any]:
         c_sg, c_sm, c_nsplit, c_sn_hi, c_sn_lo,
         INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        A_K_ALIGNED: tl.constexpr, B_N_ALIGNED: tl.constexpr, C_N_ALIGNED: tl.constexpr,
+        A_K_MODE: tl.constexpr, B_N_MODE: tl.constexpr, C_N_MODE: tl.constexpr,
+        EVEN_K: tl.constexpr, TILE_I32: tl.constexpr,
     ):  # fmt: skip
         # C[g][m, n] = sum_k A[g][m, k] * B[g][k, n], g = program_id(2). A dimension marked
         # "split" with split S is addressed as (i // S) * hi + (i % S) * lo: that is how the
         # Monarch permutation is read and written without ever being materialized.
         # N tiles vary fastest: the programs running together share one A row tile (read from
-        # HBM once, then L2) and sweep B, which is one small weight block per group.
+        # HBM once, then L2) and sweep B, which is one small weight block per group (N is one
+        # block, a few tiles wide, so a grouped/swizzled order would not cut HBM traffic).
+        # Addresses: int64 scalar bases per program and per K step (uniform registers), plus
+        # int32 offsets inside the tile where TILE_I32 says they fit.
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         group = tl.program_id(2).to(tl.int64)
+        m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = n0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < M
-        col_mask = cols < N
-        a_base = a_ptr + group * a_sg + rows.to(tl.int64)[:, None] * a_sm
-        if B_N_ALIGNED:
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        if not TILE_I32:
+            offs_m = offs_m.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
+            offs_k = offs_k.to(tl.int64)
+        row_mask = (m0 + offs_m) < M
+        col_mask = (n0 + offs_n) < N
+        a_tile = a_ptr + group * a_sg + m0.to(tl.int64) * a_sm + offs_m[:, None] * a_sm
+        if A_K_MODE != 2:
+            a_tile = a_tile + offs_k[None, :] * a_sk_lo
+        b_tile = b_ptr + group * b_sg + offs_k[:, None] * b_sk
+        if B_N_MODE == 0:
+            b_tile = b_tile + n0.to(tl.int64) * b_sn_lo + offs_n[None, :] * b_sn_lo
+        elif B_N_MODE == 1:
             b_col = (n0 // b_nsplit).to(tl.int64) * b_sn_hi + (n0 % b_nsplit).to(tl.int64) * b_sn_lo
-            b_col = b_col + tl.arange(0, BLOCK_N).to(tl.int64) * b_sn_lo
+            b_tile = b_tile + tl.multiple_of(b_col, 16) + offs_n[None, :] * b_sn_lo
         else:
-            b_col = (cols // b_nsplit).to(tl.int64) * b_sn_hi + (cols % b_nsplit).to(tl.int64) * b_sn_lo
-        b_base = b_ptr + group * b_sg + b_col[None, :]
+            cols = (n0 + offs_n).to(tl.int64)
+            b_tile = b_tile + ((cols // b_nsplit) * b_sn_hi + (cols % b_nsplit) * b_sn_lo)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < K
-            if A_K_ALIGNED:
+            if A_K_MODE == 0:
+                a_ptrs = a_tile + tl.cast(k0, tl.int64) * a_sk_lo
+            elif A_K_MODE == 1:
+                # A multiple of 16 elements (a_sk_hi % 16 == 0, k0 % a_ksplit a multiple of
+                # the tile), which Triton's axis analysis cannot see through // and %.
                 a_k = (k0 // a_ksplit).to(tl.int64) * a_sk_hi + (k0 % a_ksplit).to(tl.int64) * a_sk_lo
-                a_k = a_k + tl.arange(0, BLOCK_K).to(tl.int64) * a_sk_lo
+                a_ptrs = a_tile + tl.multiple_of(a_k, 16)
             else:
-                a_k = (ks // a_ksplit).to(tl.int64) * a_sk_hi + (ks % a_ksplit).to(tl.int64) * a_sk_lo
-            a = tl.load(a_base + a_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(
-                b_base + ks.to(tl.int64)[:, None] * b_sk, mask=k_mask[:, None] & col_mask[None, :], other=0.0
-            )
+                ks = (k0 + offs_k).to(tl.int64)
+                a_ptrs = a_tile + ((ks // a_ksplit) * a_sk_hi + (ks % a_ksplit) * a_sk_lo)[None, :]
+            b_ptrs = b_tile + tl.cast(k0, tl.int64) * b_sk
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_mask[None, :], other=0.0)
+            else:
+                k_mask = (k0 + offs_k) < K
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if C_N_ALIGNED:
+        c_tile = c_ptr + group * c_sg + m0.to(tl.int64) * c_sm + offs_m[:, None] * c_sm
+        if C_N_MODE == 0:
+            c_ptrs = c_tile + n0.to(tl.int64) * c_sn_lo + offs_n[None, :] * c_sn_lo
+        elif C_N_MODE == 1:
             c_col = (n0 // c_nsplit).to(tl.int64) * c_sn_hi + (n0 % c_nsplit).to(tl.int64) * c_sn_lo
-            c_col = c_col + tl.arange(0, BLOCK_N).to(tl.int64) * c_sn_lo
+            c_ptrs = c_tile + tl.multiple_of(c_col, 16) + offs_n[None, :] * c_sn_lo
         else:
-            c_col = (cols // c_nsplit).to(tl.int64) * c_sn_hi + (cols % c_nsplit).to(tl.int64) * c_sn_lo
-        c_ptrs = c_ptr + group * c_sg + rows.to(tl.int64)[:, None] * c_sm + c_col[None, :]
+            cols = (n0 + offs_n).to(tl.int64)
+            c_ptrs = c_tile + ((cols // c_nsplit) * c_sn_hi + (cols % c_nsplit) * c_sn_lo)[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
+    # Hopper-shaped: 128x256 / 256x128 tiles on two warpgroups (one m64n256 wgmma each, 128
+    # accumulator registers a thread) with 3 stages (144 KiB of shared memory), 128x128 for
+    # shapes with few tiles, 64x128 for the weight gradients (M = N = one block, few tiles).
     configs = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     ]
     # Keyed on the problem size and the two split values (they change the access pattern).
     autotuned = triton.autotune(configs, key=["M", "N", "K", "a_ksplit", "b_nsplit", "c_nsplit"])(
