@@ -180,6 +180,31 @@ def test_triton_kernel_fp32(case, channels_last, window):
     assert_close_scaled(out, expected(case, x, weight, bias), torch.float32)
 
 
+# Groups with a multiple of 16 input channels take the (tap, channel block) loop over a
+# channels-innermost source, NCHW inputs included; none of CASES does. 48 channels with a
+# 32-deep K tile leave a masked half block at the end of every tap.
+TAP_MAJOR_CASES = [
+    Case("tap-major-grouped", (1, 32, 5, 6), (8, 16, 3, 3), (1, 2), (1, 1), (2, 1), groups=2, activation="relu"),
+    Case("tap-major-48", (2, 48, 4, 5), (10, 48, 3, 2), (1, 1), (1, 0), activation="silu"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("block_k", [16, 32])
+@pytest.mark.parametrize("window", im2win_conv.WINDOWS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", TAP_MAJOR_CASES, ids=[case.name for case in TAP_MAJOR_CASES])
+def test_triton_kernel_tap_major(case, channels_last, window, block_k):
+    assert im2win_conv.tap_major(case.weight[1])
+    device = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+    x, weight, bias = make_inputs(case, torch.float32, channels_last, device, seed=7)
+    config = TileConfig(16, 16, block_k, num_warps=1, num_stages=1)
+    out = im2win_conv2d_triton(x, weight, bias, *conv_args(case), case.activation, window, config=config, allow_tf32=False)
+    aten = F.conv2d(x, weight, bias, *conv_args(case))
+    assert out.stride() == aten.stride()
+    assert_close_scaled(out, expected(case, x, weight, bias), torch.float32)
+
+
 @needs_triton
 @pytest.mark.parametrize("window", im2win_conv.WINDOWS)
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]], ids=[CASES[0].name, CASES[3].name, CASES[6].name])
@@ -221,11 +246,18 @@ def test_triton_autotune_prunes_to_the_problem():
 def test_prune_configs_keeps_what_fits():
     triton = pytest.importorskip("triton", reason="pruning works on triton.Config objects")
     configs = [im2win_conv._triton_config(triton, config) for config in im2win_conv.AUTOTUNE_CONFIGS]
-    depthwise = im2win_conv.prune_configs(configs, {"PIXELS": 4096, "OUT_GROUP": 1, "K_TOTAL": 9})
+    depthwise = im2win_conv.prune_configs(configs, {"PIXELS": 4096, "OUT_GROUP": 1, "K_TOTAL": 9, "IN_GROUP": 1})
     assert {(c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_K"]) for c in depthwise} == {(16, 16)}
-    wide = im2win_conv.prune_configs(configs, {"PIXELS": 10**6, "OUT_GROUP": 256, "K_TOTAL": 1152})
-    assert len(wide) == len(configs)
-    tiny = im2win_conv.prune_configs(configs, {"PIXELS": 1, "OUT_GROUP": 1, "K_TOTAL": 1})
+    wide = {"PIXELS": 10**6, "OUT_GROUP": 256, "K_TOTAL": 1152, "IN_GROUP": 128}
+    bf16 = im2win_conv.prune_configs(configs, {**wide, "src_ptr": torch.empty(1, dtype=torch.bfloat16)})
+    assert len(bf16) == len(configs)
+    # float32 128x256x64 in 3 stages is 288 KiB of shared memory: more than an H100 has.
+    fp32 = im2win_conv.prune_configs(configs, {**wide, "src_ptr": torch.empty(1)})
+    assert len(fp32) == len(configs) - 1
+    # A (tap, channel block) layer's K tile is capped by one tap's 16 channels, not K = 144.
+    per_tap = im2win_conv.prune_configs(configs, {**wide, "K_TOTAL": 144, "IN_GROUP": 16})
+    assert {c.kwargs["BLOCK_K"] for c in per_tap} == {16}
+    tiny = im2win_conv.prune_configs(configs, {"PIXELS": 1, "OUT_GROUP": 1, "K_TOTAL": 1, "IN_GROUP": 1})
     assert len(tiny) == 1 and tiny[0].kwargs["BLOCK_P"] == 64
 
 
@@ -249,11 +281,12 @@ def _ptxas_available() -> bool:
 
 
 # (dtype, window, channels_last, activation, input_precision, compute capability)
-# Between them the two variants take each branch of every constexpr switch but the
-# activation, on Hopper and on Ampere.
+# Between them the variants take each branch of every constexpr switch but the activation,
+# on Hopper and on Ampere ("tap_major": channels-last, stepping K by (tap, channel block)).
 CUDA_COMPILE_VARIANTS = [
     ("bf16", "materialized", False, "silu", "ieee", 90),
     ("fp16", "implicit", True, "gelu", "ieee", 80),
+    ("bf16", "implicit", "tap_major", "relu", "ieee", 90),
 ]
 
 
@@ -274,7 +307,8 @@ results = []
 for dtype, window, channels_last, activation, precision, capability in json.loads(sys.argv[2]):
     constants = dict(
         STRIDE_H=1, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=2, K_H=3, K_W=3,
-        MATERIALIZED=window == "materialized", CHANNELS_INNER=channels_last, HAS_BIAS=True,
+        MATERIALIZED=window == "materialized", CHANNELS_INNER=bool(channels_last),
+        TAP_MAJOR=channels_last == "tap_major", HAS_BIAS=True,
         ACTIVATION=im2win_conv.ACTIVATIONS.index(activation), INPUT_PRECISION=precision,
         BLOCK_P=128, BLOCK_CO=64, BLOCK_K=32,
     )

@@ -21,7 +21,8 @@ Two ways to feed the GEMM are implemented and tested, chosen by the ``window`` a
 * ``"materialized"`` (the paper): ``window_transform`` builds ``win`` (one strided copy),
   and the kernel reads the runs from it, masking only the ``pad_w`` edge columns.
 * ``"implicit"``: the kernel reads the same ``(c, h, w)`` taps straight from ``x`` with
-  masked loads for the padding; no workspace at all.
+  masked loads for the padding; no workspace beyond a channels-last copy of an NCHW ``x``
+  (see below).
 
 Which one is faster depends on the layer (the implicit form moves fewer bytes; the
 materialized form reads each run contiguously and masks columns only, not rows). Neither has been timed on a GPU yet, so both stay: ``benchmarks/im2win.py`` times
@@ -30,8 +31,16 @@ layer on CUDA and keeps the fastest. ``DEFAULT_WINDOW`` is the form used when no
 measured; it is ``"implicit"`` because it needs no workspace (a choice, not a measurement).
 
 NCHW and channels-last inputs are both supported: the K index is decomposed so that its
-fastest-varying part follows the input's contiguous dimension (``h`` of the window for NCHW,
-``c`` for channels-last), and the weight matrix is laid out to match.
+fastest-varying part follows the source's contiguous dimension (``h`` of the window for NCHW,
+``c`` for channels-last), and the weight matrix is laid out to match. When a group has a
+multiple of 16 input channels (``tap_major``: every layer but the 3-channel stems and
+depthwise ones in practice) the kernel always reads a channels-innermost source and steps
+through K as (tap, channel block): one tap's channels are contiguous, so its tiles load as
+16-byte vectors and feed Hopper's wgmma from a software-pipelined loop with no per-element
+div/mod. An NCHW input then gets its window tensor built channels-last (same size), and the
+implicit form reads a channels-last copy of ``x`` (the size of ``x``: its only workspace).
+On sm_90 this took the NCHW bf16 layers from 2-byte scalar loads of A at 223-255 registers
+to 16-byte ``cp.async`` at 128-160 (``benchmarks/im2win_aot.py`` compiles and counts).
 
 The backward pass (``memopt::im2win_conv2d``'s autograd) uses aten's
 ``convolution_backward``: the input gradient is a transposed convolution and the weight
@@ -179,6 +188,7 @@ def window_transform(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    channels_last: bool | None = None,
 ) -> torch.Tensor:
     """im2win's window tensor ``win[N, C, H_out, W * K_h]`` of ``x`` (one strided copy).
 
@@ -186,7 +196,8 @@ def window_transform(
     where ``x_rows_padded`` has ``padding[0]`` zero rows above and below (horizontal padding
     is left to the GEMM's edge masks, see the module docstring). A channels-last ``x`` gives
     a channels-last window tensor (``C`` innermost), so each ``(w, h)`` run holds all
-    channels of a group contiguously.
+    channels of a group contiguously; ``channels_last`` overrides that choice (the Triton
+    launcher asks for it with NCHW inputs too, see ``tap_major``).
     """
     batch, channels, _, width = x.shape
     x_padded = F.pad(x, (0, 0, padding[0], padding[0]))
@@ -194,7 +205,9 @@ def window_transform(
     rows = x_padded.unfold(2, span, stride[0])[..., :: dilation[0]]  # [N, C, H_out, W, K_h]
     out_height = rows.shape[2]
     shape = (batch, channels, out_height, width * kernel_h)
-    if is_channels_last(x):
+    if channels_last is None:
+        channels_last = is_channels_last(x)
+    if channels_last:
         win = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     else:
         win = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -304,20 +317,29 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value}")
 
 
-# The autotuned set on GPUs: large tiles for the wide layers (C_out >= 128), narrow-channel
-# tiles for C_out = 64 and the first layers, and 16-wide channel tiles for depthwise/grouped
-# convolutions whose per-group C_out is tiny.
+# The autotuned set on GPUs. Hopper-shaped tiles first: 128 pixels by 128-256 channels by
+# 64 of K with 8 warps (two warpgroups, each a 64-row wgmma) and 3 stages is 96-144 KiB of
+# shared memory in 16-bit types, Triton's best shape for large bf16 GEMMs on an H100; 128x64
+# and 64x128 with 4 warps and 4 stages for C_out = 64 and the stems; 32-deep K tiles for
+# float32 (no tensor cores with TF32 off, and a 64-deep fp32 tile would double the shared
+# memory); 16-wide channel tiles for depthwise/grouped layers whose per-group C_out is tiny.
+# ``prune_configs`` drops what does not fit the layer or the shared memory.
 AUTOTUNE_CONFIGS: tuple[TileConfig, ...] = (
-    TileConfig(128, 128, 32, 8, 3),
+    TileConfig(128, 256, 64, 8, 3),
     TileConfig(128, 128, 64, 8, 3),
+    TileConfig(128, 64, 64, 4, 4),
+    TileConfig(128, 128, 32, 8, 3),
     TileConfig(128, 64, 32, 4, 4),
     TileConfig(64, 128, 32, 4, 4),
-    TileConfig(256, 64, 32, 8, 3),
-    TileConfig(64, 64, 32, 4, 4),
     TileConfig(128, 32, 32, 4, 4),
     TileConfig(128, 16, 16, 4, 3),
     TileConfig(64, 16, 16, 2, 3),
 )
+
+# Shared memory the pipelined A and B tiles may take: an H100 has 227 KiB per block, less a
+# little Triton keeps for itself; an A100 has 163 KiB, where the launch fails and the
+# autotuner skips the config.
+SHARED_MEMORY_LIMIT = 200 * 1024
 
 _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
@@ -339,7 +361,7 @@ def _kernel() -> Any:
         PAD_H: tl.constexpr, PAD_W: tl.constexpr,
         DIL_H: tl.constexpr, DIL_W: tl.constexpr,
         K_H: tl.constexpr, K_W: tl.constexpr,
-        MATERIALIZED: tl.constexpr, CHANNELS_INNER: tl.constexpr,
+        MATERIALIZED: tl.constexpr, CHANNELS_INNER: tl.constexpr, TAP_MAJOR: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -352,7 +374,7 @@ def _kernel() -> Any:
         mask_p = offs_p < PIXELS
         mask_co = offs_co < OUT_GROUP
         n = offs_p // OUT_HW
-        rest = offs_p % OUT_HW
+        rest = offs_p - n * OUT_HW  # i * OUT_W + j
         i = rest // OUT_W
         j = rest % OUT_W
 
@@ -370,37 +392,72 @@ def _kernel() -> Any:
 
         acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
         w_rows = (group * OUT_GROUP + offs_co).to(tl.int64) * K_TOTAL
-        for k0 in range(0, K_TOTAL, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K_TOTAL
-            # Fastest-varying part of K follows the source's contiguous dimension.
-            if CHANNELS_INNER:
-                c = offs_k % IN_GROUP
-                tap = offs_k // IN_GROUP
+        if TAP_MAJOR:
+            # Channels innermost and IN_GROUP a multiple of 16: step through K as (tap,
+            # channel block). A tap's channels are one contiguous run per pixel, so the only
+            # per-element index is an arange: the tile is 16-byte loads (cp.async on sm_80+)
+            # feeding wgmma on sm_90, the padding mask is one bit per pixel and tap, and the
+            # div/mod that splits K is done once per step on scalars, not per element.
+            # One flat loop (not tap x block) so Triton's software pipeliner sees all of K.
+            channel_blocks = tl.cdiv(IN_GROUP, BLOCK_K)
+            offs_c = tl.arange(0, BLOCK_K)
+            for step in range(0, K_H * K_W * channel_blocks):
+                tap = step // channel_blocks
+                c = (step - tap * channel_blocks) * BLOCK_K + offs_c
                 w = tap // K_H
-                h = tap % K_H
-            else:
-                h = offs_k % K_H
-                tap = offs_k // K_H
-                w = tap % K_W
-                c = tap // K_W
-            col = col0[:, None] + (w * DIL_W)[None, :]
-            if MATERIALIZED:
-                off_k = c * src_sc + ((w * DIL_W) * K_H + h) * src_scol
-                inside = (col >= 0) & (col < SRC_W)
-                a_mask = mask_p[:, None] & mask_k[None, :] & inside
-            else:
-                off_k = c * src_sc + (h * DIL_H) * src_srow + (w * DIL_W) * src_scol
-                row = row0[:, None] + (h * DIL_H)[None, :]
-                inside = (row >= 0) & (row < SRC_H) & (col >= 0) & (col < SRC_W)
-                a_mask = mask_p[:, None] & mask_k[None, :] & inside
-            a = tl.load(src_ptr + base_p[:, None] + off_k[None, :], mask=a_mask, other=0.0)
-            b = tl.load(
-                w_ptr + w_rows[None, :] + offs_k[:, None],
-                mask=mask_k[:, None] & mask_co[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                h = tap - w * K_H
+                col = col0 + w * DIL_W
+                inside = mask_p & (col >= 0) & (col < SRC_W)
+                if MATERIALIZED:
+                    tap_off = ((w * DIL_W) * K_H + h) * src_scol
+                else:
+                    row = row0 + h * DIL_H
+                    inside = inside & (row >= 0) & (row < SRC_H)
+                    tap_off = (h * DIL_H) * src_srow + (w * DIL_W) * src_scol
+                mask_c = c < IN_GROUP
+                a = tl.load(
+                    src_ptr + (base_p + tap_off)[:, None] + (c * src_sc)[None, :],
+                    mask=inside[:, None] & mask_c[None, :],
+                    other=0.0,
+                )
+                b = tl.load(
+                    w_ptr + w_rows[None, :] + (tap * IN_GROUP + c)[:, None],
+                    mask=mask_c[:, None] & mask_co[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        else:
+            for k0 in range(0, K_TOTAL, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K_TOTAL
+                # Fastest-varying part of K follows the source's contiguous dimension.
+                if CHANNELS_INNER:
+                    c = offs_k % IN_GROUP
+                    tap = offs_k // IN_GROUP
+                    w = tap // K_H
+                    h = tap % K_H
+                else:
+                    h = offs_k % K_H
+                    tap = offs_k // K_H
+                    w = tap % K_W
+                    c = tap // K_W
+                col = col0[:, None] + (w * DIL_W)[None, :]
+                if MATERIALIZED:
+                    off_k = c * src_sc + ((w * DIL_W) * K_H + h) * src_scol
+                    inside = (col >= 0) & (col < SRC_W)
+                    a_mask = mask_p[:, None] & mask_k[None, :] & inside
+                else:
+                    off_k = c * src_sc + (h * DIL_H) * src_srow + (w * DIL_W) * src_scol
+                    row = row0[:, None] + (h * DIL_H)[None, :]
+                    inside = (row >= 0) & (row < SRC_H) & (col >= 0) & (col < SRC_W)
+                    a_mask = mask_p[:, None] & mask_k[None, :] & inside
+                a = tl.load(src_ptr + base_p[:, None] + off_k[None, :], mask=a_mask, other=0.0)
+                b = tl.load(
+                    w_ptr + w_rows[None, :] + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_co[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
         if HAS_BIAS:
             bias = tl.load(bias_ptr + group * OUT_GROUP + offs_co, mask=mask_co, other=0.0)
@@ -412,11 +469,15 @@ def _kernel() -> Any:
         elif ACTIVATION == 3:
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
 
+        # The launcher's output is NCHW or channels-last, so out_sh == OUT_W * out_sw and
+        # (i, j) is rest * out_sw: Triton recomputes the pixel index in the accumulator's
+        # layout, and this leaves one division per element there where i and j took four
+        # (about 128 div.s32 per thread for a 128x128 NCHW tile on sm_90).
         channel = group * OUT_GROUP + offs_co
         out_off = (
             n.to(tl.int64)[:, None] * out_sn
             + channel.to(tl.int64)[None, :] * out_sc
-            + (i * out_sh + j * out_sw).to(tl.int64)[:, None]
+            + rest.to(tl.int64)[:, None] * out_sw
         )
         tl.store(
             out_ptr + out_off,
@@ -455,17 +516,31 @@ def _bench_candidate(fn: Callable[[], Any], quantiles: Sequence[float]) -> Any:
 def prune_configs(configs: list[Any], named_args: dict[str, Any], **_kwargs: Any) -> list[Any]:
     """Drop tile configs wider than the problem before timing them: a depthwise layer
     (C_out/g = 1, K = 9) gains nothing from 128-wide channel or 64-deep K tiles, and timing
-    them only lengthens autotuning. Keeps the smallest config when none fits."""
+    them only lengthens autotuning. A (tap, channel block) layer's K tile is capped by the
+    channels of one tap, not all of K. Also drops configs whose pipelined tiles exceed
+    ``SHARED_MEMORY_LIMIT`` (a float32 128x256x64 tile), which could never launch.
+    Keeps the smallest config when none fits."""
 
     def cap(size: int) -> int:
         return max(16, 1 << max(0, int(size) - 1).bit_length())
 
+    in_group = int(named_args["IN_GROUP"])
     limits = {
         "BLOCK_P": cap(named_args["PIXELS"]),
         "BLOCK_CO": cap(named_args["OUT_GROUP"]),
-        "BLOCK_K": cap(named_args["K_TOTAL"]),
+        "BLOCK_K": cap(in_group if tap_major(in_group) else named_args["K_TOTAL"]),
     }
-    kept = [config for config in configs if all(config.kwargs[name] <= limit for name, limit in limits.items())]
+    element = named_args["src_ptr"].element_size() if hasattr(named_args.get("src_ptr"), "element_size") else 4
+
+    def shared_bytes(config: Any) -> int:
+        tile = config.kwargs["BLOCK_K"] * (config.kwargs["BLOCK_P"] + config.kwargs["BLOCK_CO"])
+        return tile * element * max(1, config.num_stages)
+
+    kept = [
+        config for config in configs
+        if all(config.kwargs[name] <= limit for name, limit in limits.items())
+        and shared_bytes(config) <= SHARED_MEMORY_LIMIT
+    ]
     if kept:
         return kept
     return [min(configs, key=lambda config: tuple(config.kwargs[name] for name in limits))]
@@ -485,6 +560,79 @@ def weight_matrix(weight: torch.Tensor, groups: int, channels_inner: bool) -> to
     if channels_inner:
         return weight.permute(0, 3, 2, 1).reshape(weight.shape[0], -1).contiguous()
     return weight.permute(0, 1, 3, 2).reshape(weight.shape[0], -1).contiguous()
+
+
+def tap_major(in_group: int) -> bool:
+    """Whether the kernel steps through K as (tap, channel block) over a channels-innermost
+    source: when a group has a multiple of 16 input channels, so every block of a tap's
+    channels is a whole number of 16-byte vectors (32 bytes in 16-bit types).
+
+    Such layers get a channels-innermost source even from an NCHW input (the window tensor
+    is built channels-last, or the implicit form reads a channels-last copy of ``x``): on an
+    NCHW source K runs along ``h`` (stride ``W``) and each element of a tile is its own
+    2-byte load with its own div/mod. Narrow stems (3 input channels) and depthwise layers
+    keep the flat K loop, which packs several taps into one ``BLOCK_K`` instead of padding
+    each tap's few channels to 16.
+    """
+    return in_group % 16 == 0
+
+
+def _launch_arguments(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    activation: str,
+    window: str,
+    allow_tf32: bool | None,
+) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
+    """The kernel's runtime arguments and constexprs, and the (empty) output tensor.
+
+    Works on meta tensors too, which is how the sm_90 kernel is compiled ahead of time
+    without a GPU (see ``benchmarks/im2win_aot.py``).
+    """
+    check_arguments(x, weight, bias, stride, padding, dilation, groups, activation, window)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"im2win Triton kernel supports {DTYPES}, got {x.dtype}")
+    geo = geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    in_group, out_group = geo.in_channels // groups, geo.out_channels // groups
+    by_tap = tap_major(in_group)
+    channels_inner = is_channels_last(x) or by_tap
+    if window == "materialized":
+        src = window_transform(x, geo.kernel_h, geo.stride, geo.padding, geo.dilation, channels_last=channels_inner)
+    elif channels_inner:
+        # An NCHW x costs one channels-last copy here: the size of x, 1/K_h of the window.
+        src = x.contiguous(memory_format=torch.channels_last)
+    else:
+        src = x.contiguous()
+    weights = weight_matrix(weight, groups, channels_inner)
+    out = torch.empty(
+        (geo.batch, geo.out_channels, geo.out_height, geo.out_width),
+        dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, weight),
+    )
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+    precision = "tf32" if (allow_tf32 and x.dtype == torch.float32 and x.device.type == "cuda") else "ieee"
+    pixels = geo.batch * geo.out_height * geo.out_width
+    args = (
+        src, weights, bias if bias is not None else weights, out,
+        pixels, geo.out_height * geo.out_width, geo.out_width, geo.height, geo.width,
+        in_group, out_group, in_group * geo.kernel_h * geo.kernel_w,
+        *src.stride(), *out.stride(),
+    )
+    constants = dict(
+        STRIDE_H=geo.stride[0], STRIDE_W=geo.stride[1],
+        PAD_H=geo.padding[0], PAD_W=geo.padding[1],
+        DIL_H=geo.dilation[0], DIL_W=geo.dilation[1],
+        K_H=geo.kernel_h, K_W=geo.kernel_w,
+        MATERIALIZED=window == "materialized", CHANNELS_INNER=channels_inner, TAP_MAJOR=by_tap,
+        HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation],
+        INPUT_PRECISION=precision,
+    )
+    return args, constants, out
 
 
 def im2win_conv2d_triton(
@@ -510,42 +658,12 @@ def im2win_conv2d_triton(
     ``allow_tf32``: float32 inputs use TF32 tensor cores when true; ``None`` follows
     ``torch.backends.cudnn.allow_tf32``, the flag that governs the convolution this replaces.
     """
-    check_arguments(x, weight, bias, stride, padding, dilation, groups, activation, window)
-    if x.dtype not in DTYPES:
-        raise ValueError(f"im2win Triton kernel supports {DTYPES}, got {x.dtype}")
-    geo = geometry(x.shape, weight.shape, stride, padding, dilation, groups)
-    channels_last = is_channels_last(x)
-    if window == "materialized":
-        src = window_transform(x, geo.kernel_h, geo.stride, geo.padding, geo.dilation)
-    else:
-        src = x if channels_last else x.contiguous()
-    weights = weight_matrix(weight, groups, channels_last)
-    out = torch.empty(
-        (geo.batch, geo.out_channels, geo.out_height, geo.out_width),
-        dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, weight),
+    args, constants, out = _launch_arguments(
+        x, weight, bias, stride, padding, dilation, groups, activation, window, allow_tf32
     )
     if out.numel() == 0:
         return out
-    if allow_tf32 is None:
-        allow_tf32 = torch.backends.cudnn.allow_tf32
-    precision = "tf32" if (allow_tf32 and x.dtype == torch.float32 and x.is_cuda) else "ieee"
-    in_group, out_group = geo.in_channels // groups, geo.out_channels // groups
-    pixels = geo.batch * geo.out_height * geo.out_width
-    args = (
-        src, weights, bias if bias is not None else weights, out,
-        pixels, geo.out_height * geo.out_width, geo.out_width, geo.height, geo.width,
-        in_group, out_group, in_group * geo.kernel_h * geo.kernel_w,
-        *src.stride(), *out.stride(),
-    )
-    constants = dict(
-        STRIDE_H=geo.stride[0], STRIDE_W=geo.stride[1],
-        PAD_H=geo.padding[0], PAD_W=geo.padding[1],
-        DIL_H=geo.dilation[0], DIL_W=geo.dilation[1],
-        K_H=geo.kernel_h, K_W=geo.kernel_w,
-        MATERIALIZED=window == "materialized", CHANNELS_INNER=channels_last,
-        HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation],
-        INPUT_PRECISION=precision,
-    )
+    pixels, out_group = args[4], args[10]
 
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return (math.ceil(pixels / meta["BLOCK_P"]), math.ceil(out_group / meta["BLOCK_CO"]), groups)
