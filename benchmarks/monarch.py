@@ -106,6 +106,11 @@ def run(args: argparse.Namespace) -> str:
                 fns[("triton", nblocks)] = lambda layer=layer: monarch_matmul_triton(x, layer.w1, layer.w2)
                 fns[("reference", nblocks)] = lambda layer=layer: monarch_matmul_reference(x, layer.w1, layer.w2)
                 weights[("triton", nblocks)] = weights[("reference", nblocks)] = weights[("monarch", nblocks)]
+        # Every timed variant is checked against a float32 product with its dense matrix.
+        exact = {("dense", "-"): dense.weight.float()}
+        exact.update({key: layers[key[1]].to_dense().float() for key in fns if key[0] != "dense"})
+        with torch.no_grad():
+            errors = {key: relative_error(fn(), x.float() @ exact[key].T) for key, fn in fns.items()}
         times = time_interleaved(fns, device, args.warmup, args.repeat, inner)
         dense_time = statistics.median(times[("dense", "-")])
         for key, fn in fns.items():
@@ -115,12 +120,13 @@ def run(args: argparse.Namespace) -> str:
             median, p20, p80 = quantiles(times[key])
             peak = peak_bytes(fn, device)
             rows.append([n, nblocks, name, median * 1e3, f"{p20 * 1e3:.3g}-{p80 * 1e3:.3g}", dense_time / median,
-                         peak / 2**20, weights[key] / 2**20, weights[key] / weights[("dense", "-")]])  # fmt: skip
+                         peak / 2**20, weights[key] / 2**20, weights[key] / weights[("dense", "-")],
+                         f"{errors[key]:.1e}"])  # fmt: skip
             speedup = dense_time / median
             print(f"n={n} nblocks={nblocks} {name}: {median * 1e3:.1f} ms ({speedup:.2f}x)", file=sys.stderr)
         del x, dense, layers, fns
     headers = ["n", "nblocks", "layer", "median ms", "p20-p80 ms", "speedup vs dense", "peak MiB",
-               "weight MiB", "weight / dense"]  # fmt: skip
+               "weight MiB", "weight / dense", "rel. error vs float32"]  # fmt: skip
     lines = [
         f"# Monarch vs dense linear layers ({args.dtype}, {args.tokens} tokens, forward, no grad)",
         "",
@@ -131,6 +137,11 @@ def run(args: argparse.Namespace) -> str:
         _table(headers, rows),
     ]
     return "\n".join(lines)
+
+
+def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """``||out - exact|| / ||exact||`` in float32."""
+    return ((out.float() - exact).norm() / exact.norm()).item()
 
 
 def chosen_kernel(layer: MonarchLinear) -> str:

@@ -104,6 +104,14 @@ def step_row(kind, args, device, dtype):
                 slicing={"min_group_bytes": 1 << 20, **COMPILE_BODY[args.compile_body]},
                 inductor_config={"triton.cudagraphs": True},
             )
+        chosen = args.variants.split(",") if args.variants else list(variants)
+        unknown = sorted(set(chosen) - set(variants))
+        if unknown or "inductor" not in chosen:
+            raise SystemExit(
+                f"--variants: {', '.join(unknown) or 'inductor missing'}; valid: {', '.join(variants)} "
+                "(inductor is the baseline and must be among them)"
+            )
+        variants = {name: variants[name] for name in chosen}
         for name, model in variants.items():
             torch._dynamo.reset()
             graphs = name.endswith("-cudagraphs")
@@ -205,6 +213,11 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--cudagraphs", action="store_true",
         help="CUDA only: also time Inductor and memopt replayed as CUDA graphs (peak read while recording)",
+    )
+    parser.add_argument(
+        "--variants", default=None,
+        help="comma-separated subset of eager, inductor, memopt (and with --cudagraphs inductor-cudagraphs, "
+        "memopt-cudagraphs); default: all",
     )
     parser.add_argument("--out", default=None, help="folder for the markdown result")
     parser.add_argument(
