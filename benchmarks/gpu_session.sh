@@ -41,7 +41,8 @@ capped 90 install $py -m pip install -q --no-deps --no-build-isolation -e .
 $py -c "import torch, triton, memopt; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >>"$log" 2>&1
 
 # Caps in seconds, each overridable from the environment (CAP_SLICING=300 ...), so that one call
-# can hold several steps when the lease is short.
+# can hold several steps when the lease is short; MONARCH_ARGS, IM2WIN_ARGS and SLICING_ARGS add
+# arguments to those benchmarks, TEST_FILES picks the tests.
 cap() { local var=CAP_$1; echo "${!var:-$2}"; }
 for step in "${steps[@]}"; do
   case $step in
@@ -56,8 +57,8 @@ for step in "${steps[@]}"; do
       [ -n "${SKIP_PRECOMPILE:-}" ] || capped 120 im2win-precompile $py benchmarks/im2win.py --precompile 8 --precompile-only
       wait $tests
       tail -n 40 "$out/tests.log" >>"$log" ;;
-    monarch) capped "$(cap MONARCH 90)" monarch $py benchmarks/monarch.py --save ;;
-    im2win) capped "$(cap IM2WIN 140)" im2win $py benchmarks/im2win.py --save ;;
+    monarch) capped "$(cap MONARCH 90)" monarch $py benchmarks/monarch.py --save ${MONARCH_ARGS:-} ;;
+    im2win) capped "$(cap IM2WIN 140)" im2win $py benchmarks/im2win.py --save ${IM2WIN_ARGS:-} ;;
     rehash)
       capped "$(cap REHASH 50)" rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 \
         --rehash-channels 64,128,128 --out "$out/rehash" ;;
@@ -70,7 +71,7 @@ for step in "${steps[@]}"; do
       # Also replayed as CUDA graphs: the sliced groups' per-slice Python is what costs time.
       capped "$(cap SLICING 540)" slicing $py benchmarks/slicing.py --skip-rehash --cudagraphs \
         --models "${SLICING_MODELS:-animatediff,svd,unet3d}" --channels 64,128,128 --size 64 --frames 16 \
-        --out benchmarks/results ;;
+        --out benchmarks/results ${SLICING_ARGS:-} ;;
     *) say "unknown step '$step' (valid: tests monarch im2win rehash reversible slicing)" ;;
   esac
 done
