@@ -113,30 +113,38 @@ def step_row(kind, args, device, dtype):
             )
         variants = {name: variants[name] for name in chosen}
         for name, model in variants.items():
-            torch._dynamo.reset()
-            graphs = name.endswith("-cudagraphs")
-            if graphs:
-                # A replay allocates nothing (its memory was taken from the graph pool while
-                # recording), so the peak is read over the calls that warm up and record.
-                torch.cuda.synchronize()
-                start_level = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            begin = time.perf_counter()
-            out = model(*call_args, **call_kwargs)[0]  # compiles
-            compile_s = time.perf_counter() - begin
-            # Read now: a later replay of a CUDA graph overwrites its outputs.
-            error = ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
-            report = memopt.last_report() if name.startswith("memopt") else None
-            if graphs:
-                for _ in range(2):  # record, then the first replay
-                    model(*call_args, **call_kwargs)
-                torch.cuda.synchronize()
-                recorded_peak = torch.cuda.max_memory_allocated() - start_level
-            measured = memopt.measure(model, *call_args, **call_kwargs, repeat=args.repeat)
-            peak = recorded_peak if graphs else measured.peak_bytes
-            groups = next((r.rewrites for r in report.passes if r.name == "slicing"), 0) if report else 0
-            # Fastest timed call: on a shared machine other jobs only ever add time.
-            rows[name] = (peak, min(measured.times_s), error, compile_s, groups)
+            try:
+                torch._dynamo.reset()
+                graphs = name.endswith("-cudagraphs")
+                if graphs:
+                    # A replay allocates nothing (its memory was taken from the graph pool while
+                    # recording), so the peak is read over the calls that warm up and record.
+                    torch.cuda.synchronize()
+                    start_level = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                begin = time.perf_counter()
+                out = model(*call_args, **call_kwargs)[0]  # compiles
+                compile_s = time.perf_counter() - begin
+                # Read now: a later replay of a CUDA graph overwrites its outputs.
+                error = ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+                report = memopt.last_report() if name.startswith("memopt") else None
+                if graphs:
+                    for _ in range(2):  # record, then the first replay
+                        model(*call_args, **call_kwargs)
+                    torch.cuda.synchronize()
+                    recorded_peak = torch.cuda.max_memory_allocated() - start_level
+                measured = memopt.measure(model, *call_args, **call_kwargs, repeat=args.repeat)
+                peak = recorded_peak if graphs else measured.peak_bytes
+                groups = next((r.rewrites for r in report.passes if r.name == "slicing"), 0) if report else 0
+                # Fastest timed call: on a shared machine other jobs only ever add time.
+                rows[name] = (peak, min(measured.times_s), error, compile_s, groups)
+                print(
+                    f"{kind} {name}: peak {peak / 2**20:.1f} MiB, {rows[name][1] * 1e3:.1f} ms, error {error:.1e}, "
+                    f"compile {compile_s:.0f} s, groups {groups}", file=sys.stderr, flush=True,
+                )
+            except Exception as error:  # a variant that fails is reported, not fatal
+                rows[name] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                print(f"{kind} {name}: {rows[name]}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -249,8 +257,15 @@ def main(argv=None) -> str:
     ]
     for kind in filter(None, args.models.split(",")):  # --models "": Step Rehash only
         rows = step_row(kind, args, device, dtype)
+        if isinstance(rows["inductor"], str):
+            lines.append(f"| {kind} | inductor | {rows['inductor']} | | | | | | |")
+            continue
         base_peak, base_time = rows["inductor"][0], rows["inductor"][1]
-        for name, (peak, seconds, error, compile_s, groups) in rows.items():
+        for name, row in rows.items():
+            if isinstance(row, str):
+                lines.append(f"| {kind} | {name} | {row} | | | | | | |")
+                continue
+            peak, seconds, error, compile_s, groups = row
             lines.append(
                 f"| {kind} | {name} | {peak / 2**20:.1f} MiB | {base_peak / max(peak, 1):.2f}x lower | "
                 f"{seconds * 1e3:.0f} ms | {seconds / base_time:.2f}x | {error:.1e} | {groups} | {compile_s:.0f} |"
