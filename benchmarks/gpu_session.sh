@@ -63,7 +63,7 @@ for step in "${steps[@]}"; do
       capped "$(cap REHASH 50)" rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 \
         --rehash-channels 64,128,128 --out "$out/rehash" ;;
     reversible)
-      # Inductor lowering: the chain's steps run compiled (compile_steps="all" on CUDA).
+      # Inductor lowering of the graph around the chain (its steps run op by op).
       capped "$(cap REVERSIBLE 170)" reversible $py benchmarks/reversible.py --depths "${REVERSIBLE_DEPTHS:-8,32}" \
         --lowering inductor --models reformer,revnet --variants eager,inductor,memopt-reversible --repeat 5 \
         --output "benchmarks/results/reversible-$date-cuda.md" ;;

@@ -456,19 +456,20 @@ def _make_fn(module: torch.fx.GraphModule, order: list[tuple[str, int]]) -> reve
 
 
 def _compile_steps(ctx: PassContext) -> str:
-    """Which step runs Inductor compiles under ``lowering="inductor"`` (``Chain.compile_steps``).
+    """Which step runs Inductor compiles (``Chain.compile_steps``): none, on every device.
 
-    On CUDA, all of them: op by op, each step's few ops are separate kernel launches, and a
-    recomputed conv -> BatchNorm -> ReLU step is several kernels where Inductor emits one or
-    two (not yet measured on a GPU: see docs/passes/reversible.md). On a CPU, none: there the
-    ops are compute-bound, and compiling the forward only, or everything, measured within
-    noise of op by op for whole training steps (RevNet and Reformer, depth 8, 1 thread:
-    132-135 ms against 132 ms, 259-260 ms against 258 ms), so the compile time would buy
-    nothing.
+    Measured both ways. On a CPU the ops are compute-bound, and compiling the forward only,
+    or everything, was within noise of op by op for whole training steps (RevNet and
+    Reformer, depth 8, 1 thread: 132-135 ms against 132 ms, 259-260 ms against 258 ms). On an
+    H100 (torch 2.11, Reformer blocks of batch 8, 512 tokens, width 256) compiled steps made
+    the training step slower: 25.3 ms at depth 8 against 21.6 ms op by op, and 4.7 ms per
+    block at depth 32 against 2.95 ms: each compiled step's per-call host work (AOTAutograd's
+    runtime wrappers and its own autograd node in the recomputation) outweighs the launches
+    it fuses away in launch-bound blocks (benchmarks/results/reversible-2026-11-27-cuda.md).
+    The machinery stays (tested, and ``Chain.compile_steps`` can be set on a chain) for
+    blocks large enough that fusion pays.
     """
-    if ctx.config.lowering != "inductor" or ctx.device.type != "cuda":
-        return "none"
-    return "all"
+    return "none"
 
 
 def _has_attributes(module: torch.fx.GraphModule) -> bool:

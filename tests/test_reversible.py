@@ -436,7 +436,7 @@ def test_inductor_lowering_matches_eager():
 
 @pytest.mark.slow
 def test_compiled_steps_inside_the_op_match_eager(monkeypatch):
-    """What CUDA runs under the Inductor lowering (``compile_steps="all"``), forced on CPU:
+    """Chains whose steps are compiled (``compile_steps="all"``, off by default), forced:
     the steps' compiled backward runs inside ``memopt::reversible_chain_backward``."""
     from memopt.passes import reversible as reversible_pass
 
