@@ -1445,8 +1445,9 @@ def _even_slices(units: int, slices: int, max_slices: int) -> int:
 
 def _prepare(
     group: _Group, compile_body: bool, autocast: autocast_state.AutocastState
-) -> tuple[str, SlicedGroup, list[torch.fx.Node]]:
-    """Build and register the group's body (from the untouched graph)."""
+) -> tuple[SlicedGroup, list[torch.fx.Node]]:
+    """Build the group's body (from the untouched graph) and the op's inputs; registered
+    (:func:`_register`) once its slice count is final."""
     placeholders = list(group.feeds)
     body, norms = _body(group, placeholders)
     specs = group.slicing.specs
@@ -1461,27 +1462,84 @@ def _prepare(
         compile_body=compile_body,
         autocast=autocast,
     )
+    return sliced, [node for node, _ in placeholders]
+
+
+def _register(sliced: SlicedGroup) -> str:
+    """Register ``sliced`` under a key derived from everything that defines it."""
     fingerprint = repr((
-        body.code, sliced.input_specs, sliced.output_specs, sliced.output_layouts,
+        sliced.body.code, sliced.input_specs, sliced.output_specs, sliced.output_layouts,
         sliced.units, sliced.slices, sliced.norm_stats, sliced.compile_body, sliced.autocast,
     ))
-    key = register_group("g" + hashlib.sha256(fingerprint.encode()).hexdigest()[:24], sliced)
-    return key, sliced, [node for node, _ in placeholders]
+    return register_group("g" + hashlib.sha256(fingerprint.encode()).hexdigest()[:24], sliced)
+
+
+def _transient(group: _Group, slices: int) -> int:
+    """What ``memopt.estimate`` counts while the group's op runs, beyond its inputs and
+    preallocated outputs: one slice's intermediates, and the body's results for the slice
+    until they are copied into the outputs."""
+    return math.ceil(group.intermediate_bytes / slices)
+
+
+# Fewer slices may raise a group's level up to this fraction of the estimated peak, not to
+# the peak itself: the estimate is a model of what the lowered graph keeps alive. On the three
+# video UNets of benchmarks/slicing.py (CPU) relaxing up to the peak cut 20-35% of the slices
+# but raised the measured peak 3-8%; up to 0.9 of it cut 12-19% with the measured peak unchanged.
+_RELAX_TO = 0.9
+
+
+def _relax_slices(
+    gm: torch.fx.GraphModule,
+    groups: list[_Group],
+    calls: list[torch.fx.Node],
+    sliced: list[SlicedGroup],
+    options: SlicingOptions,
+) -> int:
+    """Give each group the fewest slices that keep the graph's estimated peak where it is.
+
+    Each slice costs time (a body call, its launches, the copies into the outputs), but the
+    slice count matters for memory only where the group's one-slice intermediates set the
+    peak. Groups run one after another, so a group's transient adds to the live bytes at its
+    own node only: read off the rewritten graph's timeline, a group whose level is below the
+    peak can drop slices until its level nears it (:data:`_RELAX_TO`). Compiled bodies keep
+    counts that divide the units (one slice shape, one compile); an explicit
+    ``max_slice_bytes`` stays a bound.
+    Returns how many groups got fewer slices.
+    """
+    timeline = estimate(gm)
+    limit = timeline.peak_bytes * _RELAX_TO
+    position = {node: index for index, node in enumerate(gm.graph.nodes)}
+    relaxed = 0
+    for group, call, op in zip(groups, calls, sliced):
+        base = timeline.running_bytes[position[call]] - call.meta.get(TRANSIENT_BYTES, 0)
+        fewest = 2
+        if options.max_slice_bytes is not None:
+            sliceable = max(group.intermediate_bytes - group.output_bytes, 0)
+            fewest = max(fewest, math.ceil(sliceable / options.max_slice_bytes))
+        for count in range(fewest, group.slices):
+            if op.compile_body and group.slicing.units % count:
+                continue
+            if base + _transient(group, count) <= limit:
+                group.slices = op.slices = count
+                call.meta[TRANSIENT_BYTES] = _transient(group, count)
+                relaxed += 1
+                break
+    return relaxed
 
 
 def _rewrite(
     graph: torch.fx.Graph,
     group: _Group,
-    key: str,
     sliced: SlicedGroup,
     inputs: list[torch.fx.Node],
     replaced: dict[torch.fx.Node, torch.fx.Node],
 ) -> torch.fx.Node:
     """Replace the group's members by one ``memopt::slicing`` call and a getitem per output.
-    ``replaced`` maps outputs of groups rewritten earlier to their getitems (and grows)."""
+    ``replaced`` maps outputs of groups rewritten earlier to their getitems (and grows). The
+    call's key is left empty until the group is registered."""
     inputs = [replaced.get(node, node) for node in inputs]
     with graph.inserting_before(group.members[0]):
-        call = graph.call_function(torch.ops.memopt.slicing.default, (key, inputs))
+        call = graph.call_function(torch.ops.memopt.slicing.default, ("", inputs))
     fake = _tensor(group.outputs[0])
     fake_mode = getattr(fake, "fake_mode", None)
     values = []
@@ -1493,7 +1551,7 @@ def _rewrite(
             values.append(torch.empty_strided(layout.shape, layout.stride, dtype=layout.dtype, device="meta"))
     call.meta["val"] = call.meta["example_value"] = values
     # One slice's intermediates exist while the op runs: memopt.estimate adds them there.
-    call.meta[TRANSIENT_BYTES] = math.ceil(max(group.intermediate_bytes - group.output_bytes, 0) / group.slices)
+    call.meta[TRANSIENT_BYTES] = _transient(group, group.slices)
     anchor = call
     for i, (node, value) in enumerate(zip(group.outputs, values)):
         with graph.inserting_after(anchor):
@@ -1659,6 +1717,19 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             f"group bodies run compiled by Inductor, once per slice shape (compile_body): "
             f"{sum(compiled)} of {len(groups)}; bodies of one op run it directly (nothing to fuse)"
         )
+    autocast = autocast_state.current(ctx.device.type)  # see memopt.ops.autocast_state
+    prepared = [_prepare(group, compile_it, autocast) for group, compile_it in zip(groups, compiled)]
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+    calls = [_rewrite(graph, group, sliced, inputs, replaced) for group, (sliced, inputs) in zip(groups, prepared)]
+    _toposort(graph)
+    result.rewrites = len(groups)
+    relaxed = _relax_slices(gm, groups, calls, [sliced for sliced, _ in prepared], options)
+    for call, (sliced, _) in zip(calls, prepared):
+        call.args = (_register(sliced), call.args[1])
+    if relaxed:
+        result.notes.append(
+            f"{relaxed} group(s) run fewer slices: below the estimated peak, more slices cost time and save nothing"
+        )
     for index, group in enumerate(groups):
         first, last = group.members[0], group.members[-1]
         result.details.append({
@@ -1676,16 +1747,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 if n.op == "call_function" and n.target in (F.group_norm, torch.group_norm) and group.slicing.specs[n].dim >= 2
             ),
             "intermediate_bytes": group.intermediate_bytes,
-            "per_slice_bytes": math.ceil(max(group.intermediate_bytes - group.output_bytes, 0) / group.slices),
+            "per_slice_bytes": _transient(group, group.slices),
             "compiled": compiled[index],
         })
-    autocast = autocast_state.current(ctx.device.type)  # see memopt.ops.autocast_state
-    prepared = [_prepare(group, compile_it, autocast) for group, compile_it in zip(groups, compiled)]
-    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
-    for group, (key, sliced, inputs) in zip(groups, prepared):
-        _rewrite(graph, group, key, sliced, inputs, replaced)
-    _toposort(graph)
-    result.rewrites = len(groups)
     after = estimate(gm).peak_bytes
     result.bytes_saved = max(before - after, 0)
     for row in result.details:

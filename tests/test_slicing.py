@@ -631,6 +631,36 @@ def test_unet3d_sliced_matches_eager():
         assert_close_rel(out[0], unet(sample, timestep, context, return_dict=False)[0])
 
 
+def test_groups_below_the_peak_run_fewer_slices(monkeypatch):
+    """Slices cost time and matter for memory only where a group's transient sets the peak:
+    groups whose level lies below it get fewer, the estimated peak stays, results exact."""
+    from memopt.passes import slicing as slicing_pass
+
+    torch.manual_seed(7)
+    unet = zoo.unet3d().eval()
+    sample, context = torch.randn(1, 4, 4, 16, 16), torch.randn(1, 5, 16)
+    timestep = torch.tensor(17)
+    runs = {}
+    for relax_to in (0.0, slicing_pass._RELAX_TO):  # 0: no group may lower its count
+        monkeypatch.setattr(slicing_pass, "_RELAX_TO", relax_to)
+        # No max_slice_bytes: an explicit one stays a bound on the slices.
+        _, out, result = compile_and_run(
+            unet, sample, timestep, context, slicing={"min_group_bytes": 1024}, return_dict=False
+        )
+        runs[relax_to] = (out[0], result)
+    (_, full), (out, relaxed) = runs.values()
+    assert [row["seed"] for row in relaxed.details] == [row["seed"] for row in full.details]
+    fewer = [(a["slices"], b["slices"]) for a, b in zip(full.details, relaxed.details) if b["slices"] < a["slices"]]
+    assert fewer and all(b >= 2 for _, b in fewer), fewer
+    assert any("fewer slices" in note for note in relaxed.notes), relaxed.notes
+    peak = full.details[0]["estimated_peak_after"]
+    assert relaxed.details[0]["estimated_peak_after"] == peak
+    for row in relaxed.details:  # no group's transient comes near the peak it left alone
+        assert row["per_slice_bytes"] <= peak
+    with torch.no_grad():
+        assert_close_rel(out, unet(sample, timestep, context, return_dict=False)[0])
+
+
 def test_animatediff_motion_unet_sliced_matches_eager():
     torch.manual_seed(8)
     frames = 4

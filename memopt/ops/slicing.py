@@ -99,25 +99,26 @@ class SlicedGroup:
         stats: list[torch.Tensor] = []
         for norm in self.norm_stats:
             stats.extend(group_norm_stats(inputs[norm.input_index], norm.num_groups, norm.eps))
-        for first, stop in self.bounds():
-            args = [
-                value if spec is None else value.narrow(spec.dim, first * spec.unit, (stop - first) * spec.unit)
-                for value, spec in zip(inputs, self.input_specs)
-            ]
-            with under(self.autocast):
-                results = self._body_for([*args, *stats])(*args, *stats)
-            for output, result, spec in zip(outputs, results, self.output_specs):
-                output.narrow(spec.dim, first * spec.unit, (stop - first) * spec.unit).copy_(result)
-            del results, args
+        # A slice's argument layouts follow from the whole inputs' and the slice's length, so
+        # the compiled body is looked up by those, computed once per call, not per slice: on a
+        # launch-bound GPU the per-slice host work is the cost of slicing.
+        layouts = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in (*inputs, *stats))
+        with under(self.autocast):
+            for first, stop in self.bounds():
+                args = [
+                    value if spec is None else value.narrow(spec.dim, first * spec.unit, (stop - first) * spec.unit)
+                    for value, spec in zip(inputs, self.input_specs)
+                ]
+                results = self._body_for((layouts, stop - first), [*args, *stats])(*args, *stats)
+                for output, result, spec in zip(outputs, results, self.output_specs):
+                    output.narrow(spec.dim, first * spec.unit, (stop - first) * spec.unit).copy_(result)
+                del results, args
         return outputs
 
-
-    def _body_for(self, args: Sequence[Any]) -> Callable[..., Any]:
+    def _body_for(self, key: tuple, args: Sequence[Any]) -> Callable[..., Any]:
+        """The body to run on ``args``, whose layouts ``key`` determines."""
         if not self.compile_body:
             return self.body
-        key = tuple(
-            (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args
-        )
         function = self.compiled.get(key)
         if function is None:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -145,9 +146,14 @@ def compile_body(body: torch.fx.GraphModule, example_args: Sequence[Any]) -> Cal
     """
     from memopt._torch_compat import compile_fx
 
+    from torch._inductor import config as inductor_config
+
     graph_copy = torch.fx.GraphModule(body, copy.deepcopy(body.graph))
+    # The op looks bodies up by their arguments' exact sizes and strides, so the compiled
+    # code's own check of them on every call (one per argument per slice) is redundant.
+    patches = {"size_asserts": False} if hasattr(inductor_config, "size_asserts") else {}
     with torch.no_grad():
-        return compile_fx(graph_copy, list(example_args), config_patches={})
+        return compile_fx(graph_copy, list(example_args), config_patches=patches)
 
 
 _GROUPS: dict[str, SlicedGroup] = {}
