@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from memopt import ops as _ops  # noqa: F401  (registers torch.ops.memopt.im2win_conv2d)
 from memopt._torch_compat import detect_fake_mode
 from memopt.config import Im2winOptions
-from memopt.estimate import estimate
+from memopt.estimate import TRANSIENT_BYTES, estimate
 from memopt.passes.base import GraphPass, PassContext
 from memopt.report import PassResult
 from memopt.triton_kernels import im2win_conv
@@ -91,7 +91,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                     f"{conv.name}: aten's convolution kept ({decision}: im2win not faster on {ctx.device})"
                 )
             else:
-                _rewrite(graph, site, algorithm.removeprefix("im2win-"))
+                window = algorithm.removeprefix("im2win-")
+                # What the chosen form allocates beside the output while it runs.
+                row["workspace_bytes"] = im2win_conv.workspace_bytes(site.x_val, site.geometry, window)
+                _rewrite(graph, site, window, row["workspace_bytes"])
                 result.rewrites += 1
         except _Skip as reason:
             row.update(algorithm="aten", decision="unsupported", reason=str(reason))
@@ -264,7 +267,7 @@ def _activation(conv: torch.fx.Node, training: bool) -> tuple[torch.fx.Node | No
 # --------------------------------------------------------------------------------------
 
 
-def _rewrite(graph: torch.fx.Graph, site: _Site, window: str) -> None:
+def _rewrite(graph: torch.fx.Graph, site: _Site, window: str, workspace: int) -> None:
     op = torch.ops.memopt.im2win_conv2d.default
     original = _val(site.last)
     # The fake mode of the values themselves: Dynamo's example values belong to its tracing
@@ -284,6 +287,7 @@ def _rewrite(graph: torch.fx.Graph, site: _Site, window: str) -> None:
         node = graph.call_function(op, site.op_args(window))
     # Dynamo's nodes carry "example_value"; memopt's rules ask for "val": keep both true.
     node.meta["val"] = val
+    node.meta[TRANSIENT_BYTES] = workspace  # memopt.estimate counts it while the op runs
     if "example_value" in site.last.meta:
         node.meta["example_value"] = val
     node.meta.update({key: site.last.meta[key] for key in ("stack_trace", "nn_module_stack") if key in site.last.meta})

@@ -466,7 +466,29 @@ def test_pass_inference_eager(channels_last):
         if row["algorithm"] != "aten":
             assert row["im2win_window_bytes"] > 0 and row["im2col_bytes"] > 0
     assert by_node["conv2d"]["workspace_ratio"] <= 0.4  # 3x3 stride 1
+    # Under 16 channels per group the implicit form reads x as it is; the materialized one
+    # allocates its window tensor.
+    for row in by_node.values():
+        if row["algorithm"] == "im2win-implicit":
+            assert row["workspace_bytes"] == 0, row
+        elif row["algorithm"] == "im2win-materialized":
+            assert row["workspace_bytes"] == row["im2win_window_bytes"], row
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+
+
+def test_workspace_bytes_name_what_each_form_allocates():
+    x = torch.randn(2, 32, 9, 10)
+    weight = torch.randn(16, 32, 3, 3)
+    geo = im2win_conv.geometry(x.shape, weight.shape, (1, 1), (1, 1), (1, 1), 1)
+    x_bytes = x.numel() * x.element_size()
+    # 32 channels per group: the (tap, channel block) loop reads a channels-last copy of NCHW x.
+    assert im2win_conv.workspace_bytes(x, geo, "implicit") == x_bytes
+    assert im2win_conv.workspace_bytes(x.to(memory_format=torch.channels_last), geo, "implicit") == 0
+    assert im2win_conv.workspace_bytes(x, geo, "materialized") == geo.window_numel() * 4
+    # 8 channels per group (groups=4): the flat K loop reads contiguous NCHW x in place.
+    grouped = im2win_conv.geometry(x.shape, (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 4)
+    assert im2win_conv.workspace_bytes(x, grouped, "implicit") == 0
+    assert im2win_conv.workspace_bytes(x[..., ::2], grouped, "implicit") == x[..., ::2].numel() * 4
 
 
 def test_pass_training_gradients_eager():

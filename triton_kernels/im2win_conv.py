@@ -580,6 +580,18 @@ def tap_major(in_group: int) -> bool:
     return in_group % 16 == 0
 
 
+def workspace_bytes(x: torch.Tensor, geo: ConvGeometry, window: str) -> int:
+    """Bytes the kernel's launcher allocates beside the output for input ``x`` (or its fake):
+    the window tensor (materialized form), or the channels-innermost copy of an NCHW ``x``
+    (implicit form with :func:`tap_major` groups), else nothing."""
+    if window == "materialized":
+        return geo.window_numel() * x.element_size()
+    channels_last = is_channels_last(x)
+    if (tap_major(geo.in_channels // geo.groups) and not channels_last) or not (channels_last or x.is_contiguous()):
+        return x.numel() * x.element_size()
+    return 0
+
+
 def _launch_arguments(
     x: torch.Tensor,
     weight: torch.Tensor,
