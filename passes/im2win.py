@@ -45,7 +45,7 @@ from memopt._torch_compat import detect_fake_mode
 from memopt.config import Im2winOptions
 from memopt.estimate import TRANSIENT_BYTES, estimate
 from memopt.passes.base import GraphPass, PassContext
-from memopt.report import PassResult
+from memopt.report import PassResult, format_bytes
 from memopt.triton_kernels import im2win_conv
 
 log = logging.getLogger("memopt")
@@ -101,7 +101,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             result.notes.append(f"{conv.name}: left to aten: {reason}")
         result.details.append(row)
     if result.rewrites:
-        result.bytes_saved = max(0, peak_before - estimate(gm).peak_bytes)
+        peak_after = estimate(gm).peak_bytes
+        result.bytes_saved = max(0, peak_before - peak_after)
+        if peak_after > peak_before:
+            result.notes.append(
+                f"estimated peak rises by {format_bytes(peak_after - peak_before)}: the im2win workspace "
+                "(window tensors, channels-last copies of NCHW inputs) while a convolution runs"
+            )
     return result
 
 
