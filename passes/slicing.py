@@ -616,6 +616,8 @@ _FUNCTION_RULES: dict[Any, Callable[[torch.fx.Node, _Slicing], RuleResult | None
     F.conv1d: _conv,
     F.conv2d: _conv,
     F.conv3d: _conv,
+    # memopt's im2win convolution (the im2win pass runs first): the same arguments as conv2d.
+    torch.ops.memopt.im2win_conv2d.default: _conv,
     F.group_norm: _group_norm,
     torch.group_norm: _group_norm,
     F.layer_norm: _layer_norm,
@@ -962,6 +964,8 @@ def _workspace_bytes(node: torch.fx.Node) -> int:
     contiguous copy of a strided input, 8 MiB in all); a conv2d/conv1d reorders its input
     for oneDNN (its size, 2 MiB on 2 MiB; nothing for channels-last). Without this a group
     of a temporal resnet's conv3d looked 1 MiB a slice and measured 6 MiB more."""
+    if node.op == "call_function" and node.target is torch.ops.memopt.im2win_conv2d.default:
+        return node.meta.get(TRANSIENT_BYTES, 0)  # its window tensor or input copy, set by the im2win pass
     if node.op != "call_function" or node.target not in _CONVOLUTIONS:
         return 0
     x, weight, out = _tensor(node.args[0]), _tensor(_arg(node, 1, "weight")), _tensor(node)

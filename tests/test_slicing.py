@@ -32,9 +32,11 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float =
     assert error <= rtol, f"relative error {error:.3g} > {rtol}"
 
 
-def compile_and_run(model, *args, lowering="eager", slicing=SMALL_GROUPS, **kwargs):
+def compile_and_run(model, *args, lowering="eager", slicing=SMALL_GROUPS, im2win=False, **kwargs):
+    # im2win off by default: under "auto" its timed choice (a CPU under load can flip it)
+    # would fuse a convolution with its activation and change the groups the tests count.
     torch._dynamo.reset()
-    compiled = memopt.compile(model, lowering=lowering, slicing=slicing, strict=True)
+    compiled = memopt.compile(model, lowering=lowering, slicing=slicing, im2win=im2win, strict=True)
     with torch.no_grad():
         out = compiled(*args, **kwargs)
     report = memopt.last_report()
@@ -121,6 +123,21 @@ def test_conv_net_is_one_group_and_exact():
     (row,) = result.details
     assert row["dim"] == 0 and row["units"] == 6 and row["slices"] >= 2
     assert row["ops"] == 9  # conv_in .. conv_out, all per sample
+    with torch.no_grad():
+        assert_close_rel(out, model(x))
+
+
+def test_groups_run_through_im2win_convolutions():
+    """The im2win pass runs first; its convolutions slice by sample like aten's."""
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    x = torch.randn(6, 3, 29, 31)
+    _, out, result = compile_and_run(model, x, im2win=True)
+    (im2win,) = [r for r in memopt.last_report().passes if r.name == "im2win"]
+    assert im2win.rewrites >= 1
+    assert result.rewrites == 1
+    (row,) = result.details
+    assert row["dim"] == 0 and row["slices"] >= 2
     with torch.no_grad():
         assert_close_rel(out, model(x))
 
