@@ -1498,20 +1498,24 @@ def _relax_slices(
     calls: list[torch.fx.Node],
     sliced: list[SlicedGroup],
     options: SlicingOptions,
+    budget: int | None,
 ) -> int:
-    """Give each group the fewest slices that keep the graph's estimated peak where it is.
+    """Give each group the fewest slices that keep the graph's estimated peak where it is,
+    or, with a memory budget the graph now fits well inside, under the budget.
 
     Each slice costs time (a body call, its launches, the copies into the outputs), but the
     slice count matters for memory only where the group's one-slice intermediates set the
     peak. Groups run one after another, so a group's transient adds to the live bytes at its
     own node only: read off the rewritten graph's timeline, a group whose level is below the
-    peak can drop slices until its level nears it (:data:`_RELAX_TO`). Compiled bodies keep
-    counts that divide the units (one slice shape, one compile); an explicit
-    ``max_slice_bytes`` stays a bound.
+    peak can drop slices until its level nears it (:data:`_RELAX_TO`). Under a budget
+    (``max_peak_bytes``, or ``"auto"``'s share of free memory) the level may rise to near the
+    budget instead when that is higher: the budget is what the user asked to fit, and every
+    slice beyond it is time spent for nothing. Compiled bodies keep counts that divide the
+    units (one slice shape, one compile); an explicit ``max_slice_bytes`` stays a bound.
     Returns how many groups got fewer slices.
     """
     timeline = estimate(gm)
-    limit = timeline.peak_bytes * _RELAX_TO
+    limit = max(timeline.peak_bytes, budget or 0) * _RELAX_TO
     position = {node: index for index, node in enumerate(gm.graph.nodes)}
     relaxed = 0
     for group, call, op in zip(groups, calls, sliced):
@@ -1727,12 +1731,15 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     calls = [_rewrite(graph, group, sliced, inputs, replaced) for group, (sliced, inputs) in zip(groups, prepared)]
     _toposort(graph)
     result.rewrites = len(groups)
-    relaxed = _relax_slices(gm, groups, calls, [sliced for sliced, _ in prepared], options)
+    relaxed = _relax_slices(gm, groups, calls, [sliced for sliced, _ in prepared], options, budget)
     for call, (sliced, _) in zip(calls, prepared):
         call.args = (_register(sliced), call.args[1])
+    after = estimate(gm).peak_bytes
     if relaxed:
+        bound = "the estimated peak" if budget is None else f"the budget {format_bytes(budget)}"
         result.notes.append(
-            f"{relaxed} group(s) run fewer slices: below the estimated peak, more slices cost time and save nothing"
+            f"{relaxed} group(s) run fewer slices: below {bound}, more slices cost time and save nothing "
+            f"(estimated peak now {format_bytes(after)})"
         )
     for index, group in enumerate(groups):
         first, last = group.members[0], group.members[-1]
@@ -1754,7 +1761,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             "per_slice_bytes": _transient(group, group.slices),
             "compiled": compiled[index],
         })
-    after = estimate(gm).peak_bytes
     result.bytes_saved = max(before - after, 0)
     for row in result.details:
         row["estimated_peak_before"] = before

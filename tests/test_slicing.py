@@ -471,7 +471,19 @@ def test_budget_slices_only_the_groups_it_takes_to_fit():
     _, out_some, some = compile_and_run(model, x, slicing={**common, "max_peak_bytes": before - 1})
     assert 1 <= some.rewrites < everything.rewrites, (some.rewrites, everything.rewrites)
     assert any("under the budget" in note for note in some.notes), some.notes
+    assert some.details[0]["estimated_peak_after"] <= before - 1
     assert_close_rel(out_some, expected)
+
+    # A budget between the sliced and the unsliced peak, no max_slice_bytes: the groups keep
+    # only the slices it takes to stay under it, fewer than at full strength.
+    _, _, full = compile_and_run(model, x, slicing={"min_group_bytes": 1024})
+    lowest = full.details[0]["estimated_peak_after"]
+    budget = (lowest + before) // 2
+    _, out_mid, mid = compile_and_run(model, x, slicing={"min_group_bytes": 1024, "max_peak_bytes": budget})
+    assert mid.details[0]["estimated_peak_after"] <= budget
+    assert sum(row["slices"] for row in mid.details) < sum(row["slices"] for row in full.details), (mid.details, full.details)
+    assert any("below the budget" in note for note in mid.notes), mid.notes
+    assert_close_rel(out_mid, expected)
 
     # An impossible budget: every group that lowers the peak is sliced, and the note says
     # the estimate is still over.
