@@ -102,7 +102,9 @@ class SlicedGroup:
         # A slice's argument layouts follow from the whole inputs' and the slice's length, so
         # the compiled body is looked up by those, computed once per call, not per slice: on a
         # launch-bound GPU the per-slice host work is the cost of slicing.
-        layouts = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in (*inputs, *stats))
+        layouts = (
+            tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in (*inputs, *stats)) if self.compile_body else ()
+        )
         with under(self.autocast):
             for first, stop in self.bounds():
                 args = [
@@ -144,9 +146,9 @@ def compile_body(body: torch.fx.GraphModule, example_args: Sequence[Any]) -> Cal
     compiles once or twice; Inductor's FX graph cache makes later processes' compiles cheap.
     The body is copied first: the op-by-op body stays as it was for every other use.
     """
-    from memopt._torch_compat import compile_fx
-
     from torch._inductor import config as inductor_config
+
+    from memopt._torch_compat import compile_fx
 
     graph_copy = torch.fx.GraphModule(body, copy.deepcopy(body.graph))
     # The op looks bodies up by their arguments' exact sizes and strides, so the compiled
