@@ -67,7 +67,8 @@ for step in "${steps[@]}"; do
     reversible)
       # Inductor lowering of the graph around the chain (its steps run op by op).
       capped "$(cap REVERSIBLE 200)" reversible $py benchmarks/reversible.py --depths "${REVERSIBLE_DEPTHS:-8,32}" \
-        --lowering inductor --models reformer,revnet --variants eager,inductor,memopt-reversible --repeat 5 \
+        --lowering inductor --models reformer,revnet --repeat 5 \
+        --variants "${REVERSIBLE_VARIANTS:-eager,inductor,memopt-reversible,inductor-cudagraphs,memopt-reversible-cudagraphs}" \
         --output "benchmarks/results/reversible-$date-cuda.md" ;;
     slicing)
       # Also replayed as CUDA graphs: the sliced groups' per-slice Python is what costs time.

@@ -9,7 +9,11 @@ transformer (F = pre-norm attention, G = pre-norm MLP). For each depth, five way
 * ``checkpoint``: ``torch.utils.checkpoint`` around every coupling (non-reentrant);
 * ``budget-0.1``: memopt with ``reversible=False, memory_budget=0.1`` (the min-cut
   partitioner told to keep 10% of the activations: the stock compiler's best effort);
-* ``memopt-reversible``: memopt with its default ``reversible="auto"``.
+* ``memopt-reversible``: memopt with its default ``reversible="auto"``;
+* on CUDA also ``inductor-cudagraphs`` (``mode="reduce-overhead"``) and
+  ``memopt-reversible-cudagraphs`` (memopt with ``inductor_config={"triton.cudagraphs": True}``):
+  replayed as CUDA graphs, which removes the host work that dominates small blocks' steps
+  (name them in ``--variants``).
 
 ``peak`` = bytes allocated above the level before the step, with parameters and gradients
 already allocated (gradients kept between steps and zeroed in place; no optimizer state),
@@ -103,9 +107,10 @@ def reformer(depth: int, width: int, heads: int) -> Couplings:
 
 
 VARIANTS = ("eager", "inductor", "checkpoint", "budget-0.1", "memopt-reversible")
+CUDA_GRAPH_VARIANTS = ("inductor-cudagraphs", "memopt-reversible-cudagraphs")
 
 
-COMPILED = ("inductor", "budget-0.1", "memopt-reversible")  # carry the gradient-sized transient
+COMPILED = ("inductor", "budget-0.1", "memopt-reversible", *CUDA_GRAPH_VARIANTS)  # a gradient-sized transient
 
 
 def build(variant: str, model: Couplings, lowering: str, budget_lowering: str):
@@ -116,17 +121,38 @@ def build(variant: str, model: Couplings, lowering: str, budget_lowering: str):
         return memopt.compile(model, lowering=lowering)
     if variant == "inductor":
         return torch.compile(model)
+    if variant == "inductor-cudagraphs":
+        return torch.compile(model, mode="reduce-overhead")
+    if variant == "memopt-reversible-cudagraphs":
+        return memopt.compile(model, lowering=lowering, inductor_config={"triton.cudagraphs": True})
+    if variant not in VARIANTS:
+        raise SystemExit(f"--variants: unknown {variant!r}; valid: {', '.join(VARIANTS + CUDA_GRAPH_VARIANTS)}")
     return model
 
 
-def measure_step(fn, model: nn.Module, x: torch.Tensor, repeat: int) -> tuple[int, float]:
+def measure_step(fn, model: nn.Module, x: torch.Tensor, repeat: int, graphs: bool = False) -> tuple[int, float]:
+    """Peak bytes and time of one training step. ``graphs``: ``fn`` replays CUDA graphs, whose
+    replays allocate nothing (their memory came from the graph pool while recording), so the
+    peak is read over the calls that compile, warm up and record instead."""
+
     def step():
         out = fn(x)
         out.float().square().mean().backward()
 
+    if graphs:
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     step()  # compile, and allocate every .grad so the measured peak holds activations only
     for p in model.parameters():
         p.grad.zero_()
+    if graphs:
+        step()  # record
+        torch.cuda.synchronize()
+        # The .grad tensors were allocated inside this window: take them out again.
+        grads = sum(p.numel() * p.element_size() for p in model.parameters())
+        peak = torch.cuda.max_memory_allocated() - start - grads
+        return peak, memopt.measure(step, warmup=1, repeat=repeat, device="cuda").time_s
     result = memopt.measure(step, warmup=1, repeat=repeat, device=x.device.type)
     if x.device.type == "cuda":
         return result.peak_bytes, result.time_s
@@ -209,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.compiler.reset()
                 fn = build(variant, base, args.lowering, args.budget_lowering or args.lowering)
                 try:
-                    peak, seconds = measure_step(fn, base, x, args.repeat)
+                    peak, seconds = measure_step(fn, base, x, args.repeat, graphs=variant.endswith("-cudagraphs"))
                 except Exception as error:  # a variant that fails is reported, not fatal
                     message = str(error).splitlines()[0][:120]
                     row = f"| {name} | {depth} | {variant} | | failed: {type(error).__name__}: {message} | | | |"
