@@ -9,6 +9,10 @@ and without Step Rehash: time and the relative L2 difference of the final latent
     python benchmarks/slicing.py                        # CPU-sized defaults
     python benchmarks/slicing.py --frames 16 --size 64 --channels 320,640,1280,1280   # GPU
 
+On CUDA, ``--cudagraphs`` adds Inductor and memopt replayed as CUDA graphs (their peak is read
+over the calls that warm up and record); ``--variants`` picks which variants to compile, since
+on a GPU compiling them is most of the benchmark's time.
+
 Prints a markdown table naming the device and versions; ``--out DIR`` also writes it to
 ``DIR/slicing-<date>-<device>.md``.
 """
