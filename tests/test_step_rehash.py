@@ -111,7 +111,7 @@ def test_interval_skips_the_deep_part_and_resets_between_generations():
     with torch.no_grad():
         denoise(rehash, latents, TIMESTEPS)
         assert deep_calls[0] == 3  # steps 0, 3, 6 of 9
-        assert shallow_calls[0] == 9
+        assert shallow_calls[0] == 10  # and once more to check the shrunk cache after step 0
         assert [record.full for record in rehash.history] == [True, False, False] * 3
         denoise(rehash, latents, TIMESTEPS)  # timesteps go up again: a new generation
     assert rehash.generations == 2
@@ -239,6 +239,87 @@ def test_rehash_step_is_exact_where_the_reused_part_would_not_change(kind, layer
     assert not torch.equal(reused_moved, fresh_moved)  # the reused part really was reused
 
 
+def test_full_steps_keep_only_the_deep_outputs_the_shallow_path_reads():
+    """Between steps the cache holds real tensors only for what a rehash step feeds into the
+    shallow path; every other reused output is a zero-size stand-in of the right shape."""
+    torch.manual_seed(11)
+    unet, args, kwargs = _video_unet("unet3d")
+    rehash = StepRehash(unet, interval=3, layers=1)
+    with torch.no_grad():
+        rehash(*args, TIMESTEPS[0], **kwargs)
+    (cache,) = rehash._caches.values()
+    real = {
+        key for key, value in cache.items()
+        for leaf in torch.utils._pytree.tree_leaves(value)
+        if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().nbytes() > leaf.element_size()
+    }
+    assert real and len(real) <= 2 < len(cache), (real, list(cache))
+    for key, value in cache.items():
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if key not in real and isinstance(leaf, torch.Tensor):
+                assert leaf.numel() > 1 and set(leaf.stride()) == {0}  # shape kept, no data
+
+
+class FlexUp(Up):
+    """An up block that resizes its skip to its own resolution."""
+
+    def forward(self, hidden_states, res_hidden_states_tuple, temb):
+        size = (2 * hidden_states.shape[-2], 2 * hidden_states.shape[-1])
+        return super().forward(hidden_states, (F.interpolate(res_hidden_states_tuple[-1], size=size),), temb)
+
+
+class SkipUNet(ToyUNet):
+    """The outer up block's skip is computed between blocks: from the outer down block's
+    output (``"shallow"``), from the deep one through an interpolation (``"computed"``), or
+    handed over directly from the deep one after the first step (``"late"``). No time
+    embedding, so a rehash step on the same latents must reproduce a full step."""
+
+    def __init__(self, skip: str) -> None:
+        super().__init__()
+        self.skip = skip
+        self.up_blocks[1] = FlexUp(8)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
+        temb = torch.zeros(1, 1, 1, 1)
+        h0, (s0,) = self.down_blocks[0](hidden_states=self.conv_in(sample), temb=temb)
+        h1, (s1,) = self.down_blocks[1](hidden_states=h0, temb=temb)
+        h = self.up_blocks[0](hidden_states=self.mid_block(h1, temb), res_hidden_states_tuple=(s1,), temb=temb)
+        if self.skip == "computed":
+            skip = s0 + F.interpolate(s1, scale_factor=2.0)
+        elif self.skip == "late" and float(timestep) < 850:
+            skip = s1  # a deep output, handed over as it is
+        else:
+            skip = s0
+        h = self.up_blocks[1](hidden_states=h, res_hidden_states_tuple=(skip,), temb=temb)
+        return (self.conv_out(h),)
+
+
+def test_the_cache_shrinks_only_where_a_rehash_step_reproduces_a_full_step():
+    x = torch.randn(1, 3, 16, 16)
+    for skip, shrinks in (("shallow", True), ("computed", False)):
+        torch.manual_seed(12)
+        unet = SkipUNet(skip).eval()
+        rehash = StepRehash(unet, interval=3)
+        with torch.no_grad():
+            full = unet(x, TIMESTEPS[0])[0]
+            rehash(x, TIMESTEPS[0])
+            reused = rehash(x, TIMESTEPS[1])[0]
+        assert rehash._shrinks == {0: shrinks}, skip
+        # Either way the rehash step on the same latents equals the full step: dropping the
+        # deep output the computed skip reads would have made it differ.
+        torch.testing.assert_close(reused, full, rtol=0, atol=0)
+
+
+def test_a_rehash_step_refuses_a_deep_output_it_did_not_keep():
+    torch.manual_seed(13)
+    rehash = StepRehash(SkipUNet("late").eval(), interval=3)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        rehash(x, TIMESTEPS[0])  # 900: full, and the outer up block reads only shallow values
+        with pytest.raises(RuntimeError, match=r"up\.1 reads the output of down\.1#0 at a rehash step"):
+            rehash(x, TIMESTEPS[1])  # 800: the late routing hands it a dropped output
+
+
 def test_layers_cut_runs_only_the_last_up_layer_at_rehash_steps():
     torch.manual_seed(10)
     unet, args, kwargs = _video_unet("unet3d")
@@ -256,7 +337,8 @@ def test_layers_cut_runs_only_the_last_up_layer_at_rehash_steps():
         for t in TIMESTEPS[:6]:
             rehash(*args, t, **kwargs)
     assert {name: calls[0] for name, calls in deep.items()} == dict.fromkeys(deep, 2)  # steps 0 and 3
-    assert {name: calls[0] for name, calls in shallow.items()} == dict.fromkeys(shallow, 6)
+    # 6 steps, plus the one shallow pass that checks the shrunk cache after the first step.
+    assert {name: calls[0] for name, calls in shallow.items()} == dict.fromkeys(shallow, 7)
     assert isinstance(up.resnets[0], type(up.resnets[-1])) and "StandIn" not in type(up.resnets[0]).__name__
 
 
