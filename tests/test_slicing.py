@@ -213,12 +213,9 @@ def test_views_of_a_group_value_leave_it_once():
     torch.manual_seed(15)
     model = TwoViewsOfOneValue().eval()
     x = torch.randn(6, 3, 20, 24)
-    torch._dynamo.reset()
-    compiled = memopt.compile(model, lowering="eager", im2win=False, slicing=SMALL_GROUPS, strict=True)
+    _, out, result = compile_and_run(model, x)
     with torch.no_grad():
-        out = compiled(x)
         expected = model(x)
-    (result,) = [r for r in memopt.last_report().passes if r.name == "slicing"]
     assert result.rewrites >= 1
     assert all(row["outputs"] == 1 for row in result.details), result.details
     assert result.details[0]["estimated_peak_after"] <= result.details[0]["estimated_peak_before"]
@@ -271,11 +268,7 @@ def test_a_value_read_through_two_views_is_computed_in_its_group(monkeypatch):
     torch.manual_seed(17)
     model = BlendedResBlock().eval()
     x = torch.randn(6, 4, 20, 24)
-    torch._dynamo.reset()
-    compiled = memopt.compile(model, lowering="eager", im2win=False, slicing=BLENDED_OPTIONS, strict=True)
-    with torch.no_grad():
-        out = compiled(x)
-    (result,) = [r for r in memopt.last_report().passes if r.name == "slicing"]
+    _, out, result = compile_and_run(model, x, slicing=BLENDED_OPTIONS)
     (gm,) = graphs
     outside = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.truediv]
     assert result.rewrites >= 2 and not outside, (outside, result.details)
@@ -296,10 +289,8 @@ def test_inductor_lowering_keeps_the_eager_lowered_peak():
         expected = model(x)
         peaks = {}
         for lowering in ("eager", "inductor"):
-            torch._dynamo.reset()
-            compiled = memopt.compile(model, lowering=lowering, im2win=False, slicing=BLENDED_OPTIONS, strict=True)
-            out = compiled(x)
-            assert memopt.last_report().passes[-1].rewrites >= 2
+            compiled, out, result = compile_and_run(model, x, lowering=lowering, slicing=BLENDED_OPTIONS)
+            assert result.rewrites >= 2
             assert_close_rel(out, expected)
             peaks[lowering] = memopt.measure(compiled, x).peak_bytes
     assert peaks["inductor"] <= 1.05 * peaks["eager"], peaks
@@ -715,13 +706,10 @@ def test_svd_spatio_temporal_unet_sliced_matches_eager():
     unet = zoo.unet_svd(frames=4).eval()
     sample, context, added = torch.randn(1, 4, 8, 16, 16), torch.randn(1, 1, 32), torch.randn(1, 3)
     timestep = torch.tensor(17)
-    torch._dynamo.reset()
-    # im2win off: its timed choice would change which convolutions the pass sees.
-    compiled = memopt.compile(unet, lowering="eager", im2win=False, slicing=SMALL_GROUPS, strict=True)
+    _, out, result = compile_and_run(unet, sample, timestep, context, added_time_ids=added, return_dict=False)
+    out = out[0]
     with torch.no_grad():
-        out = compiled(sample, timestep, context, added_time_ids=added, return_dict=False)[0]
         expected = unet(sample, timestep, context, added_time_ids=added, return_dict=False)[0]
-    (result,) = [r for r in memopt.last_report().passes if r.name == "slicing"]
     assert result.rewrites >= 20
     assert any("split" in note for note in result.notes), result.notes
     assert any("left their tail" in note for note in result.notes), result.notes
