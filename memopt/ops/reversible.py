@@ -19,9 +19,11 @@ Two users share the functions here:
 
 Random ops replay the same numbers: the RNG state before each random step is recorded in the
 forward pass and restored for its recomputation (as ``torch.utils.checkpoint`` does).
-Buffers a step mutates (BatchNorm running statistics) are updated once, in the forward pass:
-the recomputation runs on throw-away copies (training-mode BatchNorm normalizes with the
-batch's own statistics, so the copies do not change the result).
+Buffers a step mutates (BatchNorm running statistics) are updated once, in the forward pass.
+The recomputation never touches them: the op's backward runs it without them (``None``:
+training-mode BatchNorm normalizes with the batch's own statistics and, given no running
+statistics, updates none), and ``memopt.nn``'s eager path, whose buffers may be anything,
+on throw-away copies.
 """
 
 from __future__ import annotations
@@ -164,11 +166,17 @@ def run_step(
         return step.fn(x, params, consts, sizes)
     pools = (params, consts, sizes)
     args = [x, *[pools[pool][i] for pool, i in step.slots]]
+    # ``None`` arguments (the backward's recomputation runs without running statistics) are
+    # bound into the compiled graph: the key says which.
+    absent = tuple(i for i, a in enumerate(args) if a is None)
+    if absent:
+        args = [a for a in args if a is not None]
     key = (
         step.graph.code,
         grad,
         repr(chain.autocast),
         tuple((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad) for a in args),
+        absent,
     )
     function = _COMPILED_STEPS.get(key)
     if function is None:
@@ -180,7 +188,7 @@ def run_step(
             # is the same idea): past the limit new layouts run op by op.
             return step.fn(x, params, consts, sizes)
         _LAYOUTS[key[:3]] = layouts + 1
-        function = _compile_step(step.graph, args)
+        function = _compile_step(step.graph, args, absent)
         _COMPILED_STEPS[key] = function
     if function is _OP_BY_OP:
         return step.fn(x, params, consts, sizes)
@@ -191,11 +199,19 @@ def _OP_BY_OP(*args: Tensor) -> Tensor:  # marks a step that failed to compile
     raise AssertionError("never called")
 
 
-def _compile_step(graph: torch.fx.GraphModule, args: list[Tensor]) -> Callable[..., Tensor]:
+def _compile_step(graph: torch.fx.GraphModule, args: list[Tensor], absent: tuple[int, ...] = ()) -> Callable[..., Tensor]:
+    """Inductor's compilation of ``graph`` for ``args``; the placeholders at positions
+    ``absent`` (of the graph's full argument list) are bound to ``None`` and dropped."""
     from memopt._torch_compat import compile_fx
 
     # A copy: Inductor may rewrite the graph it compiles, and the op-by-op step keeps running.
     graph_copy = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
+    if absent:
+        placeholders = [n for n in graph_copy.graph.nodes if n.op == "placeholder"]
+        for i in absent:
+            placeholders[i].replace_all_uses_with(None)  # type: ignore[arg-type]
+            graph_copy.graph.erase_node(placeholders[i])
+        graph_copy.recompile()
     try:
         return compile_fx(graph_copy, list(args), config_patches={})
     except Exception as error:  # same results op by op: never fail the training step
@@ -259,7 +275,7 @@ def chain_backward(
     grad2: Tensor | None,
     rng: Tensor,
     params: Sequence[Tensor],
-    consts: Sequence[Tensor],
+    consts: Sequence[Tensor | None],
     params_are_leaves: bool = False,
     sizes: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
@@ -267,7 +283,9 @@ def chain_backward(
 
     Walks the steps backwards: recompute ``h = H_k(v[k-1])`` (with the recorded RNG state for
     a random step, on copies of mutated buffers), rebuild ``v[k-2] = (v[k] - h) / scale``,
-    and back-propagate ``dv[k]`` through ``h``. ``params_are_leaves``: the tensors in
+    and back-propagate ``dv[k]`` through ``h``. A mutated buffer given as ``None`` stays
+    ``None`` in the recomputation (the graph pass's chains, whose mutated buffers are only
+    ever training-mode BatchNorm's running statistics: no copy, no update). ``params_are_leaves``: the tensors in
     ``params`` are already leaves requiring grad (module parameters in eager mode); otherwise
     each is detached into one. Returns ``(grad_x1, grad_x2, grad_params)``; a parameter no
     step reaches gets ``None``.
@@ -295,7 +313,8 @@ def chain_backward(
     # Recomputation must not touch the real buffers: BatchNorm updated them in the forward.
     scratch_consts = list(consts)
     for i in chain.mutated_consts:
-        scratch_consts[i] = consts[i].clone()
+        if consts[i] is not None:
+            scratch_consts[i] = consts[i].clone()
     param_grads: list[Tensor | None] = [None] * len(leaves)
 
     rng_row = chain.random_steps
@@ -377,8 +396,14 @@ def reversible_chain(
     """
     chain = _chain(key)
     scratch = list(consts)
-    for i in chain.mutated_consts:
-        scratch[i] = consts[i].clone()
+    if chain.mutated_consts:
+        # One multi-tensor copy instead of a clone per buffer: on a GPU a RevNet's BatchNorm
+        # statistics would otherwise cost two tiny kernel launches per block.
+        originals = [consts[i] for i in chain.mutated_consts]
+        copies = [torch.empty_like(c) for c in originals]
+        torch._foreach_copy_(copies, originals)
+        for i, copy_ in zip(chain.mutated_consts, copies):
+            scratch[i] = copy_
     stream1, stream2, rng = chain_forward(chain, x1, x2, params, scratch, sizes)
     return [stream1.contiguous(), stream2.contiguous(), rng] + [scratch[i] for i in chain.mutated_consts]
 
@@ -401,11 +426,15 @@ def reversible_chain_backward(
     grad2: Tensor,
     rng: Tensor,
     params: list[Tensor],
-    consts: list[Tensor],
+    kept_consts: list[Tensor],
     sizes: list[int],
 ) -> list[Tensor]:
-    """Gradients ``[grad_x1, grad_x2, *grad_params]`` of chain ``key`` from its outputs."""
+    """Gradients ``[grad_x1, grad_x2, *grad_params]`` of chain ``key`` from its outputs.
+
+    ``kept_consts``: the chain's constants without the buffers it mutates (BatchNorm running
+    statistics, which the recomputation runs without: see :func:`_setup_context`)."""
     chain = _chain(key)
+    consts = _with_mutated_as_none(chain, kept_consts)
     with autograd_inside_kernel():
         grad_x1, grad_x2, param_grads = chain_backward(
             chain, stream1, stream2, grad1, grad2, rng, params, consts, sizes=sizes
@@ -414,8 +443,18 @@ def reversible_chain_backward(
     return [grad_x1.contiguous(), grad_x2.contiguous()] + [g.contiguous() for g in filled]
 
 
+def _with_mutated_as_none(chain: Chain, kept: Sequence[Tensor]) -> list[Tensor | None]:
+    """The full constant list of ``chain`` from the kept ones, ``None`` where it mutates."""
+    mutated = set(chain.mutated_consts)
+    kept_iter = iter(kept)
+    consts = [None if i in mutated else next(kept_iter) for i in range(len(kept) + len(mutated))]
+    if next(kept_iter, None) is not None:
+        raise RuntimeError("memopt::reversible_chain_backward: more constants than the chain has")
+    return consts
+
+
 @reversible_chain_backward.register_fake
-def _(key, stream1, stream2, grad1, grad2, rng, params, consts, sizes) -> list[Tensor]:
+def _(key, stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes) -> list[Tensor]:
     return [torch.empty_like(stream1), torch.empty_like(stream2)] + [torch.empty_like(p) for p in params]
 
 
@@ -428,10 +467,10 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.sizes = list(sizes)
     # Buffers the chain updates (BatchNorm running statistics) are not kept: the pass only
     # accepts them as the running statistics of training-mode BatchNorm, which normalizes with
-    # the batch's own statistics and never reads them, so the recomputation gets zeros of the
-    # same shape (and writes into those, not into the real buffers).
-    ctx.mutated = {i: (consts[i].shape, consts[i].dtype, consts[i].device) for i in chain.mutated_consts}
-    kept = [c for i, c in enumerate(consts) if i not in ctx.mutated]
+    # the batch's own statistics and never reads them, so the recomputation runs without them
+    # (``None``), which also spares it their update: no copies, no zeros, no extra kernels.
+    mutated = set(chain.mutated_consts)
+    kept = [c for i, c in enumerate(consts) if i not in mutated]
     # RNG states and updated buffers carry no gradient (and buffers must not join the graph).
     ctx.mark_non_differentiable(*output[2:])
     # Only the final stream values and the RNG states: nothing per step.
@@ -440,18 +479,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grads):
     stream1, stream2, rng, *rest = ctx.saved_tensors
-    params, kept = rest[: ctx.num_params], iter(rest[ctx.num_params :])
-    consts = []
-    for i in range(ctx.num_consts):
-        if i in ctx.mutated:
-            shape, dtype, device = ctx.mutated[i]
-            consts.append(torch.zeros(shape, dtype=dtype, device=device))
-        else:
-            consts.append(next(kept))
+    params, kept = rest[: ctx.num_params], rest[ctx.num_params :]
     grad1 = grads[0] if grads[0] is not None else torch.zeros_like(stream1)
     grad2 = grads[1] if grads[1] is not None else torch.zeros_like(stream2)
     out = torch.ops.memopt.reversible_chain_backward(
-        ctx.key, stream1, stream2, grad1, grad2, rng, params, consts, ctx.sizes
+        ctx.key, stream1, stream2, grad1, grad2, rng, params, kept, ctx.sizes
     )
     # torch.library wants None for a non-empty int list and an empty list for an empty one.
     return None, out[0], out[1], list(out[2:]), [None] * ctx.num_consts, (None if ctx.sizes else [])
