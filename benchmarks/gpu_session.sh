@@ -7,14 +7,15 @@
 #   benchmarks/gpu_session.sh OUT_DIR [STEP ...]
 #
 # STEPs, in the order given: tests, monarch, im2win, rehash, reversible (the default set: its
-# caps add up to about 9.5 minutes, under one 10-minute call), and slicing (give it a call of
+# caps add up to about 9.5 minutes, under one 10-minute call), profile (host vs GPU time and
+# kernels per call of the Monarch op and the reversible step, 90 s), and slicing (give it a call of
 # its own: on an H100 Inductor's cold compile of the small AnimateDiff UNet alone took 54 s, and
 # memopt adds one compile per multi-op group). Expects the GPU machine's Python with torch and
 # triton installed (nothing is downloaded); diffusers, which rehash and slicing need, is
 # installed from wheels in .whl/ when present (carry .whl). Tests print one line each, so a
 # cap that stops them still shows which ran.
 set -u
-out=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [tests|monarch|im2win|rehash|reversible|slicing ...]}
+out=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [tests|monarch|im2win|rehash|reversible|profile|slicing ...]}
 shift
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests monarch im2win rehash reversible)
@@ -70,12 +71,16 @@ for step in "${steps[@]}"; do
         --lowering inductor --models reformer,revnet --repeat 5 \
         --variants "${REVERSIBLE_VARIANTS:-eager,inductor,memopt-reversible,inductor-cudagraphs,memopt-reversible-cudagraphs}" \
         --output "benchmarks/results/reversible-$date-cuda.md" ;;
+    profile)
+      # Host vs GPU time and kernels per call: the Monarch op against its kernels, memopt's
+      # reversible training step against eager's (benchmarks/gpu_profile.py).
+      capped "$(cap PROFILE 90)" profile $py benchmarks/gpu_profile.py --output "$out/profile-$date-cuda.md" ;;
     slicing)
       # Also replayed as CUDA graphs: the sliced groups' per-slice Python is what costs time.
       capped "$(cap SLICING 540)" slicing $py benchmarks/slicing.py --skip-rehash --cudagraphs \
         --models "${SLICING_MODELS:-animatediff,svd,unet3d}" --channels 64,128,128 --size 64 --frames 16 \
         --out benchmarks/results ${SLICING_ARGS:-} ;;
-    *) say "unknown step '$step' (valid: tests monarch im2win rehash reversible slicing)" ;;
+    *) say "unknown step '$step' (valid: tests monarch im2win rehash reversible profile slicing)" ;;
   esac
 done
 cp benchmarks/results/*-"$date"-cuda.md "$out"/ 2>/dev/null
