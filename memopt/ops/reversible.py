@@ -199,7 +199,9 @@ def _OP_BY_OP(*args: Tensor) -> Tensor:  # marks a step that failed to compile
     raise AssertionError("never called")
 
 
-def _compile_step(graph: torch.fx.GraphModule, args: list[Tensor], absent: tuple[int, ...] = ()) -> Callable[..., Tensor]:
+def _compile_step(
+    graph: torch.fx.GraphModule, args: list[Tensor], absent: tuple[int, ...] = ()
+) -> Callable[..., Tensor]:
     """Inductor's compilation of ``graph`` for ``args``; the placeholders at positions
     ``absent`` (of the graph's full argument list) are bound to ``None`` and dropped."""
     from memopt._torch_compat import compile_fx
@@ -285,9 +287,9 @@ def chain_backward(
     a random step, on copies of mutated buffers), rebuild ``v[k-2] = (v[k] - h) / scale``,
     and back-propagate ``dv[k]`` through ``h``. A mutated buffer given as ``None`` stays
     ``None`` in the recomputation (the graph pass's chains, whose mutated buffers are only
-    ever training-mode BatchNorm's running statistics: no copy, no update). ``params_are_leaves``: the tensors in
-    ``params`` are already leaves requiring grad (module parameters in eager mode); otherwise
-    each is detached into one. Returns ``(grad_x1, grad_x2, grad_params)``; a parameter no
+    ever training-mode BatchNorm's running statistics: no copy, no update).
+    ``params_are_leaves``: the tensors in ``params`` are already leaves requiring grad (module
+    parameters in eager mode); otherwise each is detached into one. Returns ``(grad_x1, grad_x2, grad_params)``; a parameter no
     step reaches gets ``None``.
 
     Each step's ``h`` is computed once, with autograd, and serves both the rebuild and the
