@@ -43,7 +43,13 @@ def build(kind: str, channels: tuple[int, ...], frames: int):
             up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (levels - 1),
             block_out_channels=channels, layers_per_block=1 if channels[0] < 320 else 2,
             norm_num_groups=min(32, channels[0] // 4), cross_attention_dim=channels[0],
-            attention_head_dim=channels[0] // heads,
+            # UNet3D's ``attention_head_dim`` is really the blocks' head count, and also the
+            # head width of ``transformer_in`` (8 heads, full resolution, before the first
+            # block). The real model (ModelScope: 320 channels, 64) gives ``transformer_in``
+            # an inner width of 1.6x the channels; ``channels // 4`` keeps it at 2x in small
+            # configs (``channels // 2``, used before, made it 4x and that one layer a quarter
+            # of a step).
+            attention_head_dim=64 if channels[0] >= 320 else channels[0] // 4,
         )
     if kind == "animatediff":
         return diffusers.UNetMotionModel(
@@ -184,19 +190,25 @@ def rehash_row(kind, args, device, dtype):
             (f"rehash threshold={args.threshold}{cut}", lambda layers=layers: StepRehash(unet, threshold=args.threshold, layers=layers)),
         ]
     results = {}
+    # One wrapper per loop, kept across the runs, as a pipeline keeps ``pipe.unet`` across
+    # generations: each run is a new generation (the wrapper resets when the timesteps go up
+    # again), and only the first pays the wrapper's one-time cache check (one extra shallow
+    # pass: StepRehash._shrink_cache). The fastest run is the steady state.
+    models = {name: make() for name, make in loops}
     with torch.no_grad():
         unet(latents, scheduler.timesteps[0], encoder_hidden_states=context)  # warm-up: first-call costs
         # Loops interleaved and repeated, fastest kept: shared machines make single runs noisy.
         for _ in range(args.loop_repeat):
-            for name, make in loops:
-                model = make()
+            for name, model in models.items():
+                full_before = getattr(model, "full_steps", 0)
                 begin = time.perf_counter()
                 final = loop(model)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - begin
                 best = results.get(name, (float("inf"),))[0]
-                results[name] = (min(best, seconds), final, getattr(model, "full_steps", args.steps))
+                full_steps = getattr(model, "full_steps", full_before + args.steps) - full_before
+                results[name] = (min(best, seconds), final, full_steps)
     return results
 
 
@@ -281,7 +293,8 @@ def main(argv=None) -> str:
         lines += [
             "",
             f"Step Rehash, {kind} (block_out_channels ({args.rehash_channels})), {args.frames} frames, "
-            f"latents {args.size}x{args.size}, {args.steps} DDIM steps, eager modules, fastest of {args.loop_repeat} runs:",
+            f"latents {args.size}x{args.size}, {args.steps} DDIM steps, eager modules, fastest of {args.loop_repeat} runs "
+            "(one wrapper per loop across the runs: only the first pays its one-time cache check):",
             "",
             "| loop | full steps | time | speed-up | final latents rel. L2 diff vs full |",
             "| --- | ---: | ---: | ---: | ---: |",
