@@ -692,6 +692,32 @@ def test_reversible_chain_op_passes_opcheck_and_gradcheck():
     assert torch.autograd.gradcheck(run, tuple(leaves))
 
 
+@pytest.mark.parametrize("random", [False, True])
+def test_rng_output_is_on_the_cpu_only_for_random_chains(random):
+    """Inductor skips CUDA graphs for any graph holding a CPU tensor: a chain without random
+    steps keeps its (empty) RNG-state output on its own device. Fake CUDA tensors: no GPU
+    needed to check what the traced graph would hold."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def step(x, params, consts, sizes):
+        return torch.tanh(x @ params[0])
+
+    chain = reversible_ops.Chain(
+        [reversible_ops.Step(step, 1.0, [0], [], random), reversible_ops.Step(step, 1.0, [0], [])],
+        [], reversible_ops.rng_state_bytes(torch.device("cpu")),
+    )
+    key = reversible_ops.register_chain(chain, f"rng-device-{random}")
+    with FakeTensorMode():
+        x1, x2, w = (torch.empty(4, 4, device="cuda") for _ in range(3))
+        rng = torch.ops.memopt.reversible_chain(key, x1, x2, [w], [], [])[2]
+    assert rng.device.type == ("cpu" if random else "cuda")
+    assert rng.shape[0] == int(random)
+    # The op itself agrees with its fake on CPU inputs (empty for the non-random chain).
+    x1, x2, w = (torch.randn(4, 4) for _ in range(3))
+    real = torch.ops.memopt.reversible_chain(key, x1, x2, [w], [], [])[2]
+    assert real.device == x1.device and real.shape[0] == int(random)
+
+
 def _graph_chain(compile_steps: str) -> reversible_ops.Chain:
     """Four steps of two kinds, each with its FX graph, as the graph pass builds them."""
 

@@ -265,7 +265,10 @@ def chain_forward(
         stream1, stream2 = previous, current
     else:
         stream1, stream2 = current, previous
-    rng = torch.stack(states) if states else torch.empty((0, chain.rng_bytes), dtype=torch.uint8)
+    if states:
+        rng = torch.stack(states)
+    else:
+        rng = torch.empty((0, chain.rng_bytes), dtype=torch.uint8, device=device)  # see _rng_device
     return stream1, stream2, rng
 
 
@@ -410,11 +413,19 @@ def reversible_chain(
     return [stream1.contiguous(), stream2.contiguous(), rng] + [scratch[i] for i in chain.mutated_consts]
 
 
+def _rng_device(chain: Chain, x1: Tensor) -> torch.device:
+    """Where the op's RNG-state output lives: on the CPU for a chain with random steps (RNG
+    states are CPU tensors, on CUDA too), else on the chain's own device. An empty tensor costs
+    nothing, but one CPU tensor in a CUDA graph makes Inductor skip CUDA graphs for the whole
+    graph (and the backward graph, which takes it as an input)."""
+    return torch.device("cpu") if chain.random_steps else x1.device
+
+
 @reversible_chain.register_fake
 def _(key: str, x1: Tensor, x2: Tensor, params: list[Tensor], consts: list[Tensor], sizes: list[int]) -> list[Tensor]:
     chain = _chain(key)
     dtype = torch.promote_types(x1.dtype, x2.dtype)
-    rng = x1.new_empty((chain.random_steps, chain.rng_bytes), dtype=torch.uint8, device="cpu")
+    rng = x1.new_empty((chain.random_steps, chain.rng_bytes), dtype=torch.uint8, device=_rng_device(chain, x1))
     buffers = [torch.empty_like(consts[i]) for i in chain.mutated_consts]
     return [x1.new_empty(x1.shape, dtype=dtype), x2.new_empty(x2.shape, dtype=dtype), rng] + buffers
 
