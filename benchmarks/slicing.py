@@ -159,6 +159,7 @@ def step_row(kind, args, device, dtype):
 
 
 REHASH_MODELS = ("unet3d", "animatediff")  # SVD's sampler loop (image latents concatenated) differs
+COMPILED_FULL = "compiled: full"
 
 
 def rehash_row(kind, args, device, dtype):
@@ -175,9 +176,9 @@ def rehash_row(kind, args, device, dtype):
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(args.steps)
 
-    def loop(model):
+    def loop(model, timesteps=None):
         x = latents.clone()
-        for t in scheduler.timesteps:
+        for t in scheduler.timesteps if timesteps is None else timesteps:
             x = scheduler.step(model(x, t, encoder_hidden_states=context).sample, t, x).prev_sample
         return x
 
@@ -189,6 +190,16 @@ def rehash_row(kind, args, device, dtype):
             (f"rehash interval={args.interval}{cut}", lambda layers=layers: StepRehash(unet, interval=args.interval, layers=layers)),
             (f"rehash threshold={args.threshold}{cut}", lambda layers=layers: StepRehash(unet, threshold=args.threshold, layers=layers)),
         ]
+    if args.rehash_compiled:
+        # What a user runs: the UNet compiled (memopt's defaults), against Step Rehash with its
+        # blocks compiled by the same backend (memopt.compile(unet, step_rehash=...)).
+        layers = next((int(k) for k in filter(None, args.rehash_layers.split(","))), None)
+        cut = "" if layers is None else f", layers={layers}"
+        rehash = {"interval": args.interval, "layers": layers}
+        loops += [
+            (COMPILED_FULL, lambda: memopt.compile(unet)),
+            (f"compiled: rehash interval={args.interval}{cut}", lambda: memopt.compile(unet, step_rehash=rehash)),
+        ]
     results = {}
     # One wrapper per loop, kept across the runs, as a pipeline keeps ``pipe.unet`` across
     # generations: each run is a new generation (the wrapper resets when the timesteps go up
@@ -197,6 +208,11 @@ def rehash_row(kind, args, device, dtype):
     models = {name: make() for name, make in loops}
     with torch.no_grad():
         unet(latents, scheduler.timesteps[0], encoder_hidden_states=context)  # warm-up: first-call costs
+        for name, model in models.items():
+            if name.startswith("compiled"):
+                # Compile outside the timed runs: a short generation reaches a full step, the
+                # rehash steps after it and the next full step (and pays the one-time check).
+                loop(model, scheduler.timesteps[: args.interval + 2])
         # Loops interleaved and repeated, fastest kept: shared machines make single runs noisy.
         for _ in range(args.loop_repeat):
             for name, model in models.items():
@@ -230,6 +246,11 @@ def main(argv=None) -> str:
     parser.add_argument("--rehash-models", default=",".join(REHASH_MODELS), help="UNets of the Step Rehash loops")
     parser.add_argument("--loop-repeat", type=int, default=2, help="runs of each denoising loop (fastest kept)")
     parser.add_argument("--skip-rehash", action="store_true")
+    parser.add_argument(
+        "--rehash-compiled", action="store_true",
+        help="also time the loops compiled: the UNet by memopt.compile, and memopt.compile(unet, step_rehash=...) "
+        "with the first --rehash-layers cut (compiled before timing; speed-up against the compiled full loop)",
+    )
     parser.add_argument(
         "--compile-body", default="default", choices=tuple(COMPILE_BODY),
         help="slicing's compile_body for the memopt variant (default: on under the Inductor lowering)",
@@ -287,21 +308,23 @@ def main(argv=None) -> str:
                 f"{seconds * 1e3:.0f} ms | {seconds / base_time:.2f}x | {error:.1e} | {groups} | {compile_s:.0f} |"
             )
         print("\n".join(lines[-3:]), file=sys.stderr, flush=True)
+    compiled = " (rows 'compiled:' compiled by memopt, compared with the compiled full loop)" if args.rehash_compiled else ""
     for kind in () if args.skip_rehash else filter(None, args.rehash_models.split(",")):
         results = rehash_row(kind, args, device, dtype)
-        full_time, full_final, _ = results["full"]
         lines += [
             "",
             f"Step Rehash, {kind} (block_out_channels ({args.rehash_channels})), {args.frames} frames, "
-            f"latents {args.size}x{args.size}, {args.steps} DDIM steps, eager modules, fastest of {args.loop_repeat} runs "
+            f"latents {args.size}x{args.size}, {args.steps} DDIM steps, eager modules{compiled}, fastest of {args.loop_repeat} runs "
             "(one wrapper per loop across the runs: only the first pays its one-time cache check):",
             "",
             "| loop | full steps | time | speed-up | final latents rel. L2 diff vs full |",
             "| --- | ---: | ---: | ---: | ---: |",
         ]
         for name, (seconds, final, full_steps) in results.items():
-            diff = ((final.float() - full_final.float()).norm() / full_final.float().norm()).item()
-            lines.append(f"| {name} | {full_steps} | {seconds:.2f} s | {full_time / seconds:.2f}x | {diff:.3e} |")
+            # Compiled loops are compared with the compiled full loop, the rest with the eager one.
+            base_time, base_final, _ = results[COMPILED_FULL] if name.startswith("compiled") else results["full"]
+            diff = ((final.float() - base_final.float()).norm() / base_final.float().norm()).item()
+            lines.append(f"| {name} | {full_steps} | {seconds:.2f} s | {base_time / seconds:.2f}x | {diff:.3e} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
