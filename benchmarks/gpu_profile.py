@@ -79,12 +79,27 @@ def profile_calls(fn: Callable[[], object], device: str, calls: int, warmup: int
     }
 
 
-def table(rows: list[tuple[str, dict]]) -> list[str]:
+def profile_or_failure(name: str, fn: Callable[[], object], args: argparse.Namespace) -> dict | str:
+    """:func:`profile_calls`, or the error of a variant that fails (reported, not fatal)."""
+    try:
+        result = profile_calls(fn, args.device, args.calls, args.warmup)
+    except Exception as error:
+        result = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+        print(f"{name}: {result}", file=sys.stderr, flush=True)
+        return result
+    print(f"{name}: {result['wall_us']:.0f} us/call", file=sys.stderr, flush=True)
+    return result
+
+
+def table(rows: list[tuple[str, dict | str]]) -> list[str]:
     lines = [
         "| variant | host us/call | wall us/call | GPU-busy us/call | GPU-busy / wall | kernels/call |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows:
+        if isinstance(r, str):
+            lines.append(f"| {name} | {r} | | | | |")
+            continue
         share = r["gpu_us"] / r["wall_us"] if r["wall_us"] else 0.0
         lines.append(
             f"| {name} | {r['host_us']:.0f} | {r['wall_us']:.0f} | {r['gpu_us']:.0f} | {share:.2f} "
@@ -92,7 +107,7 @@ def table(rows: list[tuple[str, dict]]) -> list[str]:
         )
     lines.append("")
     for name, r in rows:
-        if r["top"]:
+        if not isinstance(r, str) and r["top"]:
             kernels = "; ".join(f"{count:g}x {kernel}" for kernel, count in r["top"])
             lines.append(f"- {name}: {kernels}")
     return lines
@@ -118,8 +133,7 @@ def monarch_section(args: argparse.Namespace) -> list[str]:
     rows = []
     with torch.no_grad():
         for name, fn in variants.items():
-            rows.append((name, profile_calls(fn, device, args.calls, args.warmup)))
-            print(f"monarch {name}: {rows[-1][1]['wall_us']:.0f} us/call", file=sys.stderr, flush=True)
+            rows.append((name, profile_or_failure(f"monarch {name}", fn, args)))
     chosen = ", ".join(f"{key[0]}: {kernel}" for key, kernel in monarch_op.chosen_kernels.items()) or "none timed"
     return [
         f"## monarch: n={n}, nblocks={nblocks}, {tokens} tokens, {str(dtype).removeprefix('torch.')}, forward, no grad",
@@ -158,9 +172,7 @@ def reversible_section(args: argparse.Namespace) -> list[str]:
                 out = fn(x)
                 out.float().square().mean().backward()
 
-            rows.append((variant, profile_calls(step, args.device, args.calls, args.warmup)))
-            wall = rows[-1][1]["wall_us"]
-            print(f"reversible {model_name} {variant}: {wall:.0f} us/step", file=sys.stderr, flush=True)
+            rows.append((variant, profile_or_failure(f"reversible {model_name} {variant}", step, args)))
         lines += [f"## reversible: {model_name}, depth {args.depth}, {shape}, float32, one training step", ""]
         lines += table(rows) + [""]
     return lines
