@@ -8,8 +8,9 @@ Two questions the first GPU sessions left open, answered with the CUDA profiler:
   ``torch.ops.memopt.monarch_matmul``, ``MonarchLinear`` and the batched-matmul reference.
 * ``reversible``: memopt's training step took 1.6-3.2x eager's with the blocks of
   ``benchmarks/reversible.py``. How much of a step is host work, how much GPU work, and
-  which kernels does memopt launch that eager does not? Variants: eager and memopt (the
-  ``eager`` lowering, so the comparison is the chain itself, not Inductor's fusion around it).
+  which kernels does memopt launch that eager does not? Variants: eager, memopt (chains
+  traced into the graphs, the default) and memopt with ``reversible_inline=False`` (each
+  chain an opaque op run step by step), both with ``--lowering`` (default Inductor).
 
 Per variant: host time per call (``--calls`` calls issued back to back, timed before the
 final synchronize: the host's own work when the GPU keeps up), wall time per call (with
@@ -165,15 +166,19 @@ def reversible_section(args: argparse.Namespace) -> list[str]:
         else:
             raise SystemExit(f"--models: unknown {model_name!r}; valid: revnet, reformer")
         rows = []
-        for variant in ("eager", "memopt-reversible"):
-            fn = bench.build(variant, model, lowering="eager", budget_lowering="eager")
+        for variant in ("eager", "memopt-reversible", "memopt-reversible-op"):
+            fn = bench.build(variant, model, lowering=args.lowering, budget_lowering=args.lowering)
 
             def step(fn=fn):
                 out = fn(x)
                 out.float().square().mean().backward()
 
             rows.append((variant, profile_or_failure(f"reversible {model_name} {variant}", step, args)))
-        lines += [f"## reversible: {model_name}, depth {args.depth}, {shape}, float32, one training step", ""]
+        lines += [
+            f"## reversible: {model_name}, depth {args.depth}, {shape}, float32, one training step, "
+            f"memopt lowering `{args.lowering}`",
+            "",
+        ]
         lines += table(rows) + [""]
     return lines
 
@@ -184,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="monarch,reversible", help="comma-separated: monarch, reversible")
     parser.add_argument("--models", default="revnet,reformer", help="reversible models")
     parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--lowering", default="inductor", choices=("inductor", "eager"), help="memopt's lowering")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="tiny shapes: check the script itself")

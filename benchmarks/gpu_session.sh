@@ -6,8 +6,9 @@
 #
 #   benchmarks/gpu_session.sh OUT_DIR [STEP ...]
 #
-# STEPs, in the order given: tests, monarch, im2win, rehash, reversible (the default set: its
-# caps add up to about 9.5 minutes, under one 10-minute call), profile (host vs GPU time and
+# STEPs, in the order given: tests, monarch, im2win, rehash (the default set: its caps add up
+# to about 7.5 minutes, under one 10-minute call), reversible (6 minutes: Inductor compiles
+# each variant; with profile, one call of its own), profile (host vs GPU time and
 # kernels per call of the Monarch op and the reversible step, 90 s), and slicing (give it a call of
 # its own: on an H100 Inductor's cold compile of the small AnimateDiff UNet alone took 54 s, and
 # memopt adds one compile per multi-op group). Expects the GPU machine's Python with torch and
@@ -18,7 +19,7 @@ set -u
 out=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [tests|monarch|im2win|rehash|reversible|profile|slicing ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests monarch im2win rehash reversible)
+[ ${#steps[@]} -eq 0 ] && steps=(tests monarch im2win rehash)
 mkdir -p "$out"
 log=$out/run.log
 export PYTHONUNBUFFERED=1
@@ -66,10 +67,11 @@ for step in "${steps[@]}"; do
       capped "$(cap REHASH 50)" rehash $py benchmarks/slicing.py --models "" --size 64 --frames 16 \
         --rehash-channels 64,128,128 --out "$out/rehash" ;;
     reversible)
-      # Inductor lowering of the graph around the chain (its steps run op by op).
-      capped "$(cap REVERSIBLE 200)" reversible $py benchmarks/reversible.py --depths "${REVERSIBLE_DEPTHS:-8,32}" \
+      # Inductor lowering: chains traced into the graphs (memopt-reversible) and, for
+      # comparison, run as opaque ops step by step (memopt-reversible-op).
+      capped "$(cap REVERSIBLE 360)" reversible $py benchmarks/reversible.py --depths "${REVERSIBLE_DEPTHS:-8,32}" \
         --lowering inductor --models reformer,revnet --repeat 5 \
-        --variants "${REVERSIBLE_VARIANTS:-eager,inductor,memopt-reversible,inductor-cudagraphs,memopt-reversible-cudagraphs}" \
+        --variants "${REVERSIBLE_VARIANTS:-eager,inductor,memopt-reversible,memopt-reversible-op,inductor-cudagraphs,memopt-reversible-cudagraphs}" \
         --output "benchmarks/results/reversible-$date-cuda.md" ;;
     profile)
       # Host vs GPU time and kernels per call: the Monarch op against its kernels, memopt's

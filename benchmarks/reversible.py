@@ -9,7 +9,10 @@ transformer (F = pre-norm attention, G = pre-norm MLP). For each depth, five way
 * ``checkpoint``: ``torch.utils.checkpoint`` around every coupling (non-reentrant);
 * ``budget-0.1``: memopt with ``reversible=False, memory_budget=0.1`` (the min-cut
   partitioner told to keep 10% of the activations: the stock compiler's best effort);
-* ``memopt-reversible``: memopt with its default ``reversible="auto"``;
+* ``memopt-reversible``: memopt with its default ``reversible="auto"`` (each chain traced
+  into the forward and backward graphs, which the lowering fuses);
+* ``memopt-reversible-op``: the same with ``reversible_inline=False``: each chain one opaque
+  op that runs its steps one by one (name it in ``--variants``);
 * on CUDA also ``inductor-cudagraphs`` (``mode="reduce-overhead"``) and
   ``memopt-reversible-cudagraphs`` (memopt with ``inductor_config={"triton.cudagraphs": True}``):
   replayed as CUDA graphs, which removes the host work that dominates small blocks' steps
@@ -107,10 +110,11 @@ def reformer(depth: int, width: int, heads: int) -> Couplings:
 
 
 VARIANTS = ("eager", "inductor", "checkpoint", "budget-0.1", "memopt-reversible")
+OTHER_VARIANTS = ("memopt-reversible-op",)
 CUDA_GRAPH_VARIANTS = ("inductor-cudagraphs", "memopt-reversible-cudagraphs")
 
 
-COMPILED = ("inductor", "budget-0.1", "memopt-reversible", *CUDA_GRAPH_VARIANTS)  # a gradient-sized transient
+COMPILED = ("inductor", "budget-0.1", "memopt-reversible", *OTHER_VARIANTS, *CUDA_GRAPH_VARIANTS)  # a gradient-sized transient
 
 
 def build(variant: str, model: Couplings, lowering: str, budget_lowering: str):
@@ -119,6 +123,8 @@ def build(variant: str, model: Couplings, lowering: str, budget_lowering: str):
         return memopt.compile(model, lowering=budget_lowering, reversible=False, memory_budget=0.1)
     if variant == "memopt-reversible":
         return memopt.compile(model, lowering=lowering)
+    if variant == "memopt-reversible-op":
+        return memopt.compile(model, lowering=lowering, reversible_inline=False)
     if variant == "inductor":
         return torch.compile(model)
     if variant == "inductor-cudagraphs":
@@ -126,7 +132,8 @@ def build(variant: str, model: Couplings, lowering: str, budget_lowering: str):
     if variant == "memopt-reversible-cudagraphs":
         return memopt.compile(model, lowering=lowering, inductor_config={"triton.cudagraphs": True})
     if variant not in VARIANTS:
-        raise SystemExit(f"--variants: unknown {variant!r}; valid: {', '.join(VARIANTS + CUDA_GRAPH_VARIANTS)}")
+        valid = VARIANTS + OTHER_VARIANTS + CUDA_GRAPH_VARIANTS
+        raise SystemExit(f"--variants: unknown {variant!r}; valid: {', '.join(valid)}")
     return model
 
 
@@ -181,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         help="lowering of the budget-0.1 variant (default: --lowering)",
     )
     parser.add_argument(
-        "--scale", default="small", choices=("small", "compute"),
-        help="CPU sizes: 'small' (the sweep in minutes) or 'compute' (compute-bound steps; use few depths)",
+        "--scale", default="small", choices=("small", "compute", "host"),
+        help="CPU sizes: 'small' (the sweep in minutes), 'compute' (compute-bound steps; use few depths) or "
+        "'host' (blocks so small that per-op host work is all there is: a stand-in for a GPU's launch-bound steps)",
     )
     parser.add_argument("--output", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
@@ -199,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.scale == "compute":  # CPU sizes where the ops' own work outweighs per-op overhead
         conv = dict(batch=8, channels=32, size=32)
         text = dict(batch=4, tokens=256, width=128, heads=4)
+        dtype = torch.float32
+    elif args.scale == "host":
+        conv = dict(batch=1, channels=2, size=4)
+        text = dict(batch=1, tokens=4, width=8, heads=2)
         dtype = torch.float32
     else:
         conv = dict(batch=4, channels=8, size=16)

@@ -34,6 +34,7 @@ __all__ = [
     "never_recompute",
     "profiler_allocations",
     "size_hint",
+    "trace_functional",
 ]
 
 
@@ -151,6 +152,33 @@ def profiler_allocations(prof: torch.profiler.profile, device: str) -> list[tupl
 def dynamo_explain(model: Any, *args: Any, **kwargs: Any) -> Any:
     """``torch._dynamo.explain``: the graphs and graph breaks (with reasons) of one call."""
     return torch._dynamo.explain(model)(*args, **kwargs)
+
+
+def trace_functional(
+    fn: Callable[..., Any], args: Sequence[Any], decompositions: dict[Any, Callable[..., Any]]
+) -> torch.fx.GraphModule:
+    """``fn(*args)`` traced to an aten graph with no mutations (``make_fx`` + functionalization).
+
+    ``args`` are fake tensors (graph metadata): the trace runs under their ``FakeTensorMode``.
+    ``fn`` may call autograd (``torch.autograd.grad`` and friends), which ``torch.func``'s
+    functionalization forbids inside it, so it is traced plainly first, and that aten graph
+    (free of autograd by then) is functionalized in a second trace. The second trace also
+    removes the in-place updates that decompositions emit (training BatchNorm's
+    ``running_mean.copy_(...)``) on tensors ``fn`` creates.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with detect_fake_mode(args) or contextlib.nullcontext():
+        plain = make_fx(fn, decomposition_table=decompositions)(*args)
+        if not any(_mutates(node) for node in plain.graph.nodes):
+            return plain  # a backward usually: half the tracing time
+        functional = torch.func.functionalize(plain, remove="mutations")
+        return make_fx(functional, decomposition_table=decompositions)(*args)
+
+
+def _mutates(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def fake_tensor_mode(value: Any) -> Any:

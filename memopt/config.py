@@ -78,6 +78,14 @@ class Config:
     ``x <- x + f(x)`` into that two-stream form first: an architecture change, for training
     from scratch. ``False``: off."""
 
+    reversible_inline: bool = True
+    """Trace each reversible chain's forward and backward (the rebuilds, recomputations and
+    their gradients) into the partitioned graphs as ordinary aten nodes, which Inductor fuses
+    and schedules like the rest (``memopt/reversible_inline.py``). ``False`` keeps each chain
+    one opaque op that runs its steps one by one: about a third of the compile time at depth
+    16, but 2-3x the training step time where blocks are small. Chains with random steps
+    (dropout) or symbolic sizes always run as ops (a note in the Report says so)."""
+
     monarch: bool | MonarchOptions = False
     """Opt-in, changes results: replace dense linear layers of inference graphs (weights that
     are parameters) by their optimal Monarch projections, frozen as constants (see
@@ -135,6 +143,8 @@ class Config:
                 )
             object.__setattr__(self, "memory_budget", float(budget))
         _check_choice("reversible", self.reversible, REVERSIBLE_MODES)
+        if not isinstance(self.reversible_inline, bool):
+            raise ValueError(f"memopt option 'reversible_inline' must be True or False, got {self.reversible_inline!r}")
         if not isinstance(self.strict, bool):
             raise ValueError(f"memopt option 'strict' must be True or False, got {self.strict!r}")
         if not isinstance(self.inductor_config, Mapping) or not all(

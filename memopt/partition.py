@@ -28,6 +28,7 @@ from memopt._torch_compat import (
 from memopt.config import Config
 from memopt.estimate import storage_nbytes, tensor_values
 from memopt.report import Report
+from memopt.reversible_inline import inline_reversible_chains
 
 
 def partition(
@@ -53,10 +54,13 @@ def partition(
                 "to recompute, and they are always kept"
             )
     if report is not None:
+        record_reversible_saved(forward, kwargs["num_fwd_outputs"], report)
+    # Only now, with what the forward saves settled by the opaque chain nodes.
+    inline_reversible_chains(forward, backward, config, report)
+    if report is not None:  # measured on the graph that runs
         count, nbytes = saved_activations(forward, kwargs["num_fwd_outputs"])
         report.saved_activations = count
         report.saved_activation_bytes = nbytes
-        record_reversible_saved(forward, kwargs["num_fwd_outputs"], report)
     return forward, backward
 
 
@@ -153,7 +157,11 @@ class InductorPartitioner(custom_partitioner_base()):
 
     def uuid(self) -> Any:
         # Inductor's FX graph cache keys on this: the code and every option it reads.
-        return (hash_of_files(__file__), self.config.memory_budget)
+        from memopt import reversible_inline
+        from memopt.ops import reversible
+
+        files = (__file__, reversible_inline.__file__, reversible.__file__)
+        return (hash_of_files(*files), self.config.memory_budget, self.config.reversible_inline, self.config.strict)
 
     def __getstate__(self) -> dict[str, Any]:
         # Inductor pickles its whole config into cache keys: only what changes the partition

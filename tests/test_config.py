@@ -14,6 +14,7 @@ def test_defaults():
     assert config.lowering == "inductor"
     assert config.memory_budget is None
     assert config.strict is False
+    assert config.reversible_inline is True
     assert Config.from_options(None) == config
     assert Config.from_options({}) == config
 
@@ -42,6 +43,7 @@ def test_unknown_option_names_valid_ones():
         ({"memory_budget": True}, "(0, 1]"),
         ({"memory_budget": "half"}, "(0, 1]"),
         ({"strict": 1}, "True or False"),
+        ({"reversible_inline": "yes"}, "'reversible_inline' must be True or False"),
         ({"inductor_config": ["max_autotune"]}, "dict"),
     ],
 )

@@ -221,7 +221,10 @@ def test_memory_budget_keeps_chains_in_the_forward(case):
     # Saved: the chain's two outputs and one RNG state per step (6 steps), as without a budget.
     half = out.numel() // 2 * out.element_size()
     assert report.saved_activation_bytes == 2 * half + 6 * CPU_RNG_STATE_BYTES
-    assert all("memory_budget=0.1 not applied" in note for note in report.partition_notes)
+    budget_notes = [note for note in report.partition_notes if "memory_budget=0.1 not applied" in note]
+    op_notes = [note for note in report.partition_notes if "runs as an op" in note and "random step" in note]
+    assert len(budget_notes) == 1 and len(op_notes) == 1
+    assert len(report.partition_notes) == 2
 
 
 def test_dynamo_explain_sees_one_graph_and_no_break():
@@ -236,9 +239,10 @@ def test_dynamo_explain_sees_one_graph_and_no_break():
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
 
 
-def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain():
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain(dropout):
     torch.manual_seed(0)
-    model = TransformerCouplings(3, dropout=0.2)
+    model = TransformerCouplings(3, dropout=dropout)
     reference = copy.deepcopy(model)
     compiled = torch.compile(
         model, backend=memopt.memopt_backend, dynamic=True, options={"lowering": "eager", "strict": True}
@@ -253,8 +257,12 @@ def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain():
         assert_close_grads(model, reference, x1, x2)
         model.zero_grad()
         reference.zero_grad()
-        result = reversible_result(memopt.last_report())
+        report = memopt.last_report()
+        result = reversible_result(report)
         assert result.rewrites == 1, result.notes
+        # The chain stays an op: tracing it into the graphs needs static sizes and no RNG replay.
+        reason = "random step" if dropout else "symbolic sizes"
+        assert any("runs as an op" in note and reason in note for note in report.partition_notes)
 
 
 # --- Chains the pass must leave alone ----------------------------------------------------
@@ -432,6 +440,90 @@ def test_inductor_lowering_matches_eager():
     report = memopt.last_report()
     assert reversible_result(report).rewrites == 1
     assert report.saved_activation_bytes == out.numel() * out.element_size()
+    assert all(row["inlined"] for row in reversible_result(report).details if "key" in row)
+
+
+# --- Chains traced into the lowered graphs (memopt/reversible_inline.py) ------------------
+
+
+def capture_inlined_graphs(monkeypatch):
+    """The forward and backward graphs as the lowering gets them, chains inlined."""
+    import memopt.partition
+
+    graphs = []
+    real = memopt.partition.inline_reversible_chains
+
+    def capture(forward, backward, config, report=None):
+        real(forward, backward, config, report)
+        graphs.append((forward, backward))
+
+    monkeypatch.setattr(memopt.partition, "inline_reversible_chains", capture)
+    return graphs
+
+
+def chain_nodes(gm):
+    targets = (torch.ops.memopt.reversible_chain.default, torch.ops.memopt.reversible_chain_backward.default)
+    return [node for node in gm.graph.nodes if node.target in targets]
+
+
+@pytest.mark.parametrize("case", ["conv2d", "transformer", "conv3d"])
+def test_inlined_chains_leave_no_op_and_save_only_the_outputs(case, monkeypatch):
+    """By default both halves of a chain become ordinary aten nodes of the partitioned graphs
+    (no opaque op left), with the same results, and the forward graph that runs still saves
+    nothing per block: the saved bytes are measured after inlining."""
+    graphs = capture_inlined_graphs(monkeypatch)
+    torch.manual_seed(0)
+    model, x = CASES[case](4, 0.0)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    for name, buffer in model.named_buffers():  # BatchNorm statistics updated once, as eager
+        torch.testing.assert_close(buffer, dict(reference.named_buffers())[name], rtol=1e-5, atol=1e-6)
+    (forward, backward), = graphs
+    assert chain_nodes(forward) == [] and chain_nodes(backward) == []
+    report = memopt.last_report()
+    rows = [row for row in reversible_result(report).details if "key" in row]
+    assert len(rows) == 4 and all(row["inlined"] for row in rows)
+    assert report.partition_notes == []
+    assert report.saved_activation_bytes == out.numel() * out.element_size()
+
+
+def test_reversible_inline_false_keeps_the_ops(monkeypatch):
+    graphs = capture_inlined_graphs(monkeypatch)
+    torch.manual_seed(0)
+    model, x = CASES["conv2d"](2, 0.0)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True, reversible_inline=False)
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    (forward, backward), = graphs
+    assert len(chain_nodes(forward)) == 1 and len(chain_nodes(backward)) == 1
+    assert not any(row.get("inlined") for row in reversible_result(memopt.last_report()).details)
+
+
+def test_a_chain_that_fails_to_trace_stays_an_op(monkeypatch):
+    """Tracing is an optimization: when it fails the chain runs as an op, with a note
+    (raising only under strict=True)."""
+    import memopt.reversible_inline
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no tracing today")
+
+    monkeypatch.setattr(memopt.reversible_inline, "trace_functional", fail)
+    torch.manual_seed(0)
+    model, x = CASES["transformer"](2, 0.0)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=0, lowering="eager")
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    (note,) = memopt.last_report().partition_notes
+    assert "runs as an op" in note and "RuntimeError: no tracing today" in note
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no tracing today"):
+        run_step(model, x, seed=0, lowering="eager", strict=True)
 
 
 @pytest.mark.slow
@@ -446,7 +538,7 @@ def test_compiled_steps_inside_the_op_match_eager(monkeypatch):
     torch.manual_seed(1)
     model, x = CASES["conv2d"](4, 0.0)
     reference = copy.deepcopy(model)
-    out, x_grad = run_step(model, x, seed=0, lowering="inductor", strict=True)
+    out, x_grad = run_step(model, x, seed=0, lowering="inductor", strict=True, reversible_inline=False)
     ref_out, x_ref = run_step(reference, x, seed=0)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     assert_close_grads(model, reference, x_grad, x_ref)

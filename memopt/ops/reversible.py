@@ -399,7 +399,14 @@ def reversible_chain(
     state recorded before each random step, and the updated values of the buffers the chain
     mutates (``consts`` themselves are not modified; the graph copies these back).
     """
-    chain = _chain(key)
+    return chain_op_forward(_chain(key), x1, x2, params, consts, sizes)
+
+
+def chain_op_forward(
+    chain: Chain, x1: Tensor, x2: Tensor, params: Sequence[Tensor], consts: Sequence[Tensor], sizes: Sequence[int]
+) -> list[Tensor]:
+    """What ``memopt::reversible_chain`` computes, as a plain function: the op's kernel, and
+    what :mod:`memopt.reversible_inline` traces into the forward graph in its place."""
     scratch = list(consts)
     if chain.mutated_consts:
         # One multi-tensor copy instead of a clone per buffer: on a GPU a RevNet's BatchNorm
@@ -446,12 +453,27 @@ def reversible_chain_backward(
 
     ``kept_consts``: the chain's constants without the buffers it mutates (BatchNorm running
     statistics, which the recomputation runs without: see :func:`_setup_context`)."""
-    chain = _chain(key)
-    consts = _with_mutated_as_none(chain, kept_consts)
     with autograd_inside_kernel():
-        grad_x1, grad_x2, param_grads = chain_backward(
-            chain, stream1, stream2, grad1, grad2, rng, params, consts, sizes=sizes
-        )
+        return chain_op_backward(_chain(key), stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes)
+
+
+def chain_op_backward(
+    chain: Chain,
+    stream1: Tensor,
+    stream2: Tensor,
+    grad1: Tensor,
+    grad2: Tensor,
+    rng: Tensor,
+    params: Sequence[Tensor],
+    kept_consts: Sequence[Tensor],
+    sizes: Sequence[int],
+) -> list[Tensor]:
+    """What ``memopt::reversible_chain_backward`` computes, as a plain function (it needs
+    autograd: the op's kernel enables it, tracing has it)."""
+    consts = _with_mutated_as_none(chain, kept_consts)
+    grad_x1, grad_x2, param_grads = chain_backward(
+        chain, stream1, stream2, grad1, grad2, rng, params, consts, sizes=sizes
+    )
     filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads)]
     return [grad_x1.contiguous(), grad_x2.contiguous()] + [g.contiguous() for g in filled]
 
