@@ -431,8 +431,8 @@ def _step_module(gm: torch.fx.GraphModule, step: _Step) -> torch.fx.GraphModule:
         env[external] = graph.placeholder(f"input_{i}")
         env[external].meta = dict(external.meta)
     for number, node in enumerate(step.nodes):
-        # Names by position, not the traced ones (``relu_7``): identical blocks then print the
-        # same code, which is what compiled steps are shared by.
+        # Names by position, not the traced ones (``relu_7``): identical blocks print the same
+        # code, so the chain's fingerprint (its registry key) depends on what the steps do.
         args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda arg: env[arg])
         env[node] = graph.create_node(node.op, node.target, args, kwargs, name=f"h{number}", type_expr=node.type)
         env[node].meta = dict(node.meta)
@@ -455,30 +455,7 @@ def _make_fn(module: torch.fx.GraphModule, order: list[tuple[str, int]]) -> reve
     return fn
 
 
-def _compile_steps(ctx: PassContext) -> str:
-    """Which step runs Inductor compiles (``Chain.compile_steps``): none, on every device.
-
-    Measured both ways. On a CPU the ops are compute-bound, and compiling the forward only,
-    or everything, was within noise of op by op for whole training steps (RevNet and
-    Reformer, depth 8, 1 thread: 132-135 ms against 132 ms, 259-260 ms against 258 ms). On an
-    H100 (torch 2.11, Reformer blocks of batch 8, 512 tokens, width 256) compiled steps made
-    the training step slower: 25.3 ms at depth 8 against 21.6 ms op by op, and 4.7 ms per
-    block at depth 32 against 2.95 ms: each compiled step's per-call host work (AOTAutograd's
-    runtime wrappers and its own autograd node in the recomputation) outweighs the launches
-    it fuses away in launch-bound blocks (benchmarks/results/reversible-2026-11-27-cuda.md).
-    The machinery stays (tested, and ``Chain.compile_steps`` can be set on a chain) for
-    blocks large enough that fusion pays.
-    """
-    return "none"
-
-
-def _has_attributes(module: torch.fx.GraphModule) -> bool:
-    """Whether the step graph reads attributes (constants kept on the module): compiled
-    steps are shared by code, and two such graphs may print alike yet hold different values."""
-    return any(node.op == "get_attr" for node in module.graph.nodes)
-
-
-def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple[str, list[Node], list[Node]]:
+def _rewrite(gm: torch.fx.GraphModule, chain: _Chain) -> tuple[str, list[Node], list[Node]]:
     graph = gm.graph
     params: list[Node] = []
     consts: list[Node] = []
@@ -501,9 +478,7 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
             order.append((kind, len(indexes[kind]) - 1))
         op_steps.append(
             reversible_ops.Step(
-                _make_fn(module, order), step.scale, indexes["p"], indexes["c"], step.random, indexes["s"],
-                graph=None if _has_attributes(module) else module,
-                slots=[({"p": 0, "c": 1, "s": 2}[kind], i) for kind, i in order],
+                _make_fn(module, order), step.scale, indexes["p"], indexes["c"], step.random, indexes["s"]
             )
         )
         fingerprint.append(f"{step.scale}|{step.random}|{module.code}")
@@ -513,17 +488,14 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain, ctx: PassContext) -> tuple
         for buffer in step.mutated:
             readers = [user for user in buffer.users if user in members]
             if any(buffer not in _batch_norm_buffers(user) for user in readers):
-                # The backward hands the recomputation zeros for running statistics, which
-                # is only right when nothing but training-mode BatchNorm touches them.
+                # The backward recomputes without running statistics (None), which is only
+                # right when nothing but training-mode BatchNorm touches them.
                 raise NotReversible(f"buffer {buffer.name} is read by more than training-mode BatchNorm")
             if buffer in consts and consts.index(buffer) not in mutated:
                 mutated.append(consts.index(buffer))
     device = _value(chain.x1).device
     autocast = autocast_state.current(device.type)  # see memopt.ops.autocast_state
-    op_chain = reversible_ops.Chain(
-        op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast,
-        compile_steps=_compile_steps(ctx),
-    )
+    op_chain = reversible_ops.Chain(op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast)
     fingerprint.append(repr([(tuple(_value(n).shape), _value(n).dtype) for n in [chain.x1, chain.x2, *params, *consts]]))
     fingerprint.append(repr(autocast))
     key = reversible_ops.register_chain(op_chain, "\n".join(fingerprint))
@@ -640,7 +612,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             finals = [segment.steps[-1].add, segment.steps[-2].add]
             final_bytes = _bytes_of(finals)
             try:
-                key, _params, _consts = _rewrite(gm, segment, ctx)
+                key, _params, _consts = _rewrite(gm, segment)
             except NotReversible as reason:
                 result.notes.append(f"chain at {segment.steps[0].add.name} left alone: {reason}")
                 for row in rows:

@@ -526,30 +526,6 @@ def test_a_chain_that_fails_to_trace_stays_an_op(monkeypatch):
         run_step(model, x, seed=0, lowering="eager", strict=True)
 
 
-@pytest.mark.slow
-def test_compiled_steps_inside_the_op_match_eager(monkeypatch):
-    """Chains whose steps are compiled (``compile_steps="all"``, off by default), forced:
-    the steps' compiled backward runs inside ``memopt::reversible_chain_backward``."""
-    from memopt.passes import reversible as reversible_pass
-
-    monkeypatch.setattr(reversible_pass, "_compile_steps", lambda ctx: "all")
-    monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
-    monkeypatch.setattr(reversible_ops, "_LAYOUTS", {})
-    torch.manual_seed(1)
-    model, x = CASES["conv2d"](4, 0.0)
-    reference = copy.deepcopy(model)
-    out, x_grad = run_step(model, x, seed=0, lowering="inductor", strict=True, reversible_inline=False)
-    ref_out, x_ref = run_step(reference, x, seed=0)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    assert_close_grads(model, reference, x_grad, x_ref)
-    compiled = reversible_ops._COMPILED_STEPS
-    assert {key[1] for key in compiled} == {False, True}  # forward and recomputation
-    assert reversible_ops._OP_BY_OP not in compiled.values()
-    # F and G print the same code, so all 8 steps share: per grad mode one compile per input
-    # layout (the chunked input is strided, computed values contiguous), not one per step.
-    assert len({key[0] for key in compiled}) == 1 and len(compiled) <= 4
-
-
 # --- memopt.nn building blocks --------------------------------------------------------
 
 
@@ -808,97 +784,6 @@ def test_rng_output_is_on_the_cpu_only_for_random_chains(random):
     x1, x2, w = (torch.randn(4, 4) for _ in range(3))
     real = torch.ops.memopt.reversible_chain(key, x1, x2, [w], [], [])[2]
     assert real.device == x1.device and real.shape[0] == int(random)
-
-
-def _graph_chain(compile_steps: str) -> reversible_ops.Chain:
-    """Four steps of two kinds, each with its FX graph, as the graph pass builds them."""
-
-    def mlp(x, w, b):
-        return torch.tanh(torch.nn.functional.gelu(x @ w) + b)
-
-    def gate(x, w, b):
-        return torch.sigmoid(x @ w) * b
-
-    steps = []
-    for number, (fn, scale) in enumerate([(mlp, 1.0), (gate, 2.0), (mlp, 1.0), (gate, 0.5)]):
-        graph = torch.fx.symbolic_trace(fn)
-        steps.append(
-            reversible_ops.Step(
-                lambda x, params, consts, sizes, graph=graph: graph(x, params[0], consts[0]), scale,
-                [number], [number % 2], graph=graph, slots=[(0, 0), (1, 0)],
-            )
-        )
-    return reversible_ops.Chain(steps, [], reversible_ops.rng_state_bytes(torch.device("cpu")),
-                                compile_steps=compile_steps)
-
-
-def _run_chain(chain, x1, x2, params, consts):
-    s1, s2, rng = reversible_ops.chain_forward(chain, x1, x2, params, consts)
-    g1, g2 = torch.ones_like(s1), torch.linspace(-1, 1, s2.numel()).view(s2.shape)
-    grad_x1, grad_x2, grad_params = reversible_ops.chain_backward(chain, s1, s2, g1, g2, rng, params, consts)
-    return (s1, s2, grad_x1, grad_x2, *grad_params)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("compile_steps", ["forward", "all"])
-def test_compiled_steps_match_op_by_op_and_are_shared_by_code(compile_steps, monkeypatch):
-    monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
-    monkeypatch.setattr(reversible_ops, "_LAYOUTS", {})
-    torch.manual_seed(13)
-    x1, x2 = torch.randn(7, 6), torch.randn(7, 6)
-    params = [torch.randn(6, 6) / 3 for _ in range(4)]
-    consts = [torch.randn(6), torch.randn(6)]
-    reference = _run_chain(_graph_chain("none"), x1, x2, params, consts)
-    assert reversible_ops._COMPILED_STEPS == {}
-    compiled = _run_chain(_graph_chain(compile_steps), x1, x2, params, consts)
-    for got, want in zip(compiled, reference):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # Two kinds of step: one compile each for the forward (and one each for the recomputation).
-    grad_modes = [key[1] for key in reversible_ops._COMPILED_STEPS]
-    assert sorted(grad_modes) == ([False, False] if compile_steps == "forward" else [False, False, True, True])
-    assert reversible_ops._OP_BY_OP not in reversible_ops._COMPILED_STEPS.values()
-
-
-def test_compiled_layouts_per_step_are_bounded(monkeypatch):
-    compiles = []
-
-    def counting(graph, args, absent=()):
-        compiles.append(tuple(args[0].shape))
-        return lambda *call_args: graph(*call_args)
-
-    monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
-    monkeypatch.setattr(reversible_ops, "_LAYOUTS", {})
-    monkeypatch.setattr(reversible_ops, "_compile_step", counting)
-    monkeypatch.setattr(reversible_ops, "MAX_COMPILED_LAYOUTS", 3)
-    params, consts = [torch.randn(6, 6) / 3 for _ in range(4)], [torch.randn(6), torch.randn(6)]
-    chain = _graph_chain("forward")
-    for rows in range(1, 7):  # six batch sizes: the first three compile, the rest run op by op
-        x1, x2 = torch.randn(rows, 6), torch.randn(rows, 6)
-        got = reversible_ops.chain_forward(chain, x1, x2, params, consts)[:2]
-        want = reversible_ops.chain_forward(_graph_chain("none"), x1, x2, params, consts)[:2]
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert sorted(set(compiles)) == [(1, 6), (2, 6), (3, 6)]
-
-
-def test_a_step_that_fails_to_compile_runs_op_by_op(monkeypatch):
-    import memopt._torch_compat as compat
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(reversible_ops, "_COMPILED_STEPS", {})
-    monkeypatch.setattr(reversible_ops, "_LAYOUTS", {})
-    monkeypatch.setattr(compat, "compile_fx", broken)
-    torch.manual_seed(14)
-    x1, x2 = torch.randn(3, 6), torch.randn(3, 6)
-    params, consts = [torch.randn(6, 6) / 3 for _ in range(4)], [torch.randn(6), torch.randn(6)]
-    with pytest.warns(RuntimeWarning, match="compiling a step with Inductor failed.*no compiler here"):
-        compiled = _run_chain(_graph_chain("all"), x1, x2, params, consts)
-    for got, want in zip(compiled, _run_chain(_graph_chain("none"), x1, x2, params, consts)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="compile_steps must be one of 'none', 'forward', 'all'"):
-        reversible_ops.Chain([], [], 0, compile_steps=True)
 
 
 def test_low_precision_streams_are_left_alone():

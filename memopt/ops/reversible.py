@@ -28,11 +28,9 @@ on throw-away copies.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import itertools
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -51,8 +49,6 @@ couplings amplify float32 rounding by 2**32 and the first blocks' gradients are 
 (measured: relative error ~1). Chains are therefore cut into segments whose product of
 ``max(1, 1/|scale|)`` stays within this bound (16: at most 4 bits of float32's 24); each
 segment keeps its own two outputs. Scales of magnitude >= 1 never force a cut."""
-
-COMPILE_STEPS = ("none", "forward", "all")
 
 StepFn = Callable[[Tensor, Sequence[Tensor], Sequence[Tensor], Sequence[int]], Tensor]
 """``H(x, params, consts, sizes) -> h``: one step's function of its stream input, its
@@ -74,12 +70,6 @@ class Step:
     """Whether ``fn`` draws random numbers (dropout); its RNG state is then recorded."""
     size_index: list[int] = dataclasses.field(default_factory=list)
     """Positions in the chain's size list of the (symbolic) sizes ``fn`` takes, in order."""
-    graph: torch.fx.GraphModule | None = None
-    """The step as an FX graph ``(x, *arguments) -> h`` (the graph pass sets it), for
-    :attr:`Chain.compile_steps`; ``arguments`` are picked by :attr:`slots`."""
-    slots: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    """``graph``'s arguments after ``x``: ``(pool, position)`` with pool 0 the step's
-    parameters, 1 its constants, 2 its sizes (positions within the step's own lists)."""
 
 
 @dataclasses.dataclass
@@ -95,17 +85,6 @@ class Chain:
     """The autocast state the chain was traced under: its forward and its recomputation in
     the backward both run under it (see :mod:`memopt.ops.autocast_state`); ``None`` leaves
     the ambient state alone."""
-    compile_steps: str = "none"
-    """Which runs of the steps that have a :attr:`Step.graph` are compiled by Inductor (see
-    :func:`run_step`) instead of going op by op: ``"none"``, ``"forward"`` (the chain's
-    forward pass, without autograd) or ``"all"`` (the backward's recomputation too, with its
-    compiled backward). One of :data:`COMPILE_STEPS`."""
-
-    def __post_init__(self) -> None:
-        if self.compile_steps not in COMPILE_STEPS:
-            raise ValueError(
-                f"Chain.compile_steps must be one of {', '.join(map(repr, COMPILE_STEPS))}, got {self.compile_steps!r}"
-            )
 
     @property
     def random_steps(self) -> int:
@@ -133,99 +112,6 @@ def rng_state_bytes(device: torch.device) -> int:
     return _get_rng_state(device).numel()
 
 
-# --- One step, op by op or compiled --------------------------------------------------------
-
-_COMPILED_STEPS: dict[tuple, Callable[..., Tensor]] = {}
-"""Inductor-compiled step graphs, shared by every step (of every chain) with the same code,
-argument layout, grad mode and autocast state: a depth-64 RevNet compiles its F and G once
-per input layout for the forward and for the backward's recomputation, not 128 times each."""
-
-
-MAX_COMPILED_LAYOUTS = 8
-"""Argument layouts (shapes, strides, dtypes) compiled per step graph and grad mode; more run
-op by op."""
-_LAYOUTS: dict[tuple, int] = {}
-
-
-def run_step(
-    chain: Chain, step: Step, x: Tensor, params: Sequence[Tensor], consts: Sequence[Tensor], sizes: Sequence[int]
-) -> Tensor:
-    """``h = H(x)`` of ``step``: op by op, or compiled by Inductor when the chain asks for it.
-
-    A compiled step fuses what the op-by-op step runs as separate kernels (on a GPU, a
-    recomputed BatchNorm + activation is one kernel instead of several launches). Under
-    autograd (the backward's recomputation) the compiled function carries its own compiled
-    backward. Random steps stay op by op: their recomputation must draw exactly the numbers
-    the forward drew, which is only guaranteed for the same kernels. So do steps with
-    symbolic sizes (dynamic shapes). A step that fails to compile warns once and runs op by
-    op: the results are the same either way.
-    """
-    grad = torch.is_grad_enabled()
-    wanted = chain.compile_steps == "all" or (chain.compile_steps == "forward" and not grad)
-    if not wanted or step.graph is None or step.random or step.size_index:
-        return step.fn(x, params, consts, sizes)
-    pools = (params, consts, sizes)
-    args = [x, *[pools[pool][i] for pool, i in step.slots]]
-    # ``None`` arguments (the backward's recomputation runs without running statistics) are
-    # bound into the compiled graph: the key says which.
-    absent = tuple(i for i, a in enumerate(args) if a is None)
-    if absent:
-        args = [a for a in args if a is not None]
-    key = (
-        step.graph.code,
-        grad,
-        repr(chain.autocast),
-        tuple((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad) for a in args),
-        absent,
-    )
-    function = _COMPILED_STEPS.get(key)
-    if function is None:
-        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return step.fn(x, params, consts, sizes)  # a compile inside capture would be captured too
-        layouts = _LAYOUTS.setdefault(key[:3], 0)
-        if layouts >= MAX_COMPILED_LAYOUTS:
-            # Shapes that keep changing would compile forever (Dynamo's recompile limit, 8,
-            # is the same idea): past the limit new layouts run op by op.
-            return step.fn(x, params, consts, sizes)
-        _LAYOUTS[key[:3]] = layouts + 1
-        function = _compile_step(step.graph, args, absent)
-        _COMPILED_STEPS[key] = function
-    if function is _OP_BY_OP:
-        return step.fn(x, params, consts, sizes)
-    return function(*args)
-
-
-def _OP_BY_OP(*args: Tensor) -> Tensor:  # marks a step that failed to compile
-    raise AssertionError("never called")
-
-
-def _compile_step(
-    graph: torch.fx.GraphModule, args: list[Tensor], absent: tuple[int, ...] = ()
-) -> Callable[..., Tensor]:
-    """Inductor's compilation of ``graph`` for ``args``; the placeholders at positions
-    ``absent`` (of the graph's full argument list) are bound to ``None`` and dropped."""
-    from memopt._torch_compat import compile_fx
-
-    # A copy: Inductor may rewrite the graph it compiles, and the op-by-op step keeps running.
-    graph_copy = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
-    if absent:
-        placeholders = [n for n in graph_copy.graph.nodes if n.op == "placeholder"]
-        for i in absent:
-            placeholders[i].replace_all_uses_with(None)  # type: ignore[arg-type]
-            graph_copy.graph.erase_node(placeholders[i])
-        graph_copy.recompile()
-    try:
-        return compile_fx(graph_copy, list(args), config_patches={})
-    except Exception as error:  # same results op by op: never fail the training step
-        warnings.warn(
-            f"memopt::reversible_chain: compiling a step with Inductor failed ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); running it op by op",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return _OP_BY_OP
-
-
 # --- The chain's forward and backward, shared by the eager Function and the op ------------
 
 
@@ -251,9 +137,7 @@ def chain_forward(
         for step in chain.steps:
             if step.random:
                 states.append(_get_rng_state(device).clone())
-            h = run_step(
-                chain,
-                step,
+            h = step.fn(
                 current,
                 [params[i] for i in step.param_index],
                 [consts[i] for i in step.const_index],
@@ -336,9 +220,9 @@ def chain_backward(
                 rng_row -= 1
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     _set_rng_state(rng[rng_row].clone(), device)
-                    h = run_step(chain, step, x, step_params, step_consts, step_sizes)
+                    h = step.fn(x, step_params, step_consts, step_sizes)
             else:
-                h = run_step(chain, step, x, step_params, step_consts, step_sizes)
+                h = step.fn(x, step_params, step_consts, step_sizes)
             rebuilt = current - h.detach()
             if step.scale != 1.0:
                 rebuilt = rebuilt / step.scale
