@@ -114,7 +114,8 @@ OTHER_VARIANTS = ("memopt-reversible-op",)
 CUDA_GRAPH_VARIANTS = ("inductor-cudagraphs", "memopt-reversible-cudagraphs")
 
 
-COMPILED = ("inductor", "budget-0.1", "memopt-reversible", *OTHER_VARIANTS, *CUDA_GRAPH_VARIANTS)  # a gradient-sized transient
+# Compiled variants carry a gradient-sized transient (see the module docstring).
+COMPILED = ("inductor", "budget-0.1", "memopt-reversible", *OTHER_VARIANTS, *CUDA_GRAPH_VARIANTS)
 
 
 def build(variant: str, model: Couplings, lowering: str, budget_lowering: str):

@@ -69,7 +69,8 @@ def inline_reversible_chains(
                 except Exception as error:
                     if config.strict:
                         raise
-                    reason = f"tracing failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                    first_line = str(error).splitlines()[0] if str(error) else ""
+                    reason = f"tracing failed ({type(error).__name__}: {first_line})"
             if reason is None:
                 inlined.setdefault(key, []).append("forward" if gm is forward else "backward")
                 changed = True
@@ -149,19 +150,24 @@ def _splice(
 
     env: dict[torch.fx.Node, torch.fx.Node] = dict(zip(placeholders, arguments))
     added: list[torch.fx.Node] = []
-    with gm.graph.inserting_before(node):
-        for traced in graph.graph.nodes:
-            if traced.op in ("placeholder", "output"):
-                continue
-            if traced.op == "get_attr":  # a constant the trace made (a small tensor)
-                name = _free_attribute_name(gm, traced.target)
-                setattr(gm, name, getattr(graph, traced.target))
-                copied = gm.graph.get_attr(name)
-            else:
-                copied = gm.graph.node_copy(traced, lambda value: env[value])
-            copied.meta = dict(traced.meta)
-            env[traced] = copied
-            added.append(copied)
+    try:
+        with gm.graph.inserting_before(node):
+            for traced in graph.graph.nodes:
+                if traced.op in ("placeholder", "output"):
+                    continue
+                if traced.op == "get_attr":  # a constant the trace made (a small tensor)
+                    name = _free_attribute_name(gm, traced.target)
+                    setattr(gm, name, getattr(graph, traced.target))
+                    copied = gm.graph.get_attr(name)
+                else:
+                    copied = gm.graph.node_copy(traced, lambda value: env[value])
+                copied.meta = dict(traced.meta)
+                env[traced] = copied
+                added.append(copied)
+    except Exception:
+        for copied in reversed(added):  # leave the graph as it was: the op still runs
+            gm.graph.erase_node(copied)
+        raise
     for user in users:
         user.replace_all_uses_with(env[results[user.args[1]]])
         gm.graph.erase_node(user)
