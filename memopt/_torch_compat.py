@@ -34,6 +34,7 @@ __all__ = [
     "never_recompute",
     "profiler_allocations",
     "size_hint",
+    "known_equal",
     "trace_functional",
 ]
 
@@ -174,6 +175,14 @@ def trace_functional(
             return plain  # a backward usually: half the tracing time
         functional = torch.func.functionalize(plain, remove="mutations")
         return make_fx(functional, decomposition_table=decompositions)(*args)
+
+
+def known_equal(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Whether two size tuples (ints or symbolic sizes) are provably equal, without adding a
+    guard: after Dynamo has finished, a new guard would go unchecked."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _mutates(node: torch.fx.Node) -> bool:

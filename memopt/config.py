@@ -84,7 +84,7 @@ class Config:
     and schedules like the rest (``memopt/reversible_inline.py``). ``False`` keeps each chain
     one opaque op that runs its steps one by one: about a third of the compile time at depth
     16, but 2-3x the training step time where blocks are small. Chains with random steps
-    (dropout) or symbolic sizes always run as ops (a note in the Report says so)."""
+    (dropout) always run as ops (a note in the Report says so)."""
 
     monarch: bool | MonarchOptions = False
     """Opt-in, changes results: replace dense linear layers of inference graphs (weights that

@@ -17,12 +17,13 @@ steps, and the backward's rebuilds, recomputations and their gradients, become o
 nodes that Inductor fuses and schedules with the rest of the graph, and that CUDA graphs
 can replay. What the forward graph saves is unchanged: the partition was made before.
 
-A chain stays an op when tracing cannot reproduce it: steps that draw random numbers (the
-recomputation must replay the forward's RNG state, which only the op-by-op path does:
-Inductor draws its random numbers differently in the forward and the backward graph),
-symbolic sizes (dynamic shapes), or a trace that fails or does not give the op's output
-metadata. Each such chain gets a note in ``Report.partition_notes``; under ``strict=True``
-a failure raises.
+Symbolic sizes (dynamic shapes) are traced too: the sizes the op takes become inputs of
+the trace, and its output sizes must be provably those of the op. A chain stays an op when
+tracing cannot reproduce it: steps that draw random numbers (the recomputation must replay
+the forward's RNG state, which only the op-by-op path does: Inductor draws its random
+numbers differently in the forward and the backward graph), or a trace that fails or does
+not give the op's output metadata. Each such chain gets a note in
+``Report.partition_notes``; under ``strict=True`` a failure raises.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt._torch_compat import inductor_decompositions, trace_functional
+from memopt._torch_compat import inductor_decompositions, known_equal, trace_functional
 from memopt.config import Config
 from memopt.ops import reversible as ops
 from memopt.report import Report
@@ -89,14 +90,9 @@ def _why_not(chain: ops.Chain, node: torch.fx.Node) -> str | None:
             f"{chain.random_steps} random step(s): their recomputation replays the forward's RNG "
             "state, which only the op-by-op path does"
         )
-    if node.args[-1]:
-        return "it reads symbolic sizes (dynamic shapes)"
     for argument in node.all_input_nodes:
-        value = argument.meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            return f"{argument.name} has no tensor metadata"
-        if any(isinstance(size, torch.SymInt) for size in (*value.shape, *value.stride())):
-            return f"{argument.name} has symbolic sizes (dynamic shapes)"
+        if not isinstance(argument.meta.get("val"), (torch.Tensor, torch.SymInt)):
+            return f"{argument.name} has no tensor or size metadata"
     return None
 
 
@@ -106,26 +102,44 @@ def _decompositions() -> dict[Any, Callable[..., Any]]:
 
 
 def _forward_trace(chain: ops.Chain, node: torch.fx.Node) -> tuple[list[torch.fx.Node], Callable[..., Any]]:
-    _key, x1, x2, params, consts, _sizes = node.args
-    num_params = len(params)
+    _key, x1, x2, params, consts, sizes = node.args
+    num_params, num_tensors = len(params), 2 + len(params) + len(consts)
+    size_nodes, with_sizes = _size_inputs(sizes)
 
-    def forward(x1: torch.Tensor, x2: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        return ops.chain_op_forward(chain, x1, x2, tensors[:num_params], tensors[num_params:], ())
+    def forward(*inputs: Any) -> list[torch.Tensor]:
+        x1, x2, *tensors = inputs[:num_tensors]
+        return ops.chain_op_forward(
+            chain, x1, x2, tensors[:num_params], tensors[num_params:], with_sizes(inputs[num_tensors:])
+        )
 
-    return [x1, x2, *params, *consts], forward
+    return [x1, x2, *params, *consts, *size_nodes], forward
 
 
 def _backward_trace(chain: ops.Chain, node: torch.fx.Node) -> tuple[list[torch.fx.Node], Callable[..., Any]]:
-    _key, stream1, stream2, grad1, grad2, rng, params, kept_consts, _sizes = node.args
-    num_params = len(params)
+    _key, stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes = node.args
+    num_params, num_tensors = len(params), 5 + len(params) + len(kept_consts)
+    size_nodes, with_sizes = _size_inputs(sizes)
 
-    def backward(*tensors: torch.Tensor) -> list[torch.Tensor]:
-        stream1, stream2, grad1, grad2, rng, *rest = tensors
+    def backward(*inputs: Any) -> list[torch.Tensor]:
+        stream1, stream2, grad1, grad2, rng, *rest = inputs[:num_tensors]
         return ops.chain_op_backward(
-            chain, stream1, stream2, grad1, grad2, rng, rest[:num_params], rest[num_params:], ()
+            chain, stream1, stream2, grad1, grad2, rng, rest[:num_params], rest[num_params:],
+            with_sizes(inputs[num_tensors:]),
         )
 
-    return [stream1, stream2, grad1, grad2, rng, *params, *kept_consts], backward
+    return [stream1, stream2, grad1, grad2, rng, *params, *kept_consts, *size_nodes], backward
+
+
+def _size_inputs(sizes: Sequence[Any]) -> tuple[list[torch.fx.Node], Callable[[Sequence[Any]], list[Any]]]:
+    """The op's size arguments that are graph values (symbolic sizes), which become inputs of
+    the trace, and how to put the traced values back among the constant ones."""
+    size_nodes = [size for size in sizes if isinstance(size, torch.fx.Node)]
+
+    def with_sizes(traced: Sequence[Any]) -> list[Any]:
+        values = iter(traced)
+        return [next(values) if isinstance(size, torch.fx.Node) else size for size in sizes]
+
+    return size_nodes, with_sizes
 
 
 def _splice(
@@ -143,8 +157,9 @@ def _splice(
         index = user.args[1]
         if not 0 <= index < len(results) or not isinstance(results[index], torch.fx.Node):
             return f"the trace has no output {index}"
-        if not _same_layout(results[index].meta.get("val"), user.meta.get("val")):
-            return f"output {index} of the trace differs in shape, stride, dtype or device from the op's"
+        difference = _layout_difference(results[index].meta.get("val"), user.meta.get("val"))
+        if difference:
+            return f"output {index} of the trace {difference}"
     if len(placeholders) != len(arguments):
         return f"the trace takes {len(placeholders)} inputs, the op {len(arguments)}"
 
@@ -179,15 +194,17 @@ def _splice(
     return None
 
 
-def _same_layout(traced: Any, expected: Any) -> bool:
+def _layout_difference(traced: Any, expected: Any) -> str | None:
+    """How a traced output differs from the op's (``None``: it does not, provably)."""
     if not isinstance(traced, torch.Tensor) or not isinstance(expected, torch.Tensor):
-        return False
-    return (
-        traced.shape == expected.shape
-        and traced.dtype == expected.dtype
-        and traced.device == expected.device
-        and (traced.numel() <= 1 or traced.stride() == expected.stride())
-    )
+        return "is not a tensor"
+    if traced.dtype != expected.dtype or traced.device != expected.device:
+        return f"is {traced.dtype} on {traced.device} where the op's is {expected.dtype} on {expected.device}"
+    if not known_equal(traced.shape, expected.shape):
+        return f"has shape {list(traced.shape)} where the op's has {list(expected.shape)} (not provably equal)"
+    if not known_equal(traced.stride(), expected.stride()) and not known_equal([traced.numel()], [1]):
+        return f"has strides {traced.stride()} where the op's has {expected.stride()}"
+    return None
 
 
 def _free_attribute_name(gm: torch.fx.GraphModule, base: str) -> str:

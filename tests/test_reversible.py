@@ -239,10 +239,9 @@ def test_dynamo_explain_sees_one_graph_and_no_break():
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain(dropout):
+def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain():
     torch.manual_seed(0)
-    model = TransformerCouplings(3, dropout=dropout)
+    model = TransformerCouplings(3, dropout=0.2)
     reference = copy.deepcopy(model)
     compiled = torch.compile(
         model, backend=memopt.memopt_backend, dynamic=True, options={"lowering": "eager", "strict": True}
@@ -260,9 +259,30 @@ def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain(dropout):
         report = memopt.last_report()
         result = reversible_result(report)
         assert result.rewrites == 1, result.notes
-        # The chain stays an op: tracing it into the graphs needs static sizes and no RNG replay.
-        reason = "random step" if dropout else "symbolic sizes"
-        assert any("runs as an op" in note and reason in note for note in report.partition_notes)
+        # Dropout keeps the chain an op (the op replays the RNG; a traced graph would not).
+        assert any("runs as an op" in note and "random step" in note for note in report.partition_notes)
+
+
+def test_automatic_dynamic_shapes_are_traced_into_the_graphs():
+    """A new batch size makes Dynamo recompile with a symbolic batch: that chain is traced
+    into the graphs too, its sizes inputs of the trace, and serves every later batch size."""
+    torch.manual_seed(0)
+    model = TransformerCouplings(3)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=memopt.memopt_backend, options={"lowering": "eager", "strict": True})
+    with memopt.collect_reports() as reports:
+        for batch in (3, 5, 6):
+            x = torch.randn(batch, 7, 12)
+            x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            compiled(x1).square().sum().backward()
+            reference(x2).square().sum().backward()
+            assert_close_grads(model, reference, x1, x2)
+            model.zero_grad()
+            reference.zero_grad()
+    assert len(reports) == 2  # static batch 3, then one symbolic graph for 5 and 6
+    for report in reports:
+        rows = [row for row in reversible_result(report).details if "key" in row]
+        assert rows and all(row["inlined"] for row in rows) and report.partition_notes == []
 
 
 # --- Chains the pass must leave alone ----------------------------------------------------
