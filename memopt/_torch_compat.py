@@ -33,7 +33,9 @@ __all__ = [
     "min_cut_rematerialization_partition",
     "never_recompute",
     "profiler_allocations",
+    "rng_state_operators",
     "size_hint",
+    "known_contiguous",
     "known_equal",
     "trace_functional",
 ]
@@ -177,12 +179,31 @@ def trace_functional(
         return make_fx(functional, decomposition_table=decompositions)(*args)
 
 
+def rng_state_operators() -> tuple[Any, Any]:
+    """AOTAutograd's higher-order operators for random ops recomputed in a backward graph:
+    ``run_and_save_rng_state(op, *args) -> (state, op(*args))`` and
+    ``run_with_rng_state(state, op, *args) -> op(*args)`` drawn from ``state``. Inductor runs
+    both as fallback kernels (the random op itself, unfused; the rest fuses around it)."""
+    from torch._prims import rng_prims
+
+    return rng_prims.run_and_save_rng_state, rng_prims.run_with_rng_state
+
+
 def known_equal(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """Whether two size tuples (ints or symbolic sizes) are provably equal, without adding a
     guard: after Dynamo has finished, a new guard would go unchecked."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def known_contiguous(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is contiguous, ``False`` where its sizes leave that open. Symbolic
+    strides such as ``Max(1, s0)`` are compared through the sizes' example values, which may
+    add a guard (to the compile under way) where :func:`known_equal` would give up."""
+    from torch._prims_common import is_contiguous_or_false
+
+    return is_contiguous_or_false(tensor)
 
 
 def _mutates(node: torch.fx.Node) -> bool:

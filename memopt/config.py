@@ -83,8 +83,8 @@ class Config:
     their gradients) into the partitioned graphs as ordinary aten nodes, which Inductor fuses
     and schedules like the rest (``memopt/reversible_inline.py``). ``False`` keeps each chain
     one opaque op that runs its steps one by one: about a third of the compile time at depth
-    16, but 2-3x the training step time where blocks are small. Chains with random steps
-    (dropout) always run as ops (a note in the Report says so)."""
+    16, but 2-3x the training step time where blocks are small, and the only way to draw
+    exactly eager's dropout masks (traced chains draw them as compiled graphs do)."""
 
     monarch: bool | MonarchOptions = False
     """Opt-in, changes results: replace dense linear layers of inference graphs (weights that

@@ -136,6 +136,19 @@ def run_step(model, x, seed, **options):
     return out, x
 
 
+def reference_step(reference, x, seed, dropout):
+    """The step a compiled chain must reproduce. Without dropout, the eager module's. With
+    dropout, a chain traced into the graphs (the default) draws its masks the way compiled
+    graphs do (the decomposed random ops, in graph order; plain ``torch.compile`` does not
+    draw eager's masks either), and gets exactly the gradients of those masks: the reference
+    is then the same model compiled without the reversible pass (eager lowering: the same
+    random ops on the same generator)."""
+    if dropout:
+        torch._dynamo.reset()
+        return run_step(reference, x, seed=seed, lowering="eager", reversible=False)
+    return run_step(reference, x, seed=seed)
+
+
 def reversible_result(report):
     return next(result for result in report.passes if result.name == "reversible")
 
@@ -166,7 +179,7 @@ def test_plain_couplings_compiled_match_eager(case, depth, dropout):
     reference = copy.deepcopy(model)
     with memopt.collect_reports() as reports:
         out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True)
-    ref_out, x_ref = run_step(reference, x, seed=7)
+    ref_out, x_ref = reference_step(reference, x, 7, dropout)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     assert_close_grads(model, reference, x_grad, x_ref)
 
@@ -179,8 +192,9 @@ def test_plain_couplings_compiled_match_eager(case, depth, dropout):
     assert result.rewrites == segments and result.error is None
     rows = result.details
     assert len(rows) == depth and all(row["reversible"] for row in rows)
-    # The partitioned forward graph keeps each segment's two outputs and, per random step,
-    # its RNG state: no activation of any block.
+    # The partitioned forward graph keeps each segment's two outputs and, per random op (one
+    # dropout per step here), its RNG state: no activation of any block.
+    assert all(row["inlined"] for row in rows)
     half = out.numel() // 2 * out.element_size()
     random_steps = 2 * depth if dropout else 0
     expected = segments * 2 * half + random_steps * CPU_RNG_STATE_BYTES
@@ -213,18 +227,17 @@ def test_memory_budget_keeps_chains_in_the_forward(case):
     model, x = CASES[case](3, 0.25)
     reference = copy.deepcopy(model)
     out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True, memory_budget=0.1)
-    ref_out, x_ref = run_step(reference, x, seed=7)
+    report = memopt.last_report()
+    ref_out, x_ref = reference_step(reference, x, 7, dropout=0.25)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     assert_close_grads(model, reference, x_grad, x_ref)
-    report = memopt.last_report()
     assert reversible_result(report).rewrites == 1
-    # Saved: the chain's two outputs and one RNG state per step (6 steps), as without a budget.
+    # Saved: the chain's two outputs and one RNG state per random op (one dropout in each of
+    # the 6 steps), as without a budget.
     half = out.numel() // 2 * out.element_size()
     assert report.saved_activation_bytes == 2 * half + 6 * CPU_RNG_STATE_BYTES
-    budget_notes = [note for note in report.partition_notes if "memory_budget=0.1 not applied" in note]
-    op_notes = [note for note in report.partition_notes if "runs as an op" in note and "random step" in note]
-    assert len(budget_notes) == 1 and len(op_notes) == 1
-    assert len(report.partition_notes) == 2
+    (note,) = report.partition_notes
+    assert "memory_budget=0.1 not applied" in note
 
 
 def test_dynamo_explain_sees_one_graph_and_no_break():
@@ -240,27 +253,33 @@ def test_dynamo_explain_sees_one_graph_and_no_break():
 
 
 def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain():
+    """``dynamic=True``: every size symbolic, widths included. The chain, with dropout, is
+    traced into the graphs with its sizes as inputs and serves both batch sizes; the
+    reference draws the same masks (see :func:`reference_step`)."""
     torch.manual_seed(0)
     model = TransformerCouplings(3, dropout=0.2)
     reference = copy.deepcopy(model)
-    compiled = torch.compile(
-        model, backend=memopt.memopt_backend, dynamic=True, options={"lowering": "eager", "strict": True}
-    )
+    options = {"lowering": "eager", "strict": True}
+    compiled = torch.compile(model, backend=memopt.memopt_backend, dynamic=True, options=options)
+    plain = torch.compile(reference, backend=memopt.memopt_backend, dynamic=True, options={**options, "reversible": False})
     for batch in (3, 5):
         x = torch.randn(batch, 7, 12)
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         torch.manual_seed(batch)
-        compiled(x1).square().sum().backward()
+        with memopt.collect_reports() as reports:
+            compiled(x1).square().sum().backward()
         torch.manual_seed(batch)
-        reference(x2).square().sum().backward()
+        plain(x2).square().sum().backward()
         assert_close_grads(model, reference, x1, x2)
         model.zero_grad()
         reference.zero_grad()
-        report = memopt.last_report()
-        result = reversible_result(report)
-        assert result.rewrites == 1, result.notes
-        # Dropout keeps the chain an op (the op replays the RNG; a traced graph would not).
-        assert any("runs as an op" in note and "random step" in note for note in report.partition_notes)
+        if batch == 3:  # compiled for the first batch size, then reused
+            assert sum(reversible_result(report).rewrites for report in reports) >= 1
+            for report in reports:
+                rows = [row for row in reversible_result(report).details if "key" in row]
+                assert all(row["inlined"] for row in rows), report.partition_notes
+        else:
+            assert reports == []
 
 
 def test_automatic_dynamic_shapes_are_traced_into_the_graphs():
@@ -510,6 +529,39 @@ def test_inlined_chains_leave_no_op_and_save_only_the_outputs(case, monkeypatch)
     assert report.saved_activation_bytes == out.numel() * out.element_size()
 
 
+@pytest.mark.parametrize("case", ["conv2d", "transformer"])
+def test_chain_as_an_op_replays_eager_dropout(case):
+    """Run as an op (``reversible_inline=False``), a chain runs its steps' own code and
+    records the generator's state per random step: it draws exactly the eager module's
+    masks, and its backward replays them."""
+    torch.manual_seed(0)
+    model, x = CASES[case](3, 0.25)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True, reversible_inline=False)
+    report = memopt.last_report()
+    ref_out, x_ref = run_step(reference, x, seed=7)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    half = out.numel() // 2 * out.element_size()
+    assert report.saved_activation_bytes == 2 * half + 6 * CPU_RNG_STATE_BYTES  # one state per random step
+
+
+@pytest.mark.slow
+def test_traced_dropout_chain_under_inductor_draws_as_the_eager_lowering():
+    """Under Inductor the traced chain's random ops run as fallback kernels on the
+    generator, each wrapped to save (forward) or restore (backward) its state: the same masks
+    as the op-by-op lowering of the same graphs, and their exact gradients."""
+    torch.manual_seed(0)
+    model, x = CASES["transformer"](2, 0.25)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=7, lowering="inductor", strict=True)
+    assert all(row["inlined"] for row in reversible_result(memopt.last_report()).details if "key" in row)
+    torch._dynamo.reset()
+    ref_out, x_ref = run_step(reference, x, seed=7, lowering="eager", strict=True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+
+
 def test_reversible_inline_false_keeps_the_ops(monkeypatch):
     graphs = capture_inlined_graphs(monkeypatch)
     torch.manual_seed(0)
@@ -644,10 +696,10 @@ def test_nn_blocks_are_recognized_when_compiled():
     reference = copy.deepcopy(module)
     x = torch.randn(2, 3, 10)
     out, x_grad = run_step(module, x, seed=3, lowering="eager", strict=True)
-    ref_out, x_ref = run_step(reference, x, seed=3)
+    result = reversible_result(memopt.last_report())
+    ref_out, x_ref = reference_step(reference, x, 3, dropout=0.1)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     assert_close_grads(module, reference, x_grad, x_ref)
-    result = reversible_result(memopt.last_report())
     assert result.rewrites == 1 and len(result.details) == 6
 
 
@@ -820,7 +872,8 @@ def test_mbconv3d_block_is_rewritten_when_compiled():
     reference = copy.deepcopy(module)
     x = torch.randn(2, 4, 3, 4, 3)
     out, x_grad = run_step(module, x, seed=4, lowering="eager", strict=True)
-    ref_out, x_ref = run_step(reference, x, seed=4)
+    report = memopt.last_report()
+    ref_out, x_ref = reference_step(reference, x, 4, dropout=0.2)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     # Whole-gradient comparison, as for the eager MBConv test (BatchNorm + ReLU6 kinks).
     grads = torch.cat([x_grad.grad.flatten()] + [p.grad.flatten() for p in module.parameters()])
@@ -828,7 +881,6 @@ def test_mbconv3d_block_is_rewritten_when_compiled():
     assert relative_error(grads, expected) <= RTOL
     for b, c in zip(module.buffers(), reference.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7)
-    report = memopt.last_report()
     assert reversible_result(report).rewrites == 1
     half = out.numel() // 2 * out.element_size()
     assert report.saved_activation_bytes == 2 * half + 4 * CPU_RNG_STATE_BYTES

@@ -411,6 +411,18 @@ def _backward(ctx, grads):
 reversible_chain.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("memopt::reversible_trace_boundary", mutates_args=())
+def reversible_trace_boundary(step: int) -> None:
+    """Does nothing. In a trace of a chain (``memopt/reversible_inline.py``) it marks where
+    random step ``step`` begins (``-1``: where it ends), so that the random ops of the
+    forward's trace can be matched with those of the backward's recomputation."""
+
+
+@reversible_trace_boundary.register_fake
+def _(step: int) -> None:
+    return None
+
+
 # --- Eager autograd for memopt.nn --------------------------------------------------------
 
 
