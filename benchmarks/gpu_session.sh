@@ -8,8 +8,9 @@
 #
 # STEPs, in the order given: tests, monarch, im2win, rehash (the default set: its caps add up
 # to about 7.5 minutes, under one 10-minute call), reversible (6 minutes: Inductor compiles
-# each variant; with profile, one call of its own), profile (host vs GPU time and
-# kernels per call of the Monarch op and the reversible step, 90 s), and slicing (give it a call of
+# each variant, so depths 8 and 16 only; with profile, one call of its own), profile (host
+# vs GPU time and kernels per call of the Monarch op and the reversible step, 2 minutes),
+# and slicing (give it a call of
 # its own: on an H100 Inductor's cold compile of the small AnimateDiff UNet alone took 54 s, and
 # memopt adds one compile per multi-op group). Expects the GPU machine's Python with torch and
 # triton installed (nothing is downloaded); diffusers, which rehash and slicing need, is
@@ -69,14 +70,14 @@ for step in "${steps[@]}"; do
     reversible)
       # Inductor lowering: chains traced into the graphs (memopt-reversible) and, for
       # comparison, run as opaque ops step by step (memopt-reversible-op).
-      capped "$(cap REVERSIBLE 360)" reversible $py benchmarks/reversible.py --depths "${REVERSIBLE_DEPTHS:-8,32}" \
+      capped "$(cap REVERSIBLE 360)" reversible $py benchmarks/reversible.py --depths "${REVERSIBLE_DEPTHS:-8,16}" \
         --lowering inductor --models reformer,revnet --repeat 5 \
         --variants "${REVERSIBLE_VARIANTS:-eager,inductor,memopt-reversible,memopt-reversible-op,inductor-cudagraphs,memopt-reversible-cudagraphs}" \
         --output "benchmarks/results/reversible-$date-cuda.md" ;;
     profile)
       # Host vs GPU time and kernels per call: the Monarch op against its kernels, memopt's
       # reversible training step against eager's (benchmarks/gpu_profile.py).
-      capped "$(cap PROFILE 90)" profile $py benchmarks/gpu_profile.py --output "$out/profile-$date-cuda.md" ;;
+      capped "$(cap PROFILE 120)" profile $py benchmarks/gpu_profile.py --output "$out/profile-$date-cuda.md" ;;
     slicing)
       # Also replayed as CUDA graphs: the sliced groups' per-slice Python is what costs time.
       capped "$(cap SLICING 540)" slicing $py benchmarks/slicing.py --skip-rehash --cudagraphs \
