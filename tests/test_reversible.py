@@ -529,6 +529,30 @@ def test_inlined_chains_leave_no_op_and_save_only_the_outputs(case, monkeypatch)
     assert report.saved_activation_bytes == out.numel() * out.element_size()
 
 
+def test_traced_random_ops_save_and_replay_their_states(monkeypatch):
+    """Each random op of a traced chain saves its generator state in the forward graph and
+    restores it for its recomputation in the backward graph: as many of one as of the other,
+    one saved state per random op, and nothing else saved per block."""
+    from memopt._torch_compat import rng_state_operators
+
+    run_and_save_rng_state, run_with_rng_state = rng_state_operators()
+    graphs = capture_inlined_graphs(monkeypatch)
+    torch.manual_seed(0)
+    model, x = CASES["transformer"](3, 0.25)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True)
+    report = memopt.last_report()
+    ref_out, x_ref = reference_step(reference, x, 7, dropout=0.25)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    forward, backward = graphs[0]  # (graphs[1]: the reference's, compiled without the pass)
+    assert chain_nodes(forward) == [] and chain_nodes(backward) == []
+    saves = forward.graph.find_nodes(op="call_function", target=run_and_save_rng_state)
+    replays = backward.graph.find_nodes(op="call_function", target=run_with_rng_state)
+    assert len(saves) == len(replays) == 6  # one dropout in each of the 6 steps
+    half = out.numel() // 2 * out.element_size()
+    assert report.saved_activation_bytes == 2 * half + 6 * CPU_RNG_STATE_BYTES
+
+
 @pytest.mark.parametrize("case", ["conv2d", "transformer"])
 def test_chain_as_an_op_replays_eager_dropout(case):
     """Run as an op (``reversible_inline=False``), a chain runs its steps' own code and
