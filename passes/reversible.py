@@ -8,8 +8,8 @@ Two passes share the ``reversible`` option:
   ``torch.ops.memopt.reversible_chain``. Its autograd keeps only the chain's two final
   outputs; the backward rebuilds every block's inputs from them and recomputes ``F`` and
   ``G`` (``memopt/ops/reversible.py``). The partitioned forward graph then saves nothing per
-  block; memopt's partitioner then traces the op and its backward into the two graphs, so
-  the lowering fuses them (``memopt/reversible_inline.py``). Exact: gradients match the
+  block, and once the split is made memopt's partitioner traces the op and its backward
+  into the two graphs, so the lowering fuses them (``memopt/reversible_inline.py``). Exact: gradients match the
   ordinary backward up to the rounding of the rebuild.
 * ``reversible-convert`` (``"convert"``, opt-in: it changes the architecture) rewrites a
   chain of same-shape residual sublayers ``x <- x + f_k(x)`` into the Reformer's two-stream
