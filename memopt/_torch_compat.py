@@ -191,7 +191,7 @@ def rng_state_operators() -> tuple[Any, Any]:
 
 def known_equal(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """Whether two size tuples (ints or symbolic sizes) are provably equal, without adding a
-    guard: after Dynamo has finished, a new guard would go unchecked."""
+    guard (one would specialize the compiled graph on sizes that merely happen to match)."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
@@ -200,7 +200,8 @@ def known_equal(a: Sequence[Any], b: Sequence[Any]) -> bool:
 def known_contiguous(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is contiguous, ``False`` where its sizes leave that open. Symbolic
     strides such as ``Max(1, s0)`` are compared through the sizes' example values, which may
-    add a guard (to the compile under way) where :func:`known_equal` would give up."""
+    add a guard to the compile under way (``s0 >= 1``, say) where :func:`known_equal` would
+    give up."""
     from torch._prims_common import is_contiguous_or_false
 
     return is_contiguous_or_false(tensor)
