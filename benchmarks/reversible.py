@@ -25,8 +25,9 @@ events). A compiled training graph (AOTAutograd) returns all its parameter gradi
 once before they are added into ``.grad``, so compiled variants carry one extra
 gradient-sized transient that eager autograd does not; ``activation`` subtracts it
 (parameter bytes) for the compiled variants, following the issue's definition "peak minus
-parameters, gradients and optimizer state". Prints a markdown table and checks the targets
-of issue 4.
+parameters, gradients and optimizer state". ``first call`` is the wall time of the first
+step: the compile, for compiled variants. Prints a markdown table and checks the targets of
+issue 4.
 
     python benchmarks/reversible.py                      # CPU: small sizes, eager lowering
     python benchmarks/reversible.py --lowering inductor  # what a GPU run uses by default
@@ -138,10 +139,13 @@ def build(variant: str, model: Couplings, lowering: str, budget_lowering: str):
     return model
 
 
-def measure_step(fn, model: nn.Module, x: torch.Tensor, repeat: int, graphs: bool = False) -> tuple[int, float]:
-    """Peak bytes and time of one training step. ``graphs``: ``fn`` replays CUDA graphs, whose
-    replays allocate nothing (their memory came from the graph pool while recording), so the
-    peak is read over the calls that compile, warm up and record instead."""
+def measure_step(
+    fn, model: nn.Module, x: torch.Tensor, repeat: int, graphs: bool = False
+) -> tuple[int, float, float]:
+    """Peak bytes and time of one training step, and the wall time of the first step (the
+    compile, for compiled variants). ``graphs``: ``fn`` replays CUDA graphs, whose replays
+    allocate nothing (their memory came from the graph pool while recording), so the peak is
+    read over the calls that compile, warm up and record instead."""
 
     def step():
         out = fn(x)
@@ -151,7 +155,11 @@ def measure_step(fn, model: nn.Module, x: torch.Tensor, repeat: int, graphs: boo
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    begin = time.perf_counter()
     step()  # compile, and allocate every .grad so the measured peak holds activations only
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    first_call = time.perf_counter() - begin
     for p in model.parameters():
         p.grad.zero_()
     if graphs:
@@ -160,10 +168,10 @@ def measure_step(fn, model: nn.Module, x: torch.Tensor, repeat: int, graphs: boo
         # The .grad tensors were allocated inside this window: take them out again.
         grads = sum(p.numel() * p.element_size() for p in model.parameters())
         peak = torch.cuda.max_memory_allocated() - start - grads
-        return peak, memopt.measure(step, warmup=1, repeat=repeat, device="cuda").time_s
+        return peak, memopt.measure(step, warmup=1, repeat=repeat, device="cuda").time_s, first_call
     result = memopt.measure(step, warmup=1, repeat=repeat, device=x.device.type)
     if x.device.type == "cuda":
-        return result.peak_bytes, result.time_s
+        return result.peak_bytes, result.time_s, first_call
     # On a shared CPU machine wall time measures the neighbours; with one intra-op thread the
     # process's CPU time measures the step's own work.
     times = []
@@ -171,7 +179,7 @@ def measure_step(fn, model: nn.Module, x: torch.Tensor, repeat: int, graphs: boo
         begin = time.process_time()
         step()
         times.append(time.process_time() - begin)
-    return result.peak_bytes, statistics.median(times)
+    return result.peak_bytes, statistics.median(times), first_call
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{conv['size']}x{conv['size']}; reformer: batch {text['batch']}, {text['tokens']} tokens, "
         f"width {text['width']}+{text['width']}, {text['heads']} heads",
         "",
-        "| model | depth | variant | params (MiB) | peak (MiB) | activation (MiB) | step time (ms) | time / eager |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | depth | variant | params (MiB) | peak (MiB) | activation (MiB) | step time (ms) | time / eager "
+        "| first call (s) |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     print("\n".join(lines), flush=True)
     results: dict[tuple[str, int, str], tuple[int, float]] = {}
@@ -248,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                 torch.compiler.reset()
                 fn = build(variant, base, args.lowering, args.budget_lowering or args.lowering)
                 try:
-                    peak, seconds = measure_step(fn, base, x, args.repeat, graphs=variant.endswith("-cudagraphs"))
+                    peak, seconds, first_call = measure_step(
+                        fn, base, x, args.repeat, graphs=variant.endswith("-cudagraphs")
+                    )
                 except Exception as error:  # a variant that fails is reported, not fatal
                     message = str(error).splitlines()[0][:120]
-                    row = f"| {name} | {depth} | {variant} | | failed: {type(error).__name__}: {message} | | | |"
+                    row = f"| {name} | {depth} | {variant} | | failed: {type(error).__name__}: {message} | | | | |"
                     lines.append(row)
                     print(row, flush=True)
                     continue
@@ -262,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = seconds / eager[1] if eager else float("nan")
                 row = (
                     f"| {name} | {depth} | {variant} | {param_bytes / 2**20:.2f} | {peak / 2**20:.2f} | "
-                    f"{activation / 2**20:.2f} | {seconds * 1e3:.1f} | {ratio:.2f} |"
+                    f"{activation / 2**20:.2f} | {seconds * 1e3:.1f} | {ratio:.2f} | {first_call:.1f} |"
                 )
                 lines.append(row)
                 print(row, flush=True)
