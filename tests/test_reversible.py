@@ -824,6 +824,38 @@ def test_converted_model_trains():
     assert losses[-1] < 0.3 * losses[0]
 
 
+def test_converted_transformers_gpt2_with_dropout_trains():
+    """A `transformers` GPT-2 (tiny config, random weights, dropout on): its 4 blocks' 8
+    residual sublayers become one chain, traced into the graphs, and the model trains.
+    ``use_cache=False``, as for any training: with the cache on, the model returns each
+    layer's keys and values, intermediates of the attention sublayers, and nothing converts."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=4, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1,
+    )
+    model = transformers.GPT2LMHeadModel(config).train()
+    parameters = sum(p.numel() for p in model.parameters())
+    compiled = memopt.compile(model, lowering="eager", reversible="convert")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 64, (4, 16))
+    losses = []
+    with memopt.collect_reports() as reports:
+        for _ in range(20):
+            optimizer.zero_grad()
+            loss = compiled(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    converted = [report for report in reports if reversible_result(report).rewrites]
+    (report,) = converted
+    rows = [row for row in reversible_result(report).details if "key" in row]
+    assert len(rows) == 4 and all(row["inlined"] for row in rows), report.partition_notes
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
+
+
 def test_chain_registry_error_names_the_key():
     with pytest.raises(RuntimeError, match="not registered"):
         reversible_ops._chain("missing")
