@@ -651,8 +651,12 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 # --- Conversion: residual chains to the two-stream form --------------------------------
 
 
-def _residual_chains(graph: _Graph) -> list[list[_Step]]:
-    """Chains of at least two residual adds ``x_{k+1} = x_k + f_k(x_k)``, each ``f_k`` self-contained."""
+def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> list[list[_Step]]:
+    """Chains of at least two residual adds ``x_{k+1} = x_k + f_k(x_k)``, each ``f_k`` self-contained.
+
+    ``refused`` collects, per residual add whose ``f_k`` has weights, why it could not be a
+    step (the adds inside activations, GELU's ``x + 0.044715 x^3`` say, have none and are not
+    worth a note)."""
     chains: list[list[_Step]] = []
     taken: set[Node] = set()
     for add in graph.nodes:
@@ -672,7 +676,9 @@ def _residual_chains(graph: _Graph) -> list[list[_Step]]:
                 forbidden = graph.descendants([start if start is not None else source]) - {source}
                 try:
                     step = _find_step(graph, current, reading, source, forbidden)
-                except NotReversible:
+                except NotReversible as reason:
+                    if refused is not None and _has_weights(graph, source, reading[3]):
+                        refused.setdefault(current, str(reason))
                     continue
                 if steps and not all(u in set(step.nodes) | {current} for u in source.users):
                     continue
@@ -705,11 +711,32 @@ def _residual_chains(graph: _Graph) -> list[list[_Step]]:
     return chains
 
 
+def _has_weights(graph: _Graph, source: Node, h: Node) -> bool:
+    """Whether the subgraph from ``source`` to ``h`` reads a trainable tensor (a parameter)."""
+    if not isinstance(h, Node):
+        return False
+    body = graph.ancestors(h) & graph.descendants([source], limit=graph.index[h])
+    for node in body | {h}:
+        for arg in node.all_input_nodes:
+            value = _value(arg)
+            if arg.op == "placeholder" and value is not None and value.requires_grad:
+                return True
+    return False
+
+
+MAX_REFUSED_NOTES = 5
+
+
 def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite residual chains ``x <- x + f_k(x)`` into the two-stream reversible form."""
     result = PassResult("reversible-convert")
     graph = _Graph(gm)
-    chains = _residual_chains(graph)
+    refused: dict[Node, str] = {}
+    chains = _residual_chains(graph, refused)
+    converted = {step.add for steps in chains for step in steps}
+    reasons = [reason for add, reason in refused.items() if add not in converted]
+    for reason in list(dict.fromkeys(reasons))[:MAX_REFUSED_NOTES]:
+        result.notes.append(f"left alone: residual {reason}")
     result.matched = len(chains)
     for steps in chains:
         values = [steps[0].source] + [step.add for step in steps]

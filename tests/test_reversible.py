@@ -855,6 +855,14 @@ def test_converted_transformers_gpt2_with_dropout_trains():
     assert sum(p.numel() for p in model.parameters()) == parameters
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
+    # With the cache on, nothing converts, and the notes say why.
+    torch._dynamo.reset()
+    with memopt.collect_reports() as reports:
+        memopt.compile(model, lowering="eager", reversible="convert")(ids, labels=ids).loss.backward()
+    convert = next(result for result in reports[0].passes if result.name == "reversible-convert")
+    assert convert.rewrites == 0
+    assert any("used outside the block" in note for note in convert.notes), convert.notes
+
 
 def test_chain_registry_error_names_the_key():
     with pytest.raises(RuntimeError, match="not registered"):
