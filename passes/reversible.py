@@ -9,8 +9,8 @@ Two passes share the ``reversible`` option:
   outputs; the backward rebuilds every block's inputs from them and recomputes ``F`` and
   ``G`` (``memopt/ops/reversible.py``). The partitioned forward graph then saves nothing per
   block, and once the split is made memopt's partitioner traces the op and its backward
-  into the two graphs, so the lowering fuses them (``memopt/reversible_inline.py``). Exact: gradients match the
-  ordinary backward up to the rounding of the rebuild.
+  into the two graphs, so the lowering fuses them (``memopt/reversible_inline.py``).
+  Exact: gradients match the ordinary backward up to the rounding of the rebuild.
 * ``reversible-convert`` (``"convert"``, opt-in: it changes the architecture) rewrites a
   chain of same-shape residual sublayers ``x <- x + f_k(x)`` into the Reformer's two-stream
   form, ``v_k = v_{k-2} + f_k(v_{k-1})`` with ``v_{-1} = v_0 = x``, merged at the end as
