@@ -111,9 +111,9 @@ def _inline_chain(
     for half, trace in (("forward", _forward_trace), ("backward", _backward_trace)):
         if half not in nodes:
             continue
-        arguments, fn = trace(traceable, nodes[half], len(states))
+        arguments, fn = trace(traceable, nodes[half])
         values = [argument.meta["val"] for argument in arguments]
-        if half == "backward" and random:  # the forward's states, inputs of the backward
+        if half == "backward" and random:  # the forward's states: trailing inputs fn ignores
             values += [state.meta["val"] for state in states]
         graph = trace_functional(fn, values, _decompositions())
         random_ops = _take_boundaries(graph)
@@ -183,9 +183,7 @@ def _decompositions() -> dict[Any, Callable[..., Any]]:
     return inductor_decompositions()
 
 
-def _forward_trace(
-    chain: ops.Chain, node: torch.fx.Node, _states: int = 0
-) -> tuple[list[torch.fx.Node], Callable[..., Any]]:
+def _forward_trace(chain: ops.Chain, node: torch.fx.Node) -> tuple[list[torch.fx.Node], Callable[..., Any]]:
     _key, x1, x2, params, consts, sizes = node.args
     num_params, num_tensors = len(params), 2 + len(params) + len(consts)
     size_nodes, with_sizes = _size_inputs(sizes)
@@ -199,11 +197,9 @@ def _forward_trace(
     return [x1, x2, *params, *consts, *size_nodes], forward
 
 
-def _backward_trace(
-    chain: ops.Chain, node: torch.fx.Node, states: int = 0
-) -> tuple[list[torch.fx.Node], Callable[..., Any]]:
-    """``states``: RNG states the trace takes after the op's own arguments, for
-    :func:`_replay_rng_states` (the traced function itself does not read them)."""
+def _backward_trace(chain: ops.Chain, node: torch.fx.Node) -> tuple[list[torch.fx.Node], Callable[..., Any]]:
+    """The traced function ignores inputs past the op's own arguments: the RNG states
+    :func:`_replay_rng_states` wires in."""
     _key, stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes = node.args
     num_params, num_tensors = len(params), 5 + len(params) + len(kept_consts)
     size_nodes, with_sizes = _size_inputs(sizes)
