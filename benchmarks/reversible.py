@@ -50,26 +50,36 @@ from torch.utils.checkpoint import checkpoint
 import memopt
 
 
+def dropout(p: float) -> list[nn.Module]:
+    # No module at p = 0: the models stay exactly the ones earlier results measured.
+    return [nn.Dropout(p)] if p else []
+
+
 class ConvBranch(nn.Sequential):
-    def __init__(self, channels: int) -> None:
-        super().__init__(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
+    def __init__(self, channels: int, p: float = 0.0) -> None:
+        super().__init__(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(), *dropout(p)
+        )
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, p: float = 0.0) -> None:
         super().__init__()
         self.norm, self.qkv, self.proj, self.heads = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width), heads
+        self.dropout = nn.Sequential(*dropout(p))
 
     def forward(self, x):
         batch, tokens, width = x.shape
         q, k, v = self.qkv(self.norm(x)).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+        return self.dropout(self.proj(out.transpose(1, 2).reshape(batch, tokens, width)))
 
 
 class MLP(nn.Sequential):
-    def __init__(self, width: int) -> None:
-        super().__init__(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+    def __init__(self, width: int, p: float = 0.0) -> None:
+        super().__init__(
+            nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), *dropout(p), nn.Linear(4 * width, width)
+        )
 
 
 class Couplings(nn.Module):
@@ -96,18 +106,20 @@ class Couplings(nn.Module):
         return self.head(torch.cat([x1, x2], dim=self.dim))
 
 
-def revnet(depth: int, channels: int) -> Couplings:
+def revnet(depth: int, channels: int, p: float = 0.0) -> Couplings:
     stem = nn.Conv2d(3, 2 * channels, 3, padding=1)
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * channels, 10))
     return Couplings(
-        [ConvBranch(channels) for _ in range(depth)], [ConvBranch(channels) for _ in range(depth)], 1, stem, head
+        [ConvBranch(channels, p) for _ in range(depth)], [ConvBranch(channels, p) for _ in range(depth)], 1, stem, head
     )
 
 
-def reformer(depth: int, width: int, heads: int) -> Couplings:
+def reformer(depth: int, width: int, heads: int, p: float = 0.0) -> Couplings:
     stem = nn.Linear(16, 2 * width)
     head = nn.Linear(2 * width, 10)
-    return Couplings([Attention(width, heads) for _ in range(depth)], [MLP(width) for _ in range(depth)], -1, stem, head)
+    return Couplings(
+        [Attention(width, heads, p) for _ in range(depth)], [MLP(width, p) for _ in range(depth)], -1, stem, head
+    )
 
 
 VARIANTS = ("eager", "inductor", "checkpoint", "budget-0.1", "memopt-reversible")
@@ -201,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU sizes: 'small' (the sweep in minutes), 'compute' (compute-bound steps; use few depths) or "
         "'host' (blocks so small that per-op host work is all there is: a stand-in for a GPU's launch-bound steps)",
     )
+    parser.add_argument(
+        "--dropout", type=float, default=0.0,
+        help="dropout in every branch (after ReLU; after the attention projection and the MLP's GELU): one random "
+        "op per step, which reversible chains draw again in the backward",
+    )
     parser.add_argument("--output", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
@@ -236,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("(CUDA wall time)" if cuda else "(CPU process time, 1 intra-op thread: robust to other load)"),
         f"revnet: batch {conv['batch']}, {conv['channels']}+{conv['channels']} channels, "
         f"{conv['size']}x{conv['size']}; reformer: batch {text['batch']}, {text['tokens']} tokens, "
-        f"width {text['width']}+{text['width']}, {text['heads']} heads",
+        f"width {text['width']}+{text['width']}, {text['heads']} heads"
+        + (f"; dropout {args.dropout} in every branch" if args.dropout else ""),
         "",
         "| model | depth | variant | params (MiB) | peak (MiB) | activation (MiB) | step time (ms) | time / eager "
         "| first call (s) |",
@@ -248,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         for depth in depths:
             torch.manual_seed(0)
             if name == "revnet":
-                base = revnet(depth, conv["channels"]).to(device, dtype)
+                base = revnet(depth, conv["channels"], args.dropout).to(device, dtype)
                 x = torch.randn(conv["batch"], 3, conv["size"], conv["size"], device=device, dtype=dtype)
             else:
-                base = reformer(depth, text["width"], text["heads"]).to(device, dtype)
+                base = reformer(depth, text["width"], text["heads"], args.dropout).to(device, dtype)
                 x = torch.randn(text["batch"], text["tokens"], 16, device=device, dtype=dtype)
             for variant in args.variants.split(","):
                 torch.compiler.reset()
