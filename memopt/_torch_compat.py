@@ -189,6 +189,24 @@ def rng_state_operators() -> tuple[Any, Any]:
     return rng_prims.run_and_save_rng_state, rng_prims.run_with_rng_state
 
 
+def inductor_random_prims() -> tuple[Any, Any, Any] | None:
+    """Inductor's fusable random prims, ``(seeds, lookup_seed, random)``, or ``None`` where the
+    Inductor config in force would not lower them (``fallback_random``, and
+    ``align_random_eager``, whose random prim takes an offset pair instead of a seed).
+
+    ``random(size, lookup_seed(seeds, k), mode)`` is a pure function of the seed: Inductor
+    generates it inside the fused kernel (Philox on the element index), so replaying it in a
+    backward graph from a saved ``seeds`` tensor draws the forward's numbers again, on the
+    device, with nothing on the host (which CUDA graphs need). This is how Inductor itself
+    recomputes dropout."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import inductor_prims
+
+    if inductor_config.fallback_random or getattr(inductor_config, "align_random_eager", False):
+        return None
+    return inductor_prims.seeds, inductor_prims.lookup_seed, inductor_prims.random
+
+
 def known_equal(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """Whether two size tuples (ints or symbolic sizes) are provably equal, without adding a
     guard (one would specialize the compiled graph on sizes that merely happen to match)."""

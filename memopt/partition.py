@@ -161,7 +161,8 @@ class InductorPartitioner(custom_partitioner_base()):
         from memopt.ops import reversible
 
         files = (__file__, reversible_inline.__file__, reversible.__file__)
-        return (hash_of_files(*files), self.config.memory_budget, self.config.reversible_inline, self.config.strict)
+        options = (self.config.memory_budget, self.config.reversible_inline, self.config.strict)
+        return (hash_of_files(*files), *options, tuple(sorted(reversible_inline._SEEDED_DEVICES)))
 
     def __getstate__(self) -> dict[str, Any]:
         # Inductor pickles its whole config into cache keys: only what changes the partition

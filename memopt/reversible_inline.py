@@ -18,12 +18,23 @@ nodes that Inductor fuses and schedules with the rest of the graph, and that CUD
 can replay. What the forward graph saves is unchanged: the partition was made before.
 
 Random ops replay in the traced graphs too. The pass marks the steps that draw random
-numbers; in their traces each random op (dropout's, attention's with ``dropout_p > 0``)
-runs through AOTAutograd's RNG operators: ``run_and_save_rng_state`` in the forward, whose
-state becomes a saved tensor (one per random op, where the op saved one per random step),
-and ``run_with_rng_state`` in the backward's recomputation of the same op. Inductor runs
-those ops as fallback kernels on the generator: the masks are those the compiled graphs
-draw (as with any compiled model, not eager's), and the gradients are exactly theirs.
+numbers, and in their traces each random op is made one the backward can draw again:
+
+* Under Inductor on a GPU, ``rand``/``randn`` (what decomposed dropout draws) become
+  Inductor's own random prims on one seeds tensor per device, in graph order, as it compiles
+  dropout elsewhere: generated inside the fused kernels, replayed from the saved seeds (8
+  bytes per op), with no state on the host (which CUDA graphs require). Where the chain
+  holds all of the graph's random ops, its masks are bit for bit those Inductor draws for
+  the same model compiled without the pass.
+* Any other random op (an attention kernel's dropout; every random op on a CPU, where
+  Inductor's per-element random numbers cost more than the states, see
+  :data:`_SEEDED_DEVICES`; under the eager lowering or ``fallback_random``) runs through
+  AOTAutograd's RNG operators: ``run_and_save_rng_state`` in the forward, whose generator
+  state becomes a saved tensor, and ``run_with_rng_state`` in the recomputation. Inductor
+  runs those as fallback kernels; the masks are those the op-by-op lowering of the same
+  graphs draws (with ``fallback_random``, which leaves dropout undecomposed, eager's).
+
+Either way the gradients are exactly those of the masks the forward drew.
 
 Symbolic sizes (dynamic shapes) are traced too: the sizes the op takes become inputs of
 the trace, and its outputs must provably have the op's sizes and layout. A chain stays an
@@ -44,12 +55,14 @@ import torch.fx
 from memopt._torch_compat import (
     detect_fake_mode,
     inductor_decompositions,
+    inductor_random_prims,
     known_contiguous,
     known_equal,
     rng_state_operators,
     trace_functional,
 )
 from memopt.config import Config
+from memopt.estimate import storage_nbytes
 from memopt.ops import reversible as ops
 from memopt.report import Report
 
@@ -71,20 +84,23 @@ def inline_reversible_chains(
     ):
         for node in gm.graph.find_nodes(op="call_function", target=target):
             halves.setdefault(node.args[0], {})[half] = node
-    inlined: list[str] = []
+    # Only Inductor lowers its random prims as functions of the seed (run eagerly, they draw
+    # from the generator); which random ops take them is _fusable's call.
+    fused = inductor_random_prims() if config.lowering == "inductor" else None
+    inlined: dict[str, int] = {}
     notes: dict[str, str] = {}
     for key, nodes in halves.items():
         try:
-            reason = _inline_chain(ops._chain(key), nodes, {"forward": forward, "backward": backward})
+            result = _inline_chain(ops._chain(key), nodes, {"forward": forward, "backward": backward}, fused)
         except Exception as error:
             if config.strict:
                 raise
             first_line = str(error).splitlines()[0] if str(error) else ""
-            reason = f"tracing failed ({type(error).__name__}: {first_line})"
-        if reason is None:
-            inlined.append(key)
+            result = f"tracing failed ({type(error).__name__}: {first_line})"
+        if isinstance(result, str):
+            notes[key] = result
         else:
-            notes[key] = reason
+            inlined[key] = result
     if inlined:
         for gm in (forward, backward):
             gm.graph.lint()
@@ -94,9 +110,15 @@ def inline_reversible_chains(
 
 
 def _inline_chain(
-    chain: ops.Chain, nodes: dict[str, torch.fx.Node], graphs: dict[str, torch.fx.GraphModule]
-) -> str | None:
-    """Trace both halves of one chain and splice them in, or neither (returning why)."""
+    chain: ops.Chain,
+    nodes: dict[str, torch.fx.Node],
+    graphs: dict[str, torch.fx.GraphModule],
+    fused: tuple[Any, Any, Any] | None,
+) -> str | int:
+    """Trace both halves of one chain and splice them in, or neither. Returns why not, or by
+    how many bytes what the forward saves for the chain's random ops changed (the op saved
+    one RNG state per random step; the traced graphs save a seeds tensor, or one state per
+    random op)."""
     for node in nodes.values():
         for argument in node.all_input_nodes:
             if not isinstance(argument.meta.get("val"), (torch.Tensor, torch.SymInt)):
@@ -106,24 +128,24 @@ def _inline_chain(
         return "its backward has no forward to take the random ops' states from"
     traceable = _traceable(chain)
     traced: dict[str, tuple[torch.fx.GraphModule, list[Any]]] = {}
-    rows: dict[tuple[int, int], int] = {}
-    states: list[torch.fx.Node] = []
+    draws: dict[tuple[int, int], _Draw] = {}
+    saved: list[torch.fx.Node] = []
     for half, trace in (("forward", _forward_trace), ("backward", _backward_trace)):
         if half not in nodes:
             continue
         arguments, fn = trace(traceable, nodes[half])
         values = [argument.meta["val"] for argument in arguments]
-        if half == "backward" and random:  # the forward's states: trailing inputs fn ignores
-            values += [state.meta["val"] for state in states]
+        if half == "backward" and random:  # what the forward saved: trailing inputs fn ignores
+            values += [value.meta["val"] for value in saved]
         graph = trace_functional(fn, values, _decompositions())
         random_ops = _take_boundaries(graph)
         if half == "forward" and random:
-            rows, states = _save_rng_states(graph, random_ops, chain.rng_bytes, detect_fake_mode(values))
+            draws, saved = _save_randomness(graph, random_ops, chain.rng_bytes, detect_fake_mode(values), fused)
         elif random:
-            reason = _replay_rng_states(graph, random_ops, rows)
+            reason = _replay_randomness(graph, random_ops, draws, len(saved), detect_fake_mode(values), fused)
             if reason:
                 return reason
-        # The forward's RNG-state output is replaced below (one state per random op).
+        # The forward's RNG-state output is replaced below (see _save_randomness).
         reason = _output_difference(nodes[half], graph, skip=(2,) if half == "forward" and random else ())
         if reason:
             return reason
@@ -134,30 +156,32 @@ def _inline_chain(
         reason = _why_states_cannot_be_saved(nodes["forward"], saved_rng, graphs)
         if reason:
             return reason
-        # One saved tensor (the op's per-step states) becomes one per random op: forward
-        # outputs and backward inputs alike, in its place. AOTAutograd counts what the forward
-        # saves from the graphs the partitioner returns, as for its own RNG states.
+        # The op's one saved tensor (its per-step states) becomes what _save_randomness
+        # saves: forward outputs and backward inputs alike, in its place. AOTAutograd counts
+        # what the forward saves from the graphs the partitioner returns, as for its own RNG
+        # states.
         backward_graph = graphs["backward"].graph
         with backward_graph.inserting_before(saved_rng):
-            for number, state in enumerate(states):
-                placeholder = backward_graph.placeholder(f"{saved_rng.name}_state{number}")
-                placeholder.meta["val"] = state.meta["val"]
+            for number, value in enumerate(saved):
+                placeholder = backward_graph.placeholder(f"{saved_rng.name}_saved{number}")
+                placeholder.meta["val"] = value.meta["val"]
                 traced["backward"][1].append(placeholder)
     spliced = {
-        half: _splice(graphs[half], nodes[half], graph, arguments, keep=states if half == "forward" else ())
+        half: _splice(graphs[half], nodes[half], graph, arguments, keep=saved if half == "forward" else ())
         for half, (graph, arguments) in traced.items()
     }
-    if saved_rng is not None:
-        output = graphs["forward"].graph.find_nodes(op="output")[0]
-        empty_rng = spliced["forward"][_graph_output(traced["forward"][0])[2]]
-        results = []
-        for value in output.args[0]:
-            results.extend([spliced["forward"][state] for state in states] if value is empty_rng else [value])
-        output.args = (results,)
-        for gm, node in ((graphs["forward"], empty_rng), (graphs["backward"], saved_rng)):
-            if not node.users:
-                gm.graph.erase_node(node)
-    return None
+    if saved_rng is None:
+        return 0
+    output = graphs["forward"].graph.find_nodes(op="output")[0]
+    empty_rng = spliced["forward"][_graph_output(traced["forward"][0])[2]]
+    results = []
+    for value in output.args[0]:
+        results.extend([spliced["forward"][each] for each in saved] if value is empty_rng else [value])
+    output.args = (results,)
+    for gm, node in ((graphs["forward"], empty_rng), (graphs["backward"], saved_rng)):
+        if not node.users:
+            gm.graph.erase_node(node)
+    return sum(storage_nbytes(value.meta["val"]) for value in saved) - storage_nbytes(saved_rng.meta["val"])
 
 
 def _graph_output(graph: torch.fx.GraphModule) -> list[Any]:
@@ -284,55 +308,153 @@ def _is_random(node: torch.fx.Node) -> bool:
     return True
 
 
-def _save_rng_states(
-    graph: torch.fx.GraphModule, random_ops: dict[int, list[torch.fx.Node]], rng_bytes: int, fake_mode: Any
-) -> tuple[dict[tuple[int, int], int], list[torch.fx.Node]]:
-    """In a traced forward, run each random op through ``run_and_save_rng_state``. Returns
-    each op's position among the states, by (step, position in the step), and the states'
-    nodes, which the caller makes forward outputs (saved for the backward)."""
-    run_and_save_rng_state, _ = rng_state_operators()
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """How the backward draws a forward random op's numbers again: from the forward's saved
+    tensor number ``saved``, a seeds tensor at index ``seed``, or (``seed`` ``None``) an RNG
+    state."""
+
+    target: Any
+    saved: int
+    seed: int | None = None
+
+
+def _save_randomness(
+    graph: torch.fx.GraphModule,
+    random_ops: dict[int, list[torch.fx.Node]],
+    rng_bytes: int,
+    fake_mode: Any,
+    fused: tuple[Any, Any, Any] | None,
+) -> tuple[dict[tuple[int, int], _Draw], list[torch.fx.Node]]:
+    """In a traced forward, make each random op one the backward can replay. Returns how, by
+    (step, position in the step), and the nodes the forward must save for it.
+
+    With ``fused`` (Inductor's random prims), ``rand``/``randn`` draw from one seeds tensor
+    per device, in graph order, as Inductor's own graphs do: fused into their consumers'
+    kernels, and saving 8 bytes per op. Any other random op (an attention kernel's dropout,
+    a random op under the eager lowering) runs through ``run_and_save_rng_state``, which
+    saves the generator's state (5 KiB on a CPU) and runs the op as a fallback kernel."""
     g = graph.graph
-    rows: dict[tuple[int, int], int] = {}
-    states: list[torch.fx.Node] = []
-    for step in sorted(random_ops):
-        for position, node in enumerate(random_ops[step]):
-            with fake_mode:  # one per state: the Report counts saved bytes by storage
-                state_value = torch.empty(rng_bytes, dtype=torch.uint8)
-            with g.inserting_before(node):
-                pair = g.call_function(run_and_save_rng_state, (node.target, *node.args), dict(node.kwargs))
-                state = g.call_function(operator.getitem, (pair, 0))
-                value = g.call_function(operator.getitem, (pair, 1))
-            pair.meta["val"] = (state_value, node.meta["val"])
-            state.meta["val"] = state_value
-            value.meta = dict(node.meta)
-            node.replace_all_uses_with(value)
-            g.erase_node(node)
-            rows[step, position] = len(states)
-            states.append(state)
-    return rows, states
+    in_order = [
+        ((step, position), node) for step in sorted(random_ops) for position, node in enumerate(random_ops[step])
+    ]
+    draws: dict[tuple[int, int], _Draw] = {}
+    saved: list[torch.fx.Node] = []
+    by_device: dict[torch.device, list[tuple[tuple[int, int], torch.fx.Node]]] = {}
+    for row, node in in_order:
+        if fused is not None and _fusable(node):
+            by_device.setdefault(node.meta["val"].device, []).append((row, node))
+    for device, entries in by_device.items():
+        with g.inserting_before(entries[0][1]):
+            seeds = g.call_function(fused[0], (len(entries), device))
+        with fake_mode:
+            seeds.meta["val"] = torch.empty(len(entries), dtype=torch.int64, device=device)
+        for index, (row, node) in enumerate(entries):
+            draws[row] = _Draw(node.target, len(saved), index)
+            _draw_from_seed(g, node, seeds, index, fused, fake_mode)
+        saved.append(seeds)
+
+    run_and_save_rng_state, _ = rng_state_operators()
+    for row, node in in_order:
+        if row in draws:
+            continue
+        with fake_mode:  # one per state: the Report counts saved bytes by storage
+            state_value = torch.empty(rng_bytes, dtype=torch.uint8)
+        with g.inserting_before(node):
+            pair = g.call_function(run_and_save_rng_state, (node.target, *node.args), dict(node.kwargs))
+            state = g.call_function(operator.getitem, (pair, 0))
+            value = g.call_function(operator.getitem, (pair, 1))
+        pair.meta["val"] = (state_value, node.meta["val"])
+        state.meta["val"] = state_value
+        value.meta = dict(node.meta)
+        node.replace_all_uses_with(value)
+        g.erase_node(node)
+        draws[row] = _Draw(node.target, len(saved))
+        saved.append(state)
+    return draws, saved
 
 
-def _replay_rng_states(
-    graph: torch.fx.GraphModule, random_ops: dict[int, list[torch.fx.Node]], rows: dict[tuple[int, int], int]
+def _replay_randomness(
+    graph: torch.fx.GraphModule,
+    random_ops: dict[int, list[torch.fx.Node]],
+    draws: dict[tuple[int, int], _Draw],
+    num_saved: int,
+    fake_mode: Any,
+    fused: tuple[Any, Any, Any] | None,
 ) -> str | None:
-    """In a traced backward, whose last inputs are the forward's states (in row order), run
-    each random op of the recomputation through ``run_with_rng_state`` with the state its
-    forward counterpart saved."""
-    found = {(step, position) for step, nodes in random_ops.items() for position in range(len(nodes))}
-    if found != set(rows):
-        return f"the recomputation runs {len(found)} random ops where the forward ran {len(rows)}"
+    """In a traced backward, whose last ``num_saved`` inputs are what the forward saved,
+    draw each random op of the recomputation as its forward counterpart drew
+    (:func:`_save_randomness`)."""
+    found = {(step, position): node for step, nodes in random_ops.items() for position, node in enumerate(nodes)}
+    if set(found) != set(draws):
+        return f"the recomputation runs {len(found)} random ops where the forward ran {len(draws)}"
+    for row, node in found.items():
+        if node.target is not draws[row].target:
+            return f"the recomputation runs {node.target} where the forward ran {draws[row].target}"
     _, run_with_rng_state = rng_state_operators()
     g = graph.graph
-    states = g.find_nodes(op="placeholder")[-len(rows) :]
-    for step, nodes in random_ops.items():
-        for position, node in enumerate(nodes):
-            state = states[rows[step, position]]
-            with g.inserting_before(node):
-                value = g.call_function(run_with_rng_state, (state, node.target, *node.args), dict(node.kwargs))
-            value.meta = dict(node.meta)
-            node.replace_all_uses_with(value)
-            g.erase_node(node)
+    inputs = g.find_nodes(op="placeholder")[-num_saved:]
+    for row, node in found.items():
+        draw = draws[row]
+        if draw.seed is not None:
+            _draw_from_seed(g, node, inputs[draw.saved], draw.seed, fused, fake_mode)
+            continue
+        with g.inserting_before(node):
+            arguments = (inputs[draw.saved], node.target, *node.args)
+            value = g.call_function(run_with_rng_state, arguments, dict(node.kwargs))
+        value.meta = dict(node.meta)
+        node.replace_all_uses_with(value)
+        g.erase_node(node)
     return None
+
+
+_FUSABLE_RANDOM = {torch.ops.aten.rand.default: "rand", torch.ops.aten.randn.default: "randn"}
+
+# Devices whose random numbers come from Inductor's seeds. Its Triton kernels generate them
+# in registers (Philox), fused into their consumers, and saved seeds keep the host out of
+# the replay (CUDA graphs). Inductor's C++ kernels draw them one element at a time
+# (``normalized_rand_cpu``): measured on a 2-core CPU with dropout 0.1 in every branch, at
+# compute-bound sizes a chain's step took 1.50-1.78x eager's from seeds against 0.98-1.23x
+# from the generator's own vectorized kernels (and states), so a CPU keeps states. Seeds won
+# there only with blocks too small for any op's work to count (0.65-0.86x against
+# 1.07-1.75x): a GPU's regime, not a CPU's.
+_SEEDED_DEVICES = frozenset({"cuda", "xpu"})
+
+
+def _fusable(node: torch.fx.Node) -> bool:
+    """Whether Inductor's random prim should stand in for ``node``: what decomposed dropout
+    draws (``rand``), on the default generator, into a plain strided tensor on a device of
+    :data:`_SEEDED_DEVICES`."""
+    value = node.meta.get("val")
+    return (
+        node.target in _FUSABLE_RANDOM
+        and node.kwargs.get("layout") in (None, torch.strided)
+        and not node.kwargs.get("pin_memory")
+        and isinstance(value, torch.Tensor)
+        and value.device.type in _SEEDED_DEVICES
+    )
+
+
+def _draw_from_seed(
+    g: torch.fx.Graph, node: torch.fx.Node, seeds: torch.fx.Node, index: int, fused: Any, fake_mode: Any
+) -> None:
+    """Replace the ``rand``/``randn`` ``node`` by Inductor's random prim on seed ``index``
+    of ``seeds``. The prim draws float32, as Inductor's own replacement does; other dtypes
+    are a conversion after it."""
+    _, lookup_seed, random = fused
+    value = node.meta["val"]
+    with g.inserting_before(node):
+        seed = g.call_function(lookup_seed, (seeds, index))
+        drawn = g.call_function(random, (node.args[0], seed, _FUSABLE_RANDOM[node.target]))
+        result = drawn
+        if value.dtype != torch.float32:
+            result = g.call_function(torch.ops.prims.convert_element_type.default, (drawn, value.dtype))
+    with fake_mode:
+        seed.meta["val"] = torch.empty((), dtype=torch.int64, device=value.device)
+        drawn.meta["val"] = torch.empty(value.shape, dtype=torch.float32, device=value.device)
+    result.meta = dict(node.meta)
+    node.replace_all_uses_with(result)
+    g.erase_node(node)
 
 
 def _output_difference(node: torch.fx.Node, graph: torch.fx.GraphModule, skip: Sequence[int] = ()) -> str | None:
@@ -423,7 +545,9 @@ def _free_attribute_name(gm: torch.fx.GraphModule, base: str) -> str:
     return name
 
 
-def _record(report: Report, inlined: list[str], notes: dict[str, str]) -> None:
+def _record(report: Report, inlined: dict[str, int], notes: dict[str, str]) -> None:
+    """Notes for the chains left as ops; for the traced ones, ``inlined`` on their rows and
+    ``chain_saved_bytes`` (measured on the op's graphs) moved by what tracing changed."""
     for key, reason in notes.items():
         report.partition_notes.append(f"reversible chain {key} runs as an op, step by step: {reason}")
     for result in report.passes:
@@ -431,4 +555,6 @@ def _record(report: Report, inlined: list[str], notes: dict[str, str]) -> None:
             continue
         for row in result.details:
             if "key" in row:
-                row["inlined"] = row["key"] in inlined and row["key"] not in notes
+                row["inlined"] = row["key"] in inlined
+                if row["inlined"] and "chain_saved_bytes" in row:
+                    row["chain_saved_bytes"] += inlined[row["key"]]

@@ -172,20 +172,24 @@ def test_monarch_inference_pass_on_cuda_stays_within_reported_error():
 class Couplings(nn.Module):
     """Reformer-style couplings in plain PyTorch: F = pre-norm MLP, G = pre-norm attention."""
 
-    def __init__(self, depth: int, width: int = 64, heads: int = 4) -> None:
+    def __init__(self, depth: int, width: int = 64, heads: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
         self.f = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+            nn.Sequential(
+                nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Dropout(dropout),
+                nn.Linear(2 * width, width),
+            )
             for _ in range(depth)
         )
+        self.dropout = nn.Dropout(dropout)
         self.norm = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
         self.qkv = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(depth))
 
     def attention(self, k: int, x):
         batch, tokens, width = x.shape
         q, k_, v = self.qkv[k](self.norm[k](x)).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k_, v).transpose(1, 2).reshape(batch, tokens, width)
+        return self.dropout(F.scaled_dot_product_attention(q, k_, v).transpose(1, 2).reshape(batch, tokens, width))
 
     def forward(self, x):
         x1, x2 = x.chunk(2, dim=-1)
@@ -317,6 +321,43 @@ def test_reversible_chain_under_cuda_autocast_matches_eager():
     assert rel_error(x_grad, x_ref_grad) <= 2e-2
     for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
         assert rel_error(mine.grad, theirs.grad) <= 3e-2, name
+
+
+def test_reversible_dropout_chain_replays_as_cuda_graphs_with_inductors_masks():
+    """Under Inductor a traced chain draws its dropout from Inductor's seeds, on the device:
+    bit for bit the masks Inductor draws for the model compiled without the pass, and no
+    host-side RNG state to keep the graphs from being replayed as CUDA graphs. Three steps:
+    warm-up, record, replay, each from its own seed."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(9)
+    model = Couplings(depth=4, dropout=0.1).cuda()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 64, 128, device="cuda")
+    steps = {}
+    for name, net, options in (("memopt", model, {}), ("inductor", reference, {"reversible": False})):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = memopt.compile(
+            net, fullgraph=True, strict=True, inductor_config={"triton.cudagraphs": True}, **options
+        )
+        steps[name] = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            inp = x.clone().requires_grad_()
+            out = compiled(inp)
+            out.square().mean().backward()
+            steps[name].append([out.detach().clone(), inp.grad.clone(), *(p.grad.clone() for p in net.parameters())])
+            for p in net.parameters():
+                p.grad = None
+        if name == "memopt":
+            rows = [row for row in pass_result(memopt.last_report(), "reversible").details if "key" in row]
+            assert rows and all(row["inlined"] for row in rows), memopt.last_report().partition_notes
+        assert counters["inductor"]["cudagraph_skips"] == 0, (name, dict(counters["inductor"]))
+    for mine, theirs in zip(steps["memopt"], steps["inductor"]):
+        for a, b in zip(mine, theirs):
+            assert rel_error(a, b) <= 1e-4
+    assert rel_error(steps["memopt"][0][0], steps["memopt"][1][0]) > 1e-3  # new seed, new masks
 
 
 def test_slicing_under_cuda_autocast_keeps_eager_precision():

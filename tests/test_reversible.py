@@ -571,19 +571,57 @@ def test_chain_as_an_op_replays_eager_dropout(case):
 
 
 @pytest.mark.slow
-def test_traced_dropout_chain_under_inductor_draws_as_the_eager_lowering():
-    """Under Inductor the traced chain's random ops run as fallback kernels on the
-    generator, each wrapped to save (forward) or restore (backward) its state: the same masks
-    as the op-by-op lowering of the same graphs, and their exact gradients."""
+@pytest.mark.parametrize("draws", ["states", "seeds", "fallback_random"])
+def test_traced_dropout_chain_under_inductor_replays_its_masks(draws, monkeypatch):
+    """Under Inductor a traced chain's dropout is drawn again in the backward, exactly:
+
+    * ``states`` (a CPU, by default): each dropout saves the generator's state and runs as a
+      fallback kernel: the masks of the op-by-op lowering of the same graphs;
+    * ``seeds`` (a GPU, by default; forced here on the CPU): Inductor's own random prims on
+      one seeds tensor in graph order, as Inductor compiles the model without the pass: the
+      same masks bit for bit, replayed from the 8-byte seeds, fused, nothing on the host;
+    * ``fallback_random`` (Inductor's option): dropout is not decomposed, and the chain keeps
+      a state per dropout and draws what Inductor then draws, the eager module's masks."""
+    import memopt.reversible_inline
+    from memopt._torch_compat import rng_state_operators
+
+    if draws == "seeds":
+        monkeypatch.setattr(memopt.reversible_inline, "_SEEDED_DEVICES", frozenset({"cpu"}))
+    graphs = capture_inlined_graphs(monkeypatch)
     torch.manual_seed(0)
-    model, x = CASES["transformer"](2, 0.25)
+    model, x = CASES["transformer"](3, 0.25)
     reference = copy.deepcopy(model)
-    out, x_grad = run_step(model, x, seed=7, lowering="inductor", strict=True)
-    assert all(row["inlined"] for row in reversible_result(memopt.last_report()).details if "key" in row)
+    inductor_config = {"fallback_random": draws == "fallback_random"}
+    out, x_grad = run_step(model, x, seed=7, lowering="inductor", strict=True, inductor_config=inductor_config)
+    report = memopt.last_report()
     torch._dynamo.reset()
-    ref_out, x_ref = run_step(reference, x, seed=7, lowering="eager", strict=True)
+    ref_options = {"lowering": "eager"} if draws == "states" else {"inductor_config": inductor_config}
+    ref_out, x_ref = run_step(reference, x, seed=7, reversible=False, **ref_options)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     assert_close_grads(model, reference, x_grad, x_ref)
+
+    forward, backward = graphs[0]
+    assert chain_nodes(forward) == [] and chain_nodes(backward) == []
+    run_and_save_rng_state, run_with_rng_state = rng_state_operators()
+    from torch._inductor import inductor_prims as prims
+
+    def count(gm, target):
+        return len(gm.graph.find_nodes(op="call_function", target=target))
+
+    rows = [row for row in reversible_result(report).details if "key" in row]
+    assert all(row["inlined"] for row in rows)
+    half = out.numel() // 2 * out.element_size()
+    if draws != "seeds":  # one generator state per dropout (one in each of the 6 steps)
+        assert count(forward, run_and_save_rng_state) == count(backward, run_with_rng_state) == 6
+        assert count(forward, prims.seeds) == 0
+        assert report.saved_activation_bytes == 2 * half + 6 * CPU_RNG_STATE_BYTES
+    else:  # one int64 seed per dropout, all in one saved tensor
+        assert count(forward, prims.seeds) == 1
+        assert count(forward, prims.random) == count(backward, prims.random) == 6
+        assert count(forward, run_and_save_rng_state) == count(backward, run_with_rng_state) == 0
+        assert report.saved_activation_bytes == 2 * half + 6 * 8
+    # The rows' per-chain bytes are those of the graphs that run.
+    assert rows[0]["chain_saved_bytes"] == report.saved_activation_bytes
 
 
 def test_reversible_inline_false_keeps_the_ops(monkeypatch):
