@@ -355,7 +355,8 @@ def _chain_from(graph: _Graph, first: Node, taken: set[Node], failures: dict[str
                     step1 = _find_step(graph, first, reading, x2, forbidden - {x2})
                     step2 = _find_step(graph, second, reading2, first, forbidden - {first})
                 except NotReversible as reason:
-                    failures.setdefault(first.name, str(reason))
+                    if _independent(graph, x1, x2):
+                        failures.setdefault(first.name, str(reason))
                     continue
                 chain = _Chain(x1, x2, [step1, step2])
                 _extend(graph, chain, forbidden, failures)
@@ -363,6 +364,14 @@ def _chain_from(graph: _Graph, first: Node, taken: set[Node], failures: dict[str
                 if len(chain.steps) >= 2:
                     return chain
     return None
+
+
+def _independent(graph: _Graph, x1: Node, x2: Node) -> bool:
+    """Whether neither stream is computed from the other: what two halves of a coupling's
+    input are. A candidate without it is no coupling the user wrote but an add that happens
+    to read an earlier value (GELU's ``x + 0.044715 x^3`` after a layer fed by ``x2``, say),
+    and not worth a note."""
+    return x2 not in graph.ancestors(x1) and x1 not in graph.ancestors(x2)
 
 
 def _extend(graph: _Graph, chain: _Chain, forbidden: set[Node], failures: dict[str, str]) -> None:
