@@ -46,8 +46,9 @@ capped 90 install $py -m pip install -q --no-deps --no-build-isolation -e .
 $py -c "import torch, triton, memopt; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >>"$log" 2>&1
 
 # Caps in seconds, each overridable from the environment (CAP_SLICING=300 ...), so that one call
-# can hold several steps when the lease is short; MONARCH_ARGS, IM2WIN_ARGS and SLICING_ARGS add
-# arguments to those benchmarks, TEST_FILES picks the tests.
+# can hold several steps when the lease is short; MONARCH_ARGS, IM2WIN_ARGS, REVERSIBLE_ARGS and
+# SLICING_ARGS add arguments to those benchmarks (REVERSIBLE_ARGS="--dropout 0.1": chains whose
+# dropout draws from Inductor's seeds), TEST_FILES picks the tests.
 cap() { local var=CAP_$1; echo "${!var:-$2}"; }
 for step in "${steps[@]}"; do
   case $step in
@@ -73,7 +74,7 @@ for step in "${steps[@]}"; do
       capped "$(cap REVERSIBLE 360)" reversible $py benchmarks/reversible.py --depths "${REVERSIBLE_DEPTHS:-8,16}" \
         --lowering inductor --models reformer,revnet --repeat 5 \
         --variants "${REVERSIBLE_VARIANTS:-eager,inductor,memopt-reversible,memopt-reversible-op,inductor-cudagraphs,memopt-reversible-cudagraphs}" \
-        --output "benchmarks/results/reversible-$date-cuda.md" ;;
+        --output "benchmarks/results/reversible-$date-cuda.md" ${REVERSIBLE_ARGS:-} ;;
     profile)
       # Host vs GPU time and kernels per call: the Monarch op against its kernels, memopt's
       # reversible training step against eager's (benchmarks/gpu_profile.py).
