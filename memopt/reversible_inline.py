@@ -76,6 +76,8 @@ def inline_reversible_chains(
     """Replace every reversible-chain op node of a partitioned pair of graphs, in place, by
     the aten graph it runs (see the module docstring); chains that cannot be are noted."""
     if not config.reversible_inline:
+        if report is not None:
+            _record(report, {}, {})  # every row: inlined False
         return
     halves: dict[str, dict[str, torch.fx.Node]] = {}
     for half, gm, target in (
@@ -138,7 +140,7 @@ def _inline_chain(
         if half == "backward" and random:  # what the forward saved: trailing inputs fn ignores
             values += [value.meta["val"] for value in saved]
         graph = trace_functional(fn, values, _decompositions())
-        random_ops = _take_boundaries(graph)
+        random_ops = _take_boundaries(graph, half)
         if half == "forward" and random:
             draws, saved = _save_randomness(graph, random_ops, chain.rng_bytes, detect_fake_mode(values), fused)
         elif random:
@@ -275,8 +277,10 @@ def _bounded(fn: ops.StepFn, number: int) -> ops.StepFn:
     return bounded
 
 
-def _take_boundaries(graph: torch.fx.GraphModule) -> dict[int, list[torch.fx.Node]]:
-    """The random ops of a traced chain by step, in order; the boundary markers are removed."""
+def _take_boundaries(graph: torch.fx.GraphModule, half: str) -> dict[int, list[torch.fx.Node]]:
+    """The random ops of a traced chain's steps (the forward's, or the backward's
+    recomputations), by step, in order; the boundary markers are removed. Outside the steps
+    the backward computes gradients, which are not recomputations and need no replay."""
     boundary = torch.ops.memopt.reversible_trace_boundary.default
     step = None
     random_ops: dict[int, list[torch.fx.Node]] = {}
@@ -284,21 +288,22 @@ def _take_boundaries(graph: torch.fx.GraphModule) -> dict[int, list[torch.fx.Nod
         if node.target is boundary:
             step = node.args[0] if node.args[0] >= 0 else None
             graph.graph.erase_node(node)
-        elif _is_random(node):
-            if step is None:
-                raise RuntimeError(f"random op {node.target} outside the steps the pass found random")
+        elif step is not None and _is_random(node):
             random_ops.setdefault(step, []).append(node)
+        elif half == "forward" and _is_random(node):
+            raise RuntimeError(f"random op {node.target} outside the steps the pass found random")
     return random_ops
 
 
 def _is_random(node: torch.fx.Node) -> bool:
-    """Whether ``node`` draws from the generator: a seeded op, except attention with
-    ``dropout_p=0`` (its kernels carry the tag whatever ``dropout_p``) and the attention
-    backward kernels, which rebuild the forward's mask from the seeds it returned."""
+    """Whether ``node`` may draw from the generator (:func:`memopt.ops.reversible.may_draw_random`),
+    except attention with ``dropout_p=0`` (its kernels carry the tag whatever ``dropout_p``)
+    and the attention backward kernels, which rebuild the forward's mask from the seeds it
+    returned."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
-    if torch.Tag.nondeterministic_seeded not in target.tags or target._schema.name.endswith("_backward"):
+    if not ops.may_draw_random(target) or target._schema.name.endswith("_backward"):
         return False
     for index, argument in enumerate(target._schema.arguments):
         if argument.name == "dropout_p":

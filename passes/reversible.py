@@ -124,6 +124,8 @@ def _target_name(node: Node) -> str:
 
 
 def _is_random(node: Node) -> bool:
+    if reversible_ops.may_draw_random(node.target):
+        return True
     name = _target_name(node)
     if "dropout" in name and node.op == "call_function":
         # F.dropout(input, p, training, inplace): p == 0 or training=False draws nothing.

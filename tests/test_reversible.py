@@ -570,6 +570,105 @@ def test_chain_as_an_op_replays_eager_dropout(case):
     assert report.saved_activation_bytes == 2 * half + 6 * CPU_RNG_STATE_BYTES  # one state per random step
 
 
+@torch.library.custom_op("memopt_test::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A dropout mask drawn inside a custom op: the pass can tell it is random by its tag alone."""
+    return (torch.rand_like(x) >= p).to(x.dtype) / (1 - p)
+
+
+@keep_mask.register_fake
+def _(x, p):
+    return torch.empty_like(x)
+
+
+class CustomOpDropoutCouplings(nn.Module):
+    def __init__(self, depth, width=6):
+        super().__init__()
+        self.f = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.g = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        for f, g in zip(self.f, self.g):
+            h = f(x2)
+            x1 = x1 + h * keep_mask(h.detach(), 0.3)
+            h = g(x1)
+            x2 = x2 + h * keep_mask(h.detach(), 0.3)
+        return torch.cat([x1, x2], dim=-1)
+
+
+@torch.library.custom_op("memopt_test::noisy_scale", mutates_args=())
+def noisy_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` times noise drawn inside the op, which does not declare that it draws (like a
+    fused kernel's dropout): memopt must assume any custom op might."""
+    noise = 1 + 0.5 * torch.randn_like(x)
+    return x * noise, noise
+
+
+@noisy_scale.register_fake
+def _(x):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("memopt_test::times", mutates_args=())
+def times(grad: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return grad * noise
+
+
+@times.register_fake
+def _(grad, noise):
+    return torch.empty_like(grad)
+
+
+def _noisy_scale_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _noisy_scale_backward(ctx, grad, _grad_noise):
+    (noise,) = ctx.saved_tensors
+    return torch.ops.memopt_test.times(grad, noise)  # a custom op in the backward too
+
+
+noisy_scale.register_autograd(_noisy_scale_backward, setup_context=_noisy_scale_context)
+
+
+class NoisyCouplings(nn.Module):
+    def __init__(self, depth, width=6):
+        super().__init__()
+        self.f = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.g = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        for f, g in zip(self.f, self.g):
+            x1 = x1 + noisy_scale(f(x2))[0]
+            x2 = x2 + g(x1).tanh()
+        return torch.cat([x1, x2], dim=-1)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["traced", "op"])
+@pytest.mark.parametrize("case", ["tagged", "undeclared"])
+def test_random_custom_ops_are_replayed(case, inline):
+    """A custom op that draws random numbers, whether it declares it (the
+    ``nondeterministic_seeded`` tag) or not (any custom op from outside PyTorch might): its
+    steps are random steps, and the recomputation draws the forward's numbers again. Custom
+    ops are not decomposed, so even a traced chain draws eager's numbers. (The undeclared
+    op's backward is a custom op too: gradient ops need no replay.)"""
+    torch.manual_seed(0)
+    model = CustomOpDropoutCouplings(3) if case == "tagged" else NoisyCouplings(3)
+    x = torch.randn(4, 12)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True, reversible_inline=inline)
+    ref_out, x_ref = run_step(reference, x, seed=7)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    rows = [row for row in reversible_result(memopt.last_report()).details if "key" in row]
+    random_steps = 6 if case == "tagged" else 3
+    assert len(rows) == 3 and sum(row["rng_state_bytes"] > 0 for row in rows) == 3
+    assert sum(row["rng_state_bytes"] for row in rows) == random_steps * CPU_RNG_STATE_BYTES
+    assert all(row["inlined"] == inline for row in rows), memopt.last_report().partition_notes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("draws", ["states", "seeds", "fallback_random"])
 def test_traced_dropout_chain_under_inductor_replays_its_masks(draws, monkeypatch):

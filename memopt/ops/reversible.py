@@ -107,6 +107,25 @@ def _set_rng_state(state: Tensor, device: torch.device) -> None:
         torch.set_rng_state(state)
 
 
+# Operator namespaces whose ops declare their random draws with the ``nondeterministic_seeded``
+# tag (PyTorch's own), or draw none (memopt's; the functional collectives).
+_DECLARED_NAMESPACES = frozenset({"aten", "prims", "memopt", "_c10d_functional", "c10d_functional"})
+
+
+def may_draw_random(target: object) -> bool:
+    """Whether the operator ``target`` may draw from the generator, so that a step running it
+    must draw the same numbers again when recomputed: tagged ``nondeterministic_seeded``, or
+    a custom op of another library, which may draw without the tag (a fused attention
+    kernel's dropout, say) and cannot be seen into. Replaying a generator state that nothing
+    draws from costs a few bytes; not replaying one that is drawn from would silently give
+    wrong gradients."""
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return any(may_draw_random(getattr(target, name)) for name in target.overloads())
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return torch.Tag.nondeterministic_seeded in target.tags or target.namespace not in _DECLARED_NAMESPACES
+
+
 def rng_state_bytes(device: torch.device) -> int:
     """Bytes of one recorded RNG state on ``device`` (5056 on CPU, 16 on CUDA)."""
     return _get_rng_state(device).numel()
