@@ -1004,6 +1004,35 @@ def test_converted_transformers_gpt2_with_dropout_trains():
     assert auto.rewrites == 0 and auto.notes == [], auto.notes
 
 
+def test_converted_transformers_llama_trains():
+    """A `transformers` Llama (tiny config: RMSNorm, rotary embeddings, grouped-query
+    attention with dropout, gated SiLU MLP): its 4 blocks' 8 residual sublayers become one
+    chain with a random step per attention, traced into the graphs, and the model trains."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, attention_dropout=0.1,
+    )
+    model = transformers.LlamaForCausalLM(config).train()
+    compiled = memopt.compile(model, lowering="eager", reversible="convert", strict=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 64, (4, 16))
+    losses = []
+    with memopt.collect_reports() as reports:
+        for _ in range(15):
+            optimizer.zero_grad()
+            loss = compiled(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    (report,) = [report for report in reports if reversible_result(report).rewrites]
+    rows = [row for row in reversible_result(report).details if "key" in row]
+    assert len(rows) == 4 and all(row["inlined"] for row in rows), report.partition_notes
+    assert [row["rng_state_bytes"] for row in rows] == [CPU_RNG_STATE_BYTES] * 4  # the attention dropout
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
+
+
 def test_chain_registry_error_names_the_key():
     with pytest.raises(RuntimeError, match="not registered"):
         reversible_ops._chain("missing")
