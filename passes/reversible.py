@@ -736,6 +736,28 @@ def _has_weights(graph: _Graph, source: Node, h: Node) -> bool:
 
 
 MAX_REFUSED_NOTES = 5
+_NORMALIZATIONS = frozenset({"layer_norm", "group_norm", "rms_norm", "batch_norm", "instance_norm"})
+
+
+def _post_norm_adds(graph: _Graph) -> list[tuple[Node, str]]:
+    """Residual adds ``x + f(x)`` (``f`` reads ``x``; same shape in and out) read by
+    normalizations alone: the post-norm blocks ``x <- norm(x + f(x))``, with the
+    normalization's name."""
+    found = []
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or not _is_add(node) or not node.users:
+            continue
+        names = {_target_name(user) for user in node.users}
+        value = _value(node)
+        if not names <= _NORMALIZATIONS or value is None:
+            continue
+        for source, scale, _skip, h in _interpretations(node):
+            skip_value = _value(source)
+            same_shape = skip_value is not None and skip_value.shape == value.shape
+            if scale == 1.0 and same_shape and source in graph.ancestors(h):  # f reads x
+                found.append((node, sorted(names)[0]))
+                break
+    return found
 
 
 def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -745,6 +767,14 @@ def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     refused: dict[Node, str] = {}
     chains = _residual_chains(graph, refused)
     converted = {step.add for steps in chains for step in steps}
+    post_norm = [(add, norm) for add, norm in _post_norm_adds(graph) if add not in converted]
+    if len(post_norm) >= 2:
+        (add, norm), *_ = post_norm
+        result.notes.append(
+            f"left alone: {len(post_norm)} post-norm residual blocks ({add.name} goes through {norm} before the "
+            "next sublayer, as in BERT): x <- norm(x + f(x)) carries no residual stream across blocks; only pre-norm "
+            "stacks x <- x + f(norm(x)) convert"
+        )
     reasons = [reason for add, reason in refused.items() if add not in converted]
     for reason in list(dict.fromkeys(reasons))[:MAX_REFUSED_NOTES]:
         result.notes.append(f"left alone: residual {reason}")

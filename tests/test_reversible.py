@@ -1033,6 +1033,24 @@ def test_converted_transformers_llama_trains():
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
 
+def test_convert_explains_post_norm_stacks():
+    """BERT's blocks are post-norm, ``x <- LayerNorm(x + f(x))``: no residual stream runs
+    across them, nothing converts, and the note says why in those words."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=32,
+    )
+    model = transformers.BertModel(config).train()
+    ids = torch.randint(0, 64, (2, 8))
+    with memopt.collect_reports() as reports:
+        memopt.compile(model, lowering="eager", reversible="convert")(input_ids=ids).last_hidden_state.sum().backward()
+    convert = next(result for result in reports[0].passes if result.name == "reversible-convert")
+    assert convert.rewrites == 0
+    assert any("6 post-norm residual blocks" in note for note in convert.notes), convert.notes
+
+
 def test_chain_registry_error_names_the_key():
     with pytest.raises(RuntimeError, match="not registered"):
         reversible_ops._chain("missing")
