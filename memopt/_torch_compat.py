@@ -199,12 +199,16 @@ def inductor_random_prims() -> tuple[Any, Any, Any] | None:
     backward graph from a saved ``seeds`` tensor draws the forward's numbers again, on the
     device, with nothing on the host (which CUDA graphs need). This is how Inductor itself
     recomputes dropout."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor import inductor_prims
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor import inductor_prims
 
+        prims = inductor_prims.seeds, inductor_prims.lookup_seed, inductor_prims.random
+    except (ImportError, AttributeError):  # a torch without them: random ops keep states
+        return None
     if inductor_config.fallback_random or getattr(inductor_config, "align_random_eager", False):
         return None
-    return inductor_prims.seeds, inductor_prims.lookup_seed, inductor_prims.random
+    return prims
 
 
 def known_equal(a: Sequence[Any], b: Sequence[Any]) -> bool:
