@@ -155,12 +155,12 @@ def reversible_section(args: argparse.Namespace) -> list[str]:
         torch.manual_seed(0)
         if model_name == "revnet":
             batch, channels, size = (2, 4, 8) if args.small else (32, 64, 32)
-            model = bench.revnet(args.depth, channels).to(device)
+            model = bench.revnet(args.depth, channels, args.dropout).to(device)
             x = torch.randn(batch, 3, size, size, device=device)
             shape = f"batch {batch}, {channels}+{channels} channels, {size}x{size}"
         elif model_name == "reformer":
             batch, tokens, width, heads = (2, 16, 16, 2) if args.small else (8, 512, 256, 8)
-            model = bench.reformer(args.depth, width, heads).to(device)
+            model = bench.reformer(args.depth, width, heads, args.dropout).to(device)
             x = torch.randn(batch, tokens, 16, device=device)
             shape = f"batch {batch}, {tokens} tokens, width {width}+{width}, {heads} heads"
         else:
@@ -175,7 +175,8 @@ def reversible_section(args: argparse.Namespace) -> list[str]:
 
             rows.append((variant, profile_or_failure(f"reversible {model_name} {variant}", step, args)))
         lines += [
-            f"## reversible: {model_name}, depth {args.depth}, {shape}, float32, one training step, "
+            f"## reversible: {model_name}, depth {args.depth}, {shape}, float32, dropout {args.dropout}, "
+            "one training step, "
             f"memopt lowering `{args.lowering}`",
             "",
         ]
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="revnet,reformer", help="reversible models")
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--lowering", default="inductor", choices=("inductor", "eager"), help="memopt's lowering")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout in every reversible branch")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="tiny shapes: check the script itself")

@@ -47,8 +47,9 @@ $py -c "import torch, triton, memopt; print('torch', torch.__version__, 'triton'
 
 # Caps in seconds, each overridable from the environment (CAP_SLICING=300 ...), so that one call
 # can hold several steps when the lease is short; MONARCH_ARGS, IM2WIN_ARGS, REVERSIBLE_ARGS and
-# SLICING_ARGS add arguments to those benchmarks (REVERSIBLE_ARGS="--dropout 0.1": chains whose
-# dropout draws from Inductor's seeds), TEST_FILES picks the tests.
+# SLICING_ARGS and PROFILE_ARGS add arguments to those benchmarks (REVERSIBLE_ARGS="--dropout 0.1",
+# PROFILE_ARGS="--parts reversible --dropout 0.1": chains whose dropout draws from Inductor's
+# seeds), TEST_FILES picks the tests.
 cap() { local var=CAP_$1; echo "${!var:-$2}"; }
 for step in "${steps[@]}"; do
   case $step in
@@ -78,7 +79,8 @@ for step in "${steps[@]}"; do
     profile)
       # Host vs GPU time and kernels per call: the Monarch op against its kernels, memopt's
       # reversible training step against eager's (benchmarks/gpu_profile.py).
-      capped "$(cap PROFILE 120)" profile $py benchmarks/gpu_profile.py --output "$out/profile-$date-cuda.md" ;;
+      capped "$(cap PROFILE 120)" profile $py benchmarks/gpu_profile.py --output "$out/profile-$date-cuda.md" \
+        ${PROFILE_ARGS:-} ;;
     slicing)
       # Also replayed as CUDA graphs: the sliced groups' per-slice Python is what costs time.
       capped "$(cap SLICING 540)" slicing $py benchmarks/slicing.py --skip-rehash --cudagraphs \
