@@ -46,7 +46,7 @@ capped 90 install $py -m pip install -q --no-deps --no-build-isolation -e .
 $py -c "import torch, triton, memopt; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >>"$log" 2>&1
 
 # Caps in seconds, each overridable from the environment (CAP_SLICING=300 ...), so that one call
-# can hold several steps when the lease is short; MONARCH_ARGS, IM2WIN_ARGS, REVERSIBLE_ARGS and
+# can hold several steps when the lease is short; MONARCH_ARGS, IM2WIN_ARGS, REVERSIBLE_ARGS,
 # SLICING_ARGS and PROFILE_ARGS add arguments to those benchmarks (REVERSIBLE_ARGS="--dropout 0.1",
 # PROFILE_ARGS="--parts reversible --dropout 0.1": chains whose dropout draws from Inductor's
 # seeds), TEST_FILES picks the tests.
