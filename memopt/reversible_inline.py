@@ -334,11 +334,12 @@ def _save_randomness(
     """In a traced forward, make each random op one the backward can replay. Returns how, by
     (step, position in the step), and the nodes the forward must save for it.
 
-    With ``fused`` (Inductor's random prims), ``rand``/``randn`` draw from one seeds tensor
-    per device, in graph order, as Inductor's own graphs do: fused into their consumers'
-    kernels, and saving 8 bytes per op. Any other random op (an attention kernel's dropout,
-    a random op under the eager lowering) runs through ``run_and_save_rng_state``, which
-    saves the generator's state (5 KiB on a CPU) and runs the op as a fallback kernel."""
+    With ``fused`` (Inductor's random prims), ``rand``/``randn`` on a GPU (:func:`_fusable`)
+    draw from one seeds tensor per device, in graph order, as Inductor's own graphs do: fused
+    into their consumers' kernels, and saving 8 bytes per op. Any other random op (an
+    attention kernel's dropout, a custom op, any random op on a CPU or under the eager
+    lowering) runs through ``run_and_save_rng_state``, which saves the generator's state
+    (5 KiB on a CPU) and runs the op as a fallback kernel."""
     g = graph.graph
     in_order = [
         ((step, position), node) for step in sorted(random_ops) for position, node in enumerate(random_ops[step])
