@@ -961,6 +961,23 @@ def test_converted_model_trains():
     assert losses[-1] < 0.3 * losses[0]
 
 
+def train_converted_causal_lm(model, ids, steps):
+    """Train a `transformers` causal LM compiled with ``reversible="convert"`` (eager lowering)
+    on ``ids`` for ``steps`` Adam steps: the losses, and the report of the converted graph."""
+    compiled = memopt.compile(model, lowering="eager", reversible="convert", strict=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    with memopt.collect_reports() as reports:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = compiled(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    (report,) = [report for report in reports if reversible_result(report).rewrites]
+    return losses, report
+
+
 def test_converted_transformers_gpt2_with_dropout_trains():
     """A `transformers` GPT-2 (tiny config, random weights, dropout on): its 4 blocks' 8
     residual sublayers become one chain, traced into the graphs, and the model trains.
@@ -974,19 +991,8 @@ def test_converted_transformers_gpt2_with_dropout_trains():
     )
     model = transformers.GPT2LMHeadModel(config).train()
     parameters = sum(p.numel() for p in model.parameters())
-    compiled = memopt.compile(model, lowering="eager", reversible="convert")
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 64, (4, 16))
-    losses = []
-    with memopt.collect_reports() as reports:
-        for _ in range(20):
-            optimizer.zero_grad()
-            loss = compiled(ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    converted = [report for report in reports if reversible_result(report).rewrites]
-    (report,) = converted
+    losses, report = train_converted_causal_lm(model, ids, steps=20)
     rows = [row for row in reversible_result(report).details if "key" in row]
     assert len(rows) == 4 and all(row["inlined"] for row in rows), report.partition_notes
     assert sum(p.numel() for p in model.parameters()) == parameters
@@ -1015,18 +1021,7 @@ def test_converted_transformers_llama_trains():
         vocab_size=64, max_position_embeddings=32, attention_dropout=0.1,
     )
     model = transformers.LlamaForCausalLM(config).train()
-    compiled = memopt.compile(model, lowering="eager", reversible="convert", strict=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    ids = torch.randint(0, 64, (4, 16))
-    losses = []
-    with memopt.collect_reports() as reports:
-        for _ in range(15):
-            optimizer.zero_grad()
-            loss = compiled(ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    (report,) = [report for report in reports if reversible_result(report).rewrites]
+    losses, report = train_converted_causal_lm(model, torch.randint(0, 64, (4, 16)), steps=15)
     rows = [row for row in reversible_result(report).details if "key" in row]
     assert len(rows) == 4 and all(row["inlined"] for row in rows), report.partition_notes
     assert [row["rng_state_bytes"] for row in rows] == [CPU_RNG_STATE_BYTES] * 4  # the attention dropout
