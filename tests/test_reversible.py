@@ -581,22 +581,6 @@ def _(x, p):
     return torch.empty_like(x)
 
 
-class CustomOpDropoutCouplings(nn.Module):
-    def __init__(self, depth, width=6):
-        super().__init__()
-        self.f = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.g = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-
-    def forward(self, x):
-        x1, x2 = x.chunk(2, dim=-1)
-        for f, g in zip(self.f, self.g):
-            h = f(x2)
-            x1 = x1 + h * keep_mask(h.detach(), 0.3)
-            h = g(x1)
-            x2 = x2 + h * keep_mask(h.detach(), 0.3)
-        return torch.cat([x1, x2], dim=-1)
-
-
 @torch.library.custom_op("memopt_test::noisy_scale", mutates_args=())
 def noisy_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` times noise drawn inside the op, which does not declare that it draws (like a
@@ -632,18 +616,26 @@ def _noisy_scale_backward(ctx, grad, _grad_noise):
 noisy_scale.register_autograd(_noisy_scale_backward, setup_context=_noisy_scale_context)
 
 
-class NoisyCouplings(nn.Module):
-    def __init__(self, depth, width=6):
+class LinearCouplings(nn.Module):
+    """Couplings of linear layers, each branch's output passed through ``after_f`` or
+    ``after_g`` (where the tests put their custom ops)."""
+
+    def __init__(self, depth, after_f, after_g, width=6):
         super().__init__()
         self.f = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
         self.g = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.after_f, self.after_g = after_f, after_g
 
     def forward(self, x):
         x1, x2 = x.chunk(2, dim=-1)
         for f, g in zip(self.f, self.g):
-            x1 = x1 + noisy_scale(f(x2))[0]
-            x2 = x2 + g(x1).tanh()
+            x1 = x1 + self.after_f(f(x2))
+            x2 = x2 + self.after_g(g(x1))
         return torch.cat([x1, x2], dim=-1)
+
+
+def masked(h):
+    return h * keep_mask(h.detach(), 0.3)
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["traced", "op"])
@@ -655,7 +647,10 @@ def test_random_custom_ops_are_replayed(case, inline):
     ops are not decomposed, so even a traced chain draws eager's numbers. (The undeclared
     op's backward is a custom op too: gradient ops need no replay.)"""
     torch.manual_seed(0)
-    model = CustomOpDropoutCouplings(3) if case == "tagged" else NoisyCouplings(3)
+    if case == "tagged":
+        model = LinearCouplings(3, masked, masked)
+    else:
+        model = LinearCouplings(3, lambda h: noisy_scale(h)[0], torch.tanh)
     x = torch.randn(4, 12)
     reference = copy.deepcopy(model)
     out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True, reversible_inline=inline)
