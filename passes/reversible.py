@@ -648,6 +648,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 + f": {len(segment.steps)} steps ({segment.steps[0].add.name} .. {segment.steps[-1].add.name}) "
                 "keep only their 2 final outputs for the backward; inputs are rebuilt and F/G recomputed"
                 + (f"; {random_steps} random steps keep their RNG state" if random_steps else "")
+                + _assumed_random_note(segment.steps)
             )
         if len(segments) > 1:
             result.notes.append(
@@ -660,6 +661,16 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 # --- Conversion: residual chains to the two-stream form --------------------------------
+
+
+def _assumed_random_note(steps: list[_Step]) -> str:
+    """Which custom ops made steps random only because memopt cannot see inside them."""
+    names = sorted(
+        {str(node.target) for step in steps for node in step.nodes if reversible_ops.assumed_random(node.target)}
+    )
+    if not names:
+        return ""
+    return f" (counting custom ops that may draw random numbers without declaring it: {', '.join(names)})"
 
 
 def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> list[list[_Step]]:

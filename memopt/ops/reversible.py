@@ -119,11 +119,26 @@ def may_draw_random(target: object) -> bool:
     kernel's dropout, say) and cannot be seen into. Replaying a generator state that nothing
     draws from costs a few bytes; not replaying one that is drawn from would silently give
     wrong gradients."""
+    return _declares_random(target) or assumed_random(target)
+
+
+def assumed_random(target: object) -> bool:
+    """Whether ``target`` is a custom op that :func:`may_draw_random` counts as random only
+    because it cannot see inside it (no ``nondeterministic_seeded`` tag, another library)."""
     if isinstance(target, torch._ops.OpOverloadPacket):
-        return any(may_draw_random(getattr(target, name)) for name in target.overloads())
-    if not isinstance(target, torch._ops.OpOverload):
-        return False
-    return torch.Tag.nondeterministic_seeded in target.tags or target.namespace not in _DECLARED_NAMESPACES
+        namespace = target._qualified_op_name.split("::")[0]
+        return not _declares_random(target) and namespace not in _DECLARED_NAMESPACES
+    return (
+        isinstance(target, torch._ops.OpOverload)
+        and not _declares_random(target)
+        and target.namespace not in _DECLARED_NAMESPACES
+    )
+
+
+def _declares_random(target: object) -> bool:
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return any(_declares_random(getattr(target, name)) for name in target.overloads())
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
 def rng_state_bytes(device: torch.device) -> int:
