@@ -394,6 +394,8 @@ def _replay_randomness(
     found = {(step, position): node for step, nodes in random_ops.items() for position, node in enumerate(nodes)}
     if set(found) != set(draws):
         return f"the recomputation runs {len(found)} random ops where the forward ran {len(draws)}"
+    if not found:
+        return None
     for row, node in found.items():
         if node.target is not draws[row].target:
             return f"the recomputation runs {node.target} where the forward ran {draws[row].target}"
