@@ -194,7 +194,8 @@ def _why_states_cannot_be_saved(
     forward_node: torch.fx.Node, saved_rng: Any, graphs: dict[str, torch.fx.GraphModule]
 ) -> str | None:
     """The op's RNG-state output must go straight from the forward's outputs to one backward
-    input read by the chain's backward alone, for one state per random op to take its place."""
+    input read by the chain's backward alone, for what :func:`_save_randomness` saves to take
+    its place."""
     output = graphs["forward"].graph.find_nodes(op="output")[0]
     users = [user for user in forward_node.users if user.args[1] == 2]
     if len(users) != 1 or list(users[0].users) != [output] or list(output.args[0]).count(users[0]) != 1:
@@ -224,8 +225,8 @@ def _forward_trace(chain: ops.Chain, node: torch.fx.Node) -> tuple[list[torch.fx
 
 
 def _backward_trace(chain: ops.Chain, node: torch.fx.Node) -> tuple[list[torch.fx.Node], Callable[..., Any]]:
-    """The traced function ignores inputs past the op's own arguments: the RNG states
-    :func:`_replay_rng_states` wires in."""
+    """The traced function ignores inputs past the op's own arguments: the seeds or RNG states
+    :func:`_replay_randomness` wires in."""
     _key, stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes = node.args
     num_params, num_tensors = len(params), 5 + len(params) + len(kept_consts)
     size_nodes, with_sizes = _size_inputs(sizes)
@@ -257,7 +258,7 @@ def _traceable(chain: ops.Chain) -> ops.Chain:
     """``chain`` as traced: random steps marked with boundaries (:func:`_take_boundaries`)
     and no longer random, so that neither the forward records RNG states nor the backward
     restores them (Python-side work a trace cannot hold): the traced graphs save and replay
-    each random op's state instead (:func:`_save_rng_states`)."""
+    each random op's seed or state instead (:func:`_save_randomness`)."""
     if not chain.random_steps:
         return chain
     steps = [
