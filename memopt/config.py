@@ -8,6 +8,7 @@ with a ``ValueError`` naming the valid keys or values, before anything is compil
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,6 +87,17 @@ class Config:
     16, but 2-3x the training step time where blocks are small, and the only way to draw
     exactly eager's dropout masks (traced chains draw them as compiled graphs do)."""
 
+    reversible_deterministic_ops: tuple[str, ...] = ()
+    """Custom operators that draw no random numbers, by namespace (``"torchao"``), name
+    (``"mylib::fused_mlp"``) or overload (``"mylib::fused_mlp.default"``). A reversible chain
+    must draw the same random numbers again when it recomputes a step in the backward, and
+    memopt cannot see inside another library's kernels, so a step calling a custom op not
+    tagged ``nondeterministic_seeded`` keeps an RNG state for it (5 KiB on a CPU), and a traced
+    chain runs it under AOTAutograd's RNG-state operators, in case it draws (a fused kernel's
+    dropout, say). The chain's note names the ops counted this way; naming them here says
+    they do not draw. Name only ops you know to be deterministic: one that does draw would
+    then get silently wrong gradients."""
+
     monarch: bool | MonarchOptions = False
     """Opt-in, changes results: replace dense linear layers of inference graphs (weights that
     are parameters) by their optimal Monarch projections, frozen as constants (see
@@ -143,6 +155,8 @@ class Config:
                 )
             object.__setattr__(self, "memory_budget", float(budget))
         _check_choice("reversible", self.reversible, REVERSIBLE_MODES)
+        deterministic = _op_names("reversible_deterministic_ops", self.reversible_deterministic_ops)
+        object.__setattr__(self, "reversible_deterministic_ops", deterministic)
         if not isinstance(self.reversible_inline, bool):
             raise ValueError(f"memopt option 'reversible_inline' must be True or False, got {self.reversible_inline!r}")
         if not isinstance(self.strict, bool):
@@ -306,6 +320,21 @@ def _known_keys(option: str, value: Mapping[str, Any], cls: type) -> dict[str, A
             f"valid keys are: {', '.join(valid)}"
         )
     return dict(value)
+
+
+_OP_NAME = re.compile(r"[A-Za-z_]\w*(::[A-Za-z_]\w*(\.[A-Za-z_]\w*)?)?")
+
+
+def _op_names(option: str, value: Any) -> tuple[str, ...]:
+    """``value`` as a tuple of operator namespaces or qualified names (``"ns"``, ``"ns::op"``,
+    ``"ns::op.overload"``); anything else fails, naming the forms."""
+    items = (value,) if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)) and all(isinstance(item, str) and _OP_NAME.fullmatch(item) for item in items):
+        return tuple(items)
+    raise ValueError(
+        f"memopt option {option!r} must be a list of operator namespaces or names such as 'mylib', "
+        f"'mylib::fused_mlp' or 'mylib::fused_mlp.default'; got {value!r}"
+    )
 
 
 def option_names() -> tuple[str, ...]:

@@ -140,7 +140,7 @@ def _inline_chain(
         if half == "backward" and random:  # what the forward saved: trailing inputs fn ignores
             values += [value.meta["val"] for value in saved]
         graph = trace_functional(fn, values, _decompositions())
-        random_ops = _take_boundaries(graph, half)
+        random_ops = _take_boundaries(graph, half, chain.deterministic_ops)
         if half == "forward" and random:
             draws, saved = _save_randomness(graph, random_ops, chain.rng_bytes, detect_fake_mode(values), fused)
         elif random:
@@ -278,10 +278,14 @@ def _bounded(fn: ops.StepFn, number: int) -> ops.StepFn:
     return bounded
 
 
-def _take_boundaries(graph: torch.fx.GraphModule, half: str) -> dict[int, list[torch.fx.Node]]:
+def _take_boundaries(
+    graph: torch.fx.GraphModule, half: str, deterministic: tuple[str, ...] = ()
+) -> dict[int, list[torch.fx.Node]]:
     """The random ops of a traced chain's steps (the forward's, or the backward's
     recomputations), by step, in order; the boundary markers are removed. Outside the steps
-    the backward computes gradients, which are not recomputations and need no replay."""
+    the backward computes gradients, which are not recomputations and need no replay.
+    ``deterministic`` names the custom ops the user declared free of draws, as the pass
+    counted them."""
     boundary = torch.ops.memopt.reversible_trace_boundary.default
     step = None
     random_ops: dict[int, list[torch.fx.Node]] = {}
@@ -289,14 +293,14 @@ def _take_boundaries(graph: torch.fx.GraphModule, half: str) -> dict[int, list[t
         if node.target is boundary:
             step = node.args[0] if node.args[0] >= 0 else None
             graph.graph.erase_node(node)
-        elif step is not None and _is_random(node):
+        elif step is not None and _is_random(node, deterministic):
             random_ops.setdefault(step, []).append(node)
-        elif half == "forward" and _is_random(node):
+        elif half == "forward" and _is_random(node, deterministic):
             raise RuntimeError(f"random op {node.target} outside the steps the pass found random")
     return random_ops
 
 
-def _is_random(node: torch.fx.Node) -> bool:
+def _is_random(node: torch.fx.Node, deterministic: tuple[str, ...] = ()) -> bool:
     """Whether ``node`` may draw from the generator (:func:`memopt.ops.reversible.may_draw_random`),
     except attention with ``dropout_p=0`` (its kernels carry the tag whatever ``dropout_p``)
     and the attention backward kernels, which rebuild the forward's mask from the seeds it
@@ -304,7 +308,7 @@ def _is_random(node: torch.fx.Node) -> bool:
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
-    if not ops.may_draw_random(target) or target._schema.name.endswith("_backward"):
+    if not ops.may_draw_random(target, deterministic) or target._schema.name.endswith("_backward"):
         return False
     for index, argument in enumerate(target._schema.arguments):
         if argument.name == "dropout_p":

@@ -4,7 +4,9 @@ Two passes share the ``reversible`` option:
 
 * ``reversible`` (``"auto"``, the default; training graphs only) finds chains of additive
   couplings written in plain PyTorch, ``y1 = a*x1 + F(x2); y2 = b*x2 + G(y1)`` repeated
-  (``a``, ``b`` nonzero constants; ``F``, ``G`` any subgraph), and replaces each chain by
+  (``a``, ``b`` nonzero constants; ``F``, ``G`` any subgraph; ``-`` for ``+`` and
+  ``torch.add``/``torch.sub`` with ``alpha=`` read the same way, the sign and ``alpha``
+  becoming part of ``F`` or ``G``), and replaces each chain by
   ``torch.ops.memopt.reversible_chain``. Its autograd keeps only the chain's two final
   outputs; the backward rebuilds every block's inputs from them and recomputes ``F`` and
   ``G`` (``memopt/ops/reversible.py``). The partitioned forward graph then saves nothing per
@@ -30,7 +32,7 @@ import inspect
 import math
 import operator
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -43,8 +45,9 @@ from memopt.ops import reversible as reversible_ops
 from memopt.passes.base import GraphPass, PassContext
 from memopt.report import PassResult
 
-_ADD_FUNCTIONS = (operator.add, torch.add)
-_ADD_METHODS = ("add", "__add__")
+# ``a + b``, ``a - b`` and their ``alpha=`` forms: (function targets, method names, sign of b).
+_COMBINE_FUNCTIONS = {operator.add: 1.0, torch.add: 1.0, operator.sub: -1.0, torch.sub: -1.0}
+_COMBINE_METHODS = {"add": 1.0, "__add__": 1.0, "sub": -1.0, "__sub__": -1.0}
 _MUL_FUNCTIONS = (operator.mul, torch.mul)
 _MUL_METHODS = ("mul", "__mul__", "__rmul__")
 
@@ -85,12 +88,29 @@ def _symint(node: Any) -> torch.SymInt | int | None:
     return value if isinstance(value, (torch.SymInt, int)) and not isinstance(value, bool) else None
 
 
-def _is_add(node: Node) -> bool:
-    if node.kwargs or len(node.args) != 2:
-        return False
+def _combine_sign(node: Node) -> float | None:
+    """The sign times ``alpha`` of the second operand when ``node`` is ``a + alpha*b`` or
+    ``a - alpha*b`` (``alpha`` a finite nonzero number, 1 when absent), else ``None``."""
+    if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+        return None
     if node.op == "call_function":
-        return node.target in _ADD_FUNCTIONS
-    return node.op == "call_method" and node.target in _ADD_METHODS
+        sign = _COMBINE_FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        sign = _COMBINE_METHODS.get(node.target)
+    else:
+        return None
+    alpha = node.kwargs.get("alpha", 1.0)
+    if sign is None or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return None
+    if not math.isfinite(alpha) or alpha == 0:
+        return None
+    return sign * float(alpha)
+
+
+def _is_add(node: Node) -> bool:
+    """Whether ``node`` adds or subtracts two values (possibly with ``alpha``): the shape of a
+    coupling's or a residual's output."""
+    return _combine_sign(node) is not None
 
 
 def _scaled_source(node: Node) -> tuple[Node, float]:
@@ -106,14 +126,29 @@ def _scaled_source(node: Node) -> tuple[Node, float]:
     return node, 1.0
 
 
-def _interpretations(add: Node) -> list[tuple[Node, float, Node, Node]]:
-    """Ways to read ``add`` as ``scale * source + h``: ``(source, scale, skip_node, h)``."""
+class _Reading(NamedTuple):
+    """``add`` read as ``scale * source + h_scale * h``; ``skip`` is the node holding
+    ``scale * source`` (``source`` itself when the scale is 1)."""
+
+    source: Node
+    scale: float
+    skip: Node
+    h: Node
+    h_scale: float = 1.0
+
+
+def _interpretations(add: Node) -> list[_Reading]:
+    """Ways to read ``add`` (``a + c*b`` or ``a - c*b``) as ``scale * source + h_scale * h``:
+    ``a`` as the skip term with ``h = b``, or ``b`` as the skip term with ``h = a``."""
+    coefficient = _combine_sign(add)
+    if coefficient is None:
+        return []
     readings = []
     a, b = add.args
-    for skip, h in ((a, b), (b, a)):
+    for skip, h, skip_factor, h_scale in ((a, b, 1.0, coefficient), (b, a, coefficient, 1.0)):
         if isinstance(skip, Node) and isinstance(h, Node):
             source, scale = _scaled_source(skip)
-            readings.append((source, scale, skip, h))
+            readings.append(_Reading(source, scale * skip_factor, skip, h, h_scale))
     return readings
 
 
@@ -123,8 +158,8 @@ def _target_name(node: Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _is_random(node: Node) -> bool:
-    if reversible_ops.may_draw_random(node.target):
+def _is_random(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
+    if reversible_ops.may_draw_random(node.target, deterministic):
         return True
     name = _target_name(node)
     if "dropout" in name and node.op == "call_function":
@@ -172,8 +207,10 @@ def _mutated_inputs(node: Node) -> list[Node]:
 class _Graph:
     """Indexes of one graph for the chain search."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, deterministic: tuple[str, ...] = ()) -> None:
         self.gm = gm
+        # Custom ops declared free of random draws (the ``reversible_deterministic_ops`` option).
+        self.deterministic = deterministic
         self.nodes = list(gm.graph.nodes)
         self.index = {node: i for i, node in enumerate(self.nodes)}
 
@@ -203,7 +240,7 @@ class _Graph:
 
 @dataclasses.dataclass
 class _Step:
-    """One half-coupling found in the graph: ``add = scale * source + h(x)``."""
+    """One half-coupling found in the graph: ``add = scale * source + h_scale * h(x)``."""
 
     add: Node
     source: Node
@@ -218,11 +255,13 @@ class _Step:
     """Tensors ``H`` reads besides ``x``: parameters, buffers, masks."""
     random: bool
     mutated: list[Node]
+    h_scale: float = 1.0
+    """The step adds ``h_scale * h``: -1 for ``source - H(x)``, ``alpha`` for ``add(..., alpha=)``."""
 
 
-def _find_step(graph: _Graph, add: Node, reading, x: Node, forbidden: set[Node]) -> _Step:
-    """Check that ``add`` reads as ``scale * source + H(x)`` for a self-contained ``H``."""
-    source, scale, skip, h = reading
+def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: set[Node]) -> _Step:
+    """Check that ``add`` reads as ``scale * source + h_scale * H(x)`` for a self-contained ``H``."""
+    source, scale, skip, h, h_scale = reading
     if not math.isfinite(scale) or scale == 0:
         raise NotReversible(f"{add.name}: scale {scale} of the skip term is not a finite nonzero constant")
     out, skip_value, h_value = _value(add), _value(source), _value(h)
@@ -271,8 +310,8 @@ def _find_step(graph: _Graph, add: Node, reading, x: Node, forbidden: set[Node])
             if written not in members:
                 raise NotReversible(f"{add.name}: {node.name} writes {written.name} in place")
         mutated.extend(b for b in buffers if b not in mutated)
-        random = random or _is_random(node)
-    return _Step(add, source, scale, skip, h, x, nodes, externals, random, mutated)
+        random = random or _is_random(node, graph.deterministic)
+    return _Step(add, source, scale, skip, h, x, nodes, externals, random, mutated, h_scale)
 
 
 @dataclasses.dataclass
@@ -308,7 +347,7 @@ def _skip_users(node: Node) -> list[tuple[Node, Any]]:
         for user in skip.users:
             if user.op in ("call_function", "call_method") and _is_add(user):
                 for reading in _interpretations(user):
-                    if reading[0] is node and reading[2] is skip:
+                    if reading.source is node and reading.skip is skip:
                         found.append((user, reading))
     return found
 
@@ -337,7 +376,7 @@ def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
 
 def _chain_from(graph: _Graph, first: Node, taken: set[Node], failures: dict[str, str]) -> _Chain | None:
     for reading in _interpretations(first):
-        x1, h1 = reading[0], reading[3]
+        x1, h1 = reading.source, reading.h
         if x1 in taken or h1 in taken:
             continue
         # x2 is the stream input of F: an ancestor of h1 that a later add reads as its skip term
@@ -348,9 +387,9 @@ def _chain_from(graph: _Graph, first: Node, taken: set[Node], failures: dict[str
             for second, reading2 in _skip_users(x2):
                 if second is first or second in taken or graph.index[second] <= graph.index[first]:
                     continue
-                if reading2[3] is first:
+                if reading2.h is first:
                     continue  # x2 + y1: no H at all (a merge, not a coupling)
-                if first not in graph.ancestors(reading2[3]):
+                if first not in graph.ancestors(reading2.h):
                     continue
                 forbidden = graph.descendants([x1, x2])
                 try:
@@ -381,9 +420,9 @@ def _extend(graph: _Graph, chain: _Chain, forbidden: set[Node], failures: dict[s
         previous, current = chain.steps[-2].add, chain.steps[-1].add
         extended = False
         for add, reading in _skip_users(previous):
-            if graph.index[add] <= graph.index[current] or reading[3] is current:
+            if graph.index[add] <= graph.index[current] or reading.h is current:
                 continue
-            if current not in graph.ancestors(reading[3]):
+            if current not in graph.ancestors(reading.h):
                 continue
             try:
                 step = _find_step(graph, add, reading, current, forbidden - {current})
@@ -449,7 +488,12 @@ def _step_module(gm: torch.fx.GraphModule, step: _Step) -> torch.fx.GraphModule:
         args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda arg: env[arg])
         env[node] = graph.create_node(node.op, node.target, args, kwargs, name=f"h{number}", type_expr=node.type)
         env[node].meta = dict(node.meta)
-    graph.output(env[step.h])
+    out = env[step.h]
+    if step.h_scale != 1.0:
+        # ``source - H(x)`` and ``add(source, H(x), alpha=c)``: the op adds what the step returns.
+        out = graph.call_function(operator.mul, (out, step.h_scale))
+        out.meta = dict(step.h.meta)
+    graph.output(out)
     return torch.fx.GraphModule(gm, graph, "ReversibleStep")
 
 
@@ -468,7 +512,9 @@ def _make_fn(module: torch.fx.GraphModule, order: list[tuple[str, int]]) -> reve
     return fn
 
 
-def _rewrite(gm: torch.fx.GraphModule, chain: _Chain) -> tuple[str, list[Node], list[Node]]:
+def _rewrite(
+    gm: torch.fx.GraphModule, chain: _Chain, deterministic: tuple[str, ...] = ()
+) -> tuple[str, list[Node], list[Node]]:
     graph = gm.graph
     params: list[Node] = []
     consts: list[Node] = []
@@ -508,9 +554,12 @@ def _rewrite(gm: torch.fx.GraphModule, chain: _Chain) -> tuple[str, list[Node], 
                 mutated.append(consts.index(buffer))
     device = _value(chain.x1).device
     autocast = autocast_state.current(device.type)  # see memopt.ops.autocast_state
-    op_chain = reversible_ops.Chain(op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast)
+    op_chain = reversible_ops.Chain(
+        op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast, tuple(deterministic)
+    )
     fingerprint.append(repr([(tuple(_value(n).shape), _value(n).dtype) for n in [chain.x1, chain.x2, *params, *consts]]))
     fingerprint.append(repr(autocast))
+    fingerprint.append(repr(tuple(deterministic)))
     key = reversible_ops.register_chain(op_chain, "\n".join(fingerprint))
 
     fake_mode = _fake_mode([chain.x1, *params])
@@ -577,7 +626,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     partitioner adds ``chain_saved_bytes``, measured on the partitioned forward graph.
     """
     result = PassResult("reversible")
-    graph = _Graph(gm)
+    graph = _Graph(gm, ctx.config.reversible_deterministic_ops)
     modes = [node.name for node in graph.nodes if node.op == "call_function" and _target_name(node) in _MODE_SWITCHES]
     if modes:
         # The chain op runs its steps eagerly inside a kernel, outside these regions: leave
@@ -625,7 +674,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             finals = [segment.steps[-1].add, segment.steps[-2].add]
             final_bytes = _bytes_of(finals)
             try:
-                key, _params, _consts = _rewrite(gm, segment)
+                key, _params, _consts = _rewrite(gm, segment, graph.deterministic)
             except NotReversible as reason:
                 result.notes.append(f"chain at {segment.steps[0].add.name} left alone: {reason}")
                 for row in rows:
@@ -648,7 +697,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 + f": {len(segment.steps)} steps ({segment.steps[0].add.name} .. {segment.steps[-1].add.name}) "
                 "keep only their 2 final outputs for the backward; inputs are rebuilt and F/G recomputed"
                 + (f"; {random_steps} random steps keep their RNG state" if random_steps else "")
-                + _assumed_random_note(segment.steps)
+                + _assumed_random_note(segment.steps, graph.deterministic)
             )
         if len(segments) > 1:
             result.notes.append(
@@ -663,14 +712,23 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 # --- Conversion: residual chains to the two-stream form --------------------------------
 
 
-def _assumed_random_note(steps: list[_Step]) -> str:
-    """Which custom ops made steps random only because memopt cannot see inside them."""
+def _assumed_random_note(steps: list[_Step], deterministic: tuple[str, ...]) -> str:
+    """Which custom ops made steps random only because memopt cannot see inside them, and
+    how to declare them deterministic."""
     names = sorted(
-        {str(node.target) for step in steps for node in step.nodes if reversible_ops.assumed_random(node.target)}
+        {
+            str(node.target)
+            for step in steps
+            for node in step.nodes
+            if reversible_ops.assumed_random(node.target, deterministic)
+        }
     )
     if not names:
         return ""
-    return f" (counting custom ops that may draw random numbers without declaring it: {', '.join(names)})"
+    return (
+        f" (counting custom ops that may draw random numbers without declaring it: {', '.join(names)}; "
+        "name those that do not in the reversible_deterministic_ops option)"
+    )
 
 
 def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> list[list[_Step]]:
@@ -690,8 +748,8 @@ def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> l
         while True:
             found = None
             for reading in _interpretations(current):
-                source = reading[0]
-                if reading[1] != 1.0 or reading[2] is not source:
+                source = reading.source
+                if reading.scale != 1.0 or reading.skip is not source:
                     continue
                 if steps and source is not steps[-1].add:
                     continue
@@ -699,7 +757,7 @@ def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> l
                 try:
                     step = _find_step(graph, current, reading, source, forbidden)
                 except NotReversible as reason:
-                    if refused is not None and _has_weights(graph, source, reading[3]):
+                    if refused is not None and _has_weights(graph, source, reading.h):
                         refused.setdefault(current, str(reason))
                     continue
                 if steps and not all(u in set(step.nodes) | {current} for u in source.users):
@@ -720,7 +778,7 @@ def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> l
                 break
             # The next residual add is the one whose H starts at this step's output.
             current = next(
-                (c for c in candidates if any(r[0] is found.add and r[2] is found.add for r in _interpretations(c))),
+                (c for c in candidates if any(r.source is r.skip is found.add for r in _interpretations(c))),
                 None,
             )
             if current is None:
@@ -762,7 +820,7 @@ def _post_norm_adds(graph: _Graph) -> list[tuple[Node, str]]:
         value = _value(node)
         if not names <= _NORMALIZATIONS or value is None:
             continue
-        for source, scale, _skip, h in _interpretations(node):
+        for source, scale, _skip, h, _h_scale in _interpretations(node):
             skip_value = _value(source)
             same_shape = skip_value is not None and skip_value.shape == value.shape
             if scale == 1.0 and same_shape and source in graph.ancestors(h):  # f reads x

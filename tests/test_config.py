@@ -45,12 +45,22 @@ def test_unknown_option_names_valid_ones():
         ({"strict": 1}, "True or False"),
         ({"reversible_inline": "yes"}, "'reversible_inline' must be True or False"),
         ({"inductor_config": ["max_autotune"]}, "dict"),
+        ({"reversible_deterministic_ops": 3}, "'mylib', 'mylib::fused_mlp' or 'mylib::fused_mlp.default'"),
+        ({"reversible_deterministic_ops": ["mylib::"]}, "operator namespaces or names"),
+        ({"reversible_deterministic_ops": ["my lib"]}, "operator namespaces or names"),
     ],
 )
 def test_bad_values_raise(options, expected):
     with pytest.raises(ValueError, match=None) as error:
         Config.from_options(options)
     assert expected in str(error.value)
+
+
+def test_deterministic_ops_become_a_tuple():
+    assert Config().reversible_deterministic_ops == ()
+    assert Config(reversible_deterministic_ops="torchao").reversible_deterministic_ops == ("torchao",)
+    names = ["mylib::fused_mlp", "mylib::fused_mlp.default"]
+    assert Config(reversible_deterministic_ops=names).reversible_deterministic_ops == tuple(names)
 
 
 def test_memory_budget_accepts_int_one():

@@ -203,6 +203,47 @@ def test_plain_couplings_compiled_match_eager(case, depth, dropout):
     assert sum(by_segment.values()) == expected
 
 
+class SignedCouplings(nn.Module):
+    """Couplings written with ``-``, ``alpha=`` and the skip term second: each is
+    ``y = scale * x + h_scale * H(x')`` for the pass."""
+
+    FORMS = {
+        "subtract": lambda x1, x2, f, g: (y1 := x1 - f(x2), x2 - g(y1)),
+        "alpha": lambda x1, x2, f, g: (y1 := torch.add(x1, f(x2), alpha=0.5), torch.sub(x2, g(y1), alpha=2)),
+        "skip-second": lambda x1, x2, f, g: (y1 := f(x2) - x1, g(y1) - 0.5 * x2),
+        "methods": lambda x1, x2, f, g: (y1 := x1.sub(f(x2)), x2.add(g(y1), alpha=-1.5)),
+    }
+
+    def __init__(self, depth, form):
+        super().__init__()
+        self.f = nn.ModuleList(nn.Sequential(nn.Linear(5, 5), nn.Tanh()) for _ in range(depth))
+        self.g = nn.ModuleList(nn.Sequential(nn.Linear(5, 5), nn.Tanh()) for _ in range(depth))
+        self.coupling = self.FORMS[form]
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        for f, g in zip(self.f, self.g):
+            x1, x2 = self.coupling(x1, x2, f, g)
+        return torch.cat([x1, x2], dim=-1)
+
+
+@pytest.mark.parametrize("form", sorted(SignedCouplings.FORMS))
+def test_subtracted_and_alpha_couplings_are_chains(form):
+    torch.manual_seed(0)
+    model = SignedCouplings(4, form)
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 7, 10)
+    with memopt.collect_reports() as reports:
+        out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    result = reversible_result(reports[0])
+    assert result.rewrites == 1 and len(result.details) == 4
+    assert all(row["reversible"] for row in result.details)
+    assert reports[0].saved_activation_bytes == out.numel() * out.element_size()  # the two final halves
+
+
 def test_saved_bytes_do_not_grow_with_depth_and_beat_ordinary_backward():
     saved = {}
     x = conv_input(2)
@@ -665,6 +706,54 @@ def test_random_custom_ops_are_replayed(case, inline):
     # The report names the ops counted as random only because memopt cannot see inside them.
     (note,) = [note for note in reversible_result(memopt.last_report()).notes if note.startswith("chain 0")]
     assert ("may draw random numbers without declaring it: memopt_test.noisy_scale" in note) == (case == "undeclared")
+
+
+@torch.library.custom_op("memopt_test::soft_clip", mutates_args=())
+def soft_clip(x: torch.Tensor) -> torch.Tensor:
+    """A deterministic custom op that does not say so (no tag can): like a library's fused
+    activation kernel."""
+    return 2 * torch.tanh(x / 2)
+
+
+@soft_clip.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _soft_clip_context(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _soft_clip_backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    return grad * (1 - (y / 2) ** 2)
+
+
+soft_clip.register_autograd(_soft_clip_backward, setup_context=_soft_clip_context)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["traced", "op"])
+@pytest.mark.parametrize("declared", [(), ("memopt_test",), ("memopt_test::soft_clip",), ("other::op",)])
+def test_declared_deterministic_custom_ops_keep_no_rng_state(declared, inline):
+    """Custom ops named in ``reversible_deterministic_ops`` (by namespace or name) are
+    trusted to draw nothing: their steps keep no RNG state and the note stops naming them.
+    Other names change nothing."""
+    torch.manual_seed(0)
+    model = LinearCouplings(3, lambda h: soft_clip(h), torch.tanh)
+    x = torch.randn(4, 12)
+    reference = copy.deepcopy(model)
+    options = dict(lowering="eager", strict=True, reversible_inline=inline, reversible_deterministic_ops=declared)
+    out, x_grad = run_step(model, x, seed=7, **options)
+    ref_out, x_ref = run_step(reference, x, seed=7)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    result = reversible_result(memopt.last_report())
+    rows = [row for row in result.details if "key" in row]
+    trusted = declared in (("memopt_test",), ("memopt_test::soft_clip",))
+    assert len(rows) == 3 and all(row["inlined"] == inline for row in rows)
+    assert sum(row["rng_state_bytes"] for row in rows) == (0 if trusted else 3 * CPU_RNG_STATE_BYTES)
+    (note,) = [note for note in result.notes if note.startswith("chain 0")]
+    assert ("memopt_test.soft_clip" in note and "reversible_deterministic_ops" in note) == (not trusted)
 
 
 @pytest.mark.slow

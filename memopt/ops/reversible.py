@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -85,6 +85,9 @@ class Chain:
     """The autocast state the chain was traced under: its forward and its recomputation in
     the backward both run under it (see :mod:`memopt.ops.autocast_state`); ``None`` leaves
     the ambient state alone."""
+    deterministic_ops: tuple[str, ...] = ()
+    """Custom ops the user declared free of random draws (``reversible_deterministic_ops``):
+    tracing the chain must count random ops as the pass did."""
 
     @property
     def random_steps(self) -> int:
@@ -112,27 +115,31 @@ def _set_rng_state(state: Tensor, device: torch.device) -> None:
 _DECLARED_NAMESPACES = frozenset({"aten", "prims", "memopt", "_c10d_functional", "c10d_functional"})
 
 
-def may_draw_random(target: object) -> bool:
+def may_draw_random(target: object, deterministic: Collection[str] = ()) -> bool:
     """Whether the operator ``target`` may draw from the generator, so that a step running it
     must draw the same numbers again when recomputed: tagged ``nondeterministic_seeded``, or
     a custom op of another library, which may draw without the tag (a fused attention
-    kernel's dropout, say) and cannot be seen into. Replaying a generator state that nothing
-    draws from costs a few bytes; not replaying one that is drawn from would silently give
-    wrong gradients."""
-    return _declares_random(target) or assumed_random(target)
+    kernel's dropout, say) and cannot be seen into, unless the user declared it
+    ``deterministic`` (namespaces or qualified names: the ``reversible_deterministic_ops``
+    option). Replaying a generator state that nothing draws from costs a few bytes; not
+    replaying one that is drawn from would silently give wrong gradients."""
+    return _declares_random(target) or assumed_random(target, deterministic)
 
 
-def assumed_random(target: object) -> bool:
+def assumed_random(target: object, deterministic: Collection[str] = ()) -> bool:
     """Whether ``target`` is a custom op that :func:`may_draw_random` counts as random only
-    because it cannot see inside it (no ``nondeterministic_seeded`` tag, another library)."""
+    because it cannot see inside it (no ``nondeterministic_seeded`` tag, another library,
+    not named in ``deterministic``)."""
     if isinstance(target, torch._ops.OpOverloadPacket):
-        namespace = target._qualified_op_name.split("::")[0]
-        return not _declares_random(target) and namespace not in _DECLARED_NAMESPACES
-    return (
-        isinstance(target, torch._ops.OpOverload)
-        and not _declares_random(target)
-        and target.namespace not in _DECLARED_NAMESPACES
-    )
+        names = (target._qualified_op_name,)
+    elif isinstance(target, torch._ops.OpOverload):
+        names = (target._schema.name, f"{target._schema.name}.{target._overloadname}")
+    else:
+        return False
+    namespace = names[0].split("::")[0]
+    if namespace in _DECLARED_NAMESPACES or _declares_random(target):
+        return False
+    return not any(name in deterministic for name in (namespace, *names))
 
 
 def _declares_random(target: object) -> bool:
