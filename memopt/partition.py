@@ -162,7 +162,8 @@ class InductorPartitioner(custom_partitioner_base()):
 
         files = (__file__, reversible_inline.__file__, reversible.__file__)
         options = (self.config.memory_budget, self.config.reversible_inline, self.config.strict)
-        return (hash_of_files(*files), *options, tuple(sorted(reversible_inline._SEEDED_DEVICES)))
+        seeds = (tuple(sorted(reversible_inline._SEEDED_DEVICES)), reversible_inline._CPU_SEEDS_MAX_NUMEL)
+        return (hash_of_files(*files), *options, seeds)
 
     def __getstate__(self) -> dict[str, Any]:
         # Inductor pickles its whole config into cache keys: only what changes the partition

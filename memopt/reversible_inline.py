@@ -20,15 +20,16 @@ can replay. What the forward graph saves is unchanged: the partition was made be
 Random ops replay in the traced graphs too. The pass marks the steps that draw random
 numbers, and in their traces each random op is made one the backward can draw again:
 
-* Under Inductor on a GPU, ``rand``/``randn`` (what decomposed dropout draws) become
-  Inductor's own random prims on one seeds tensor per device, in graph order, as it compiles
-  dropout elsewhere: generated inside the fused kernels, replayed from the saved seeds (8
-  bytes per op), with no state on the host (which CUDA graphs require). Where the chain
-  holds all of the graph's random ops, its masks are bit for bit those Inductor draws for
-  the same model compiled without the pass.
-* Any other random op (an attention kernel's dropout; every random op on a CPU, where
-  Inductor's per-element random numbers cost more than the states, see
-  :data:`_SEEDED_DEVICES`; under the eager lowering or ``fallback_random``) runs through
+* Under Inductor on a GPU (and on a CPU for small ops, see :func:`_seeded`),
+  ``rand``/``randn`` (what decomposed dropout draws) become Inductor's own random prims on
+  one seeds tensor per device, in graph order, as it compiles dropout elsewhere: generated
+  inside the fused kernels, replayed from the saved seeds (8 bytes per op), with no state on
+  the host (which CUDA graphs require). Where the chain holds all of the graph's random ops
+  and all are drawn this way, its masks are bit for bit those Inductor draws for the same
+  model compiled without the pass.
+* Any other random op (an attention kernel's dropout; a large one on a CPU, where
+  Inductor's per-element random numbers cost more than a state; under the eager lowering or
+  ``fallback_random``) runs through
   AOTAutograd's RNG operators: ``run_and_save_rng_state`` in the forward, whose generator
   state becomes a saved tensor, and ``run_with_rng_state`` in the recomputation. Inductor
   runs those as fallback kernels; the masks are those the op-by-op lowering of the same
@@ -425,26 +426,40 @@ _FUSABLE_RANDOM = {torch.ops.aten.rand.default: "rand", torch.ops.aten.randn.def
 
 # Devices whose random numbers come from Inductor's seeds. Its Triton kernels generate them
 # in registers (Philox), fused into their consumers, and saved seeds keep the host out of
-# the replay (CUDA graphs). Inductor's C++ kernels draw them one element at a time
-# (``normalized_rand_cpu``): measured on a 2-core CPU with dropout 0.1 in every branch, at
-# compute-bound sizes a chain's step took 1.50-1.78x eager's from seeds against 0.98-1.23x
-# from the generator's own vectorized kernels (and states), so a CPU keeps states. Seeds won
-# there only with blocks too small for any op's work to count (0.65-0.86x against
-# 1.07-1.75x): a GPU's regime, not a CPU's.
+# the replay (CUDA graphs).
 _SEEDED_DEVICES = frozenset({"cuda", "xpu"})
+
+# A CPU draws from seeds only ops this small. Inductor's C++ kernels draw seeded numbers one
+# element at a time (``normalized_rand_cpu``, about 11 ns each on the 2-core benchmark VM),
+# while a generator state costs about 100 us per draw whatever its size (the RNG-state
+# operators run as Python-level fallbacks, saving or restoring 5056 bytes). Measured on
+# RevNet-style chains with dropout 0.1 in every branch (benchmarks/results/
+# reversible-2026-11-27-cpu.md): seeds were faster up to 8192 elements per op (0.82-1.21x
+# eager against 1.54-2.31x from states) and slower from 16384 (1.11-1.63x against
+# 0.83-1.12x). Sizes that are symbolic (dynamic shapes) keep states.
+_CPU_SEEDS_MAX_NUMEL = 8192
+
+
+def _seeded(value: torch.Tensor) -> bool:
+    """Whether a random draw into ``value`` should come from Inductor's seeds: on a device
+    of :data:`_SEEDED_DEVICES`, or on a CPU up to :data:`_CPU_SEEDS_MAX_NUMEL` elements."""
+    if value.device.type in _SEEDED_DEVICES:
+        return True
+    numel = value.numel()
+    return value.device.type == "cpu" and isinstance(numel, int) and numel <= _CPU_SEEDS_MAX_NUMEL
 
 
 def _fusable(node: torch.fx.Node) -> bool:
     """Whether Inductor's random prim should stand in for ``node``: what decomposed dropout
-    draws (``rand``), on the default generator, into a plain strided tensor on a device of
-    :data:`_SEEDED_DEVICES`."""
+    draws (``rand``), on the default generator, into a plain strided tensor that
+    :func:`_seeded` gives to seeds."""
     value = node.meta.get("val")
     return (
         node.target in _FUSABLE_RANDOM
         and node.kwargs.get("layout") in (None, torch.strided)
         and not node.kwargs.get("pin_memory")
         and isinstance(value, torch.Tensor)
-        and value.device.type in _SEEDED_DEVICES
+        and _seeded(value)
     )
 
 

@@ -761,18 +761,18 @@ def test_declared_deterministic_custom_ops_keep_no_rng_state(declared, inline):
 def test_traced_dropout_chain_under_inductor_replays_its_masks(draws, monkeypatch):
     """Under Inductor a traced chain's dropout is drawn again in the backward, exactly:
 
-    * ``states`` (a CPU, by default): each dropout saves the generator's state and runs as a
-      fallback kernel: the masks of the op-by-op lowering of the same graphs;
-    * ``seeds`` (a GPU, by default; forced here on the CPU): Inductor's own random prims on
-      one seeds tensor in graph order, as Inductor compiles the model without the pass: the
-      same masks bit for bit, replayed from the 8-byte seeds, fused, nothing on the host;
+    * ``states`` (a CPU's large ops; forced here): each dropout saves the generator's state
+      and runs as a fallback kernel: the masks of the op-by-op lowering of the same graphs;
+    * ``seeds`` (a GPU, and a CPU's small ops like these): Inductor's own random prims on one
+      seeds tensor in graph order, as Inductor compiles the model without the pass: the same
+      masks bit for bit, replayed from the 8-byte seeds, fused, nothing on the host;
     * ``fallback_random`` (Inductor's option): dropout is not decomposed, and the chain keeps
       a state per dropout and draws what Inductor then draws, the eager module's masks."""
     import memopt.reversible_inline
     from memopt._torch_compat import rng_state_operators
 
-    if draws == "seeds":
-        monkeypatch.setattr(memopt.reversible_inline, "_SEEDED_DEVICES", frozenset({"cpu"}))
+    if draws == "states":
+        monkeypatch.setattr(memopt.reversible_inline, "_CPU_SEEDS_MAX_NUMEL", 0)
     graphs = capture_inlined_graphs(monkeypatch)
     torch.manual_seed(0)
     model, x = CASES["transformer"](3, 0.25)
@@ -808,6 +808,67 @@ def test_traced_dropout_chain_under_inductor_replays_its_masks(draws, monkeypatc
         assert report.saved_activation_bytes == 2 * half + 6 * 8
     # The rows' per-chain bytes are those of the graphs that run.
     assert rows[0]["chain_saved_bytes"] == report.saved_activation_bytes
+
+
+def test_cpu_draws_small_random_ops_from_seeds_and_large_ones_from_states():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from memopt.reversible_inline import _CPU_SEEDS_MAX_NUMEL, _seeded
+
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        assert _seeded(torch.empty(_CPU_SEEDS_MAX_NUMEL))
+        assert not _seeded(torch.empty(_CPU_SEEDS_MAX_NUMEL + 1))
+        assert _seeded(torch.empty(1 << 20, device="cuda"))  # a GPU draws every size from seeds
+        size = mode.shape_env.create_unbacked_symint()
+        assert isinstance(size, torch.SymInt)
+        assert not _seeded(torch.empty(size, 3))  # a symbolic size keeps states
+
+
+@pytest.mark.slow
+def test_traced_chain_mixing_seeds_and_states_has_the_gradients_of_its_masks(monkeypatch):
+    """A CPU draws small ops from seeds and large ones from states (here: the attention's
+    dropout, 90 elements, from seeds; the MLP's, 180, from states), in one chain. No other
+    compiled graph draws that mix of masks, so the reference is the function itself: with
+    the generator reseeded, each call draws the same masks, and the backward's gradient
+    must equal central differences of the forward (float64)."""
+    import memopt.reversible_inline
+    from memopt._torch_compat import rng_state_operators
+    from torch._inductor import inductor_prims as prims
+
+    monkeypatch.setattr(memopt.reversible_inline, "_CPU_SEEDS_MAX_NUMEL", 100)
+    graphs = capture_inlined_graphs(monkeypatch)
+    torch.manual_seed(0)
+    model, x = CASES["transformer"](3, 0.25)
+    model.double()
+    x = x.double().requires_grad_(True)
+    weight = torch.randn(3, 5, 12, dtype=torch.float64)
+    step = memopt.compile(model, fullgraph=True, lowering="inductor", strict=True)
+
+    def loss(inputs):
+        torch.manual_seed(7)
+        return (step(inputs) * weight).sum()
+
+    loss(x).backward()
+    (forward, backward), = graphs
+    run_and_save_rng_state, run_with_rng_state = rng_state_operators()
+    count = lambda gm, target: len(gm.graph.find_nodes(op="call_function", target=target))  # noqa: E731
+    assert count(forward, prims.random) == count(backward, prims.random) == 3
+    assert count(forward, run_and_save_rng_state) == count(backward, run_with_rng_state) == 3
+    report = memopt.last_report()
+    half = x.numel() // 2 * x.element_size()
+    assert report.saved_activation_bytes == 2 * half + 3 * 8 + 3 * CPU_RNG_STATE_BYTES
+
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        direction = torch.randn(x.shape, dtype=torch.float64, generator=generator)
+        eps = 1e-6
+        # With grad enabled, as a training step: the same graphs, hence the same masks.
+        plus = loss((x.detach() + eps * direction).requires_grad_(True)).item()
+        minus = loss((x.detach() - eps * direction).requires_grad_(True)).item()
+        numeric = (plus - minus) / (2 * eps)
+        analytic = (x.grad * direction).sum().item()
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (numeric, analytic)
 
 
 def test_reversible_inline_false_keeps_the_ops(monkeypatch):
