@@ -64,6 +64,10 @@ def aot_autograd(**kwargs: Any) -> Callable[..., Any]:
 
 def inductor_decompositions() -> dict[Any, Callable[..., Any]]:
     """The decompositions Inductor applies while tracing with AOTAutograd."""
+    # Some of them consult Inductor's lowerings when they run (max_pool2d with indices asks
+    # ``torch._inductor.lowering`` whether it falls back), a module only compile_fx imports:
+    # without it, the eager lowering of a model with max pooling failed in a fresh process.
+    import torch._inductor.lowering  # noqa: F401
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
