@@ -295,6 +295,12 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
             raise NotReversible(f"{add.name}: H contains a {node.op} node ({node.name})")
         for user in node.users:
             if user not in members and not (node is h and user is add):
+                if user.op == "output":
+                    # What keeps a transformers model's blocks apart in training: the KV cache.
+                    raise NotReversible(
+                        f"{add.name}: intermediate {node.name} of H is returned by the graph (a key/value cache, "
+                        "say: call transformers models with use_cache=False to train)"
+                    )
                 raise NotReversible(f"{add.name}: intermediate {node.name} of H is used outside the block ({user.name})")
         for arg in node.all_input_nodes:
             if arg is x or arg in members or arg in seen_externals:
