@@ -51,3 +51,25 @@ class GraphPass:
         if self.applies_to == "training" and not training:
             return False
         return True
+
+
+def transformed_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Nodes that run under a ``torch.func`` transform Dynamo inlined into the graph: from a
+    ``_vmap_increment_nesting`` (or ``_grad_``/``_jvp_``) call to its matching decrement.
+
+    Their tensors are batched or grad-wrapped at run time, and memopt's custom ops have no
+    batching or transform rules (transformers' Mamba vmaps its associative scan: a sliced
+    group there failed the lowering). Passes leave these nodes alone; the driver rejects a
+    pass that puts a memopt op among them."""
+    inside: set[torch.fx.Node] = set()
+    depth = 0
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name.endswith("_increment_nesting"):
+            depth += 1
+        if depth > 0:
+            inside.add(node)
+        if name.endswith("_decrement_nesting"):
+            depth = max(depth - 1, 0)
+    return inside
+

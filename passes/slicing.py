@@ -65,7 +65,7 @@ from memopt.ops.slicing import (
     group_norm_with_stats,
     register_group,
 )
-from memopt.passes.base import GraphPass, PassContext
+from memopt.passes.base import GraphPass, PassContext, transformed_nodes
 from memopt.report import PassResult, format_bytes
 
 Spec = SliceSpec
@@ -829,6 +829,8 @@ def _grow(
     if not members:
         return None
     outputs = _outputs(members)
+    if not outputs:
+        return None  # nothing outside reads the group: dead code (Swin's unused reshaped states)
     if any(_tensor(node) is None for node in outputs):
         return None  # a tuple leaving the group whole
     feeds = {}
@@ -1222,7 +1224,7 @@ def _split(group: _Group, options: SlicingOptions) -> list[_Group]:
     best = None
     for cut in range(1, len(members)):
         first, second = _subgroup(group, members[:cut]), _subgroup(group, members[cut:])
-        if not first.members or not second.members:
+        if not first.members or not second.members or not first.outputs or not second.outputs:
             continue
         if any(_tensor(node) is None for node in first.outputs) or not any(spec is not None for _, spec in second.feeds):
             continue
@@ -1618,7 +1620,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         node for node, value in zip((n for n in nodes if n.op == "placeholder"), ctx.example_inputs)
         if isinstance(value, torch.nn.Parameter)
     }
-    claimed: set[torch.fx.Node] = set()
+    # Nodes under an inlined torch.func transform see batched tensors at run time, which the
+    # slicing op cannot take: they join no group (as if another group had claimed them).
+    claimed: set[torch.fx.Node] = transformed_nodes(graph)
+    if claimed:
+        result.notes.append(f"{len(claimed)} node(s) under a torch.func transform (vmap, grad, jvp) left alone")
     unit_of: dict[torch.fx.Node, Any] = {}
     groups: list[_Group] = []
     skipped_small = split_groups = handed_over = 0

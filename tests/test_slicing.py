@@ -367,6 +367,53 @@ def test_positions_sliced_by_whole_rows_to_take_the_reshape_back():
         assert_close_rel(out, model(tokens, x))
 
 
+def test_transformers_swin_with_dead_values_slices_exactly():
+    """Dynamo keeps ops whose results nothing reads (Swin computes ``reshaped_hidden_states``
+    and drops it): a group of only such ops has no output to write and is not a group; it
+    used to fail the pass with an IndexError."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(21)
+    config = transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4
+    )
+    model = transformers.SwinModel(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    options = {"min_group_bytes": 0, "max_slice_bytes": 1024}
+    with torch.no_grad():
+        out = memopt.compile(model, lowering="eager", strict=True, slicing=options, im2win=False)(x)
+        expected = model(x).last_hidden_state
+    (result,) = [r for r in memopt.last_report().passes if r.name == "slicing"]
+    assert result.rewrites > 0 and result.error is None
+    assert all(row["outputs"] >= 1 for row in result.details)
+    assert_close_rel(out.last_hidden_state, expected)
+
+
+class VmappedRows(nn.Module):
+    """A conv net with a ``torch.vmap`` in the middle (transformers' Mamba vmaps its scan):
+    Dynamo inlines the vmap, whose ops see batched tensors the slicing op cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = torch.vmap(lambda image: torch.tanh(image * 2).cumsum(-1) + 1)(h)
+        return self.out(torch.relu(h))
+
+
+def test_ops_under_a_vmap_join_no_group():
+    torch.manual_seed(22)
+    model = VmappedRows().eval()
+    x = torch.randn(4, 4, 24, 24)
+    _, out, result = compile_and_run(model, x, slicing={"min_group_bytes": 0, "max_slice_bytes": 1024})
+    assert result.rewrites > 0 and result.error is None
+    assert any("under a torch.func transform" in note for note in result.notes), result.notes
+    with torch.no_grad():
+        assert_close_rel(out, model(x))
+
+
 def test_unsliceable_graph_is_left_untouched():
     torch.manual_seed(4)
 
