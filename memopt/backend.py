@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,17 +54,41 @@ def memopt_backend(
         timeline_before=before.live_bytes,
     )
     ctx = PassContext(config=config, example_inputs=example_inputs, training=training, device=device)
+    original = gm  # the passes work on copies
     gm, report.passes = run_passes(gm, ctx)
+    _set_after(report, gm)
+    record(report)
+    from memopt.lowering import lower  # imports Inductor: only once something is compiled
+
+    try:
+        compiled = lower(gm, example_inputs, config, report)
+    except Exception as error:
+        if config.strict or report.rewrites == 0:
+            raise
+        # Whatever a pass left that the lowering cannot take, the user's model still compiles:
+        # without memopt's rewrites, as the strict=False contract promises for passes.
+        reason = f"{type(error).__name__}: {error}"
+        message = f"memopt: lowering the rewritten graph failed, compiling it without memopt's rewrites: {reason}"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        log.warning(message)
+        report.lowering_error = reason
+        report.saved_activation_bytes = report.saved_activations = None
+        report.partition_notes = []
+        for result in report.passes:
+            if result.rewrites:
+                result.notes.append(f"{result.rewrites} rewrite(s) dropped: the rewritten graph failed to lower")
+                result.rewrites, result.bytes_saved = 0, 0
+        _set_after(report, original)
+        compiled = lower(original, example_inputs, config, report)
+    log.info("%s", report.summary())
+    return compiled
+
+
+def _set_after(report: Report, gm: torch.fx.GraphModule) -> None:
     after = estimate(gm)
     report.nodes_after = len(gm.graph.nodes)
     report.peak_after = after.peak_bytes
     report.timeline_after = after.live_bytes
-    record(report)
-    from memopt.lowering import lower  # imports Inductor: only once something is compiled
-
-    compiled = lower(gm, example_inputs, config, report)
-    log.info("%s", report.summary())
-    return compiled
 
 
 def op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:

@@ -6,9 +6,11 @@ import logging
 import warnings
 from collections.abc import Sequence
 
+import torch
 import torch.fx
 
 from memopt.passes import PASSES, GraphPass, PassContext
+from memopt.passes.base import transformed_nodes
 from memopt.report import PassResult
 
 log = logging.getLogger("memopt")
@@ -35,6 +37,7 @@ def run_passes(
         try:
             result = graph_pass.run(candidate, ctx)
             candidate.graph.lint()
+            _check_no_memopt_ops_under_transforms(candidate.graph)
             candidate.recompile()
         except Exception as error:
             if ctx.config.strict:
@@ -58,6 +61,29 @@ def run_passes(
         )
         results.append(result)
     return gm, results
+
+
+def _check_no_memopt_ops_under_transforms(graph: torch.fx.Graph) -> None:
+    """Raise if a memopt op runs under a ``torch.func`` transform inlined in ``graph``: it
+    has no batching or transform rules, so the lowering would fail (a pass that put it there
+    is then skipped like one that raised)."""
+    placed = [
+        node.name
+        for node in transformed_nodes(graph)
+        if isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+        and _namespace(node.target) == "memopt"
+    ]
+    if placed:
+        raise RuntimeError(
+            f"memopt ops placed under a torch.func transform (vmap, grad or jvp), which they have no rules for: "
+            f"{', '.join(placed[:3])}"
+        )
+
+
+def _namespace(target: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace
+    return target._qualified_op_name.split("::")[0]
 
 
 def _copy_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -58,6 +58,9 @@ class Report:
     """Training only: how many tensors the forward graph saves for the backward."""
     partition_notes: list[str] = dataclasses.field(default_factory=list)
     """Training only: where the partition differs from what the options asked, and why."""
+    lowering_error: str | None = None
+    """Why lowering the rewritten graph failed, when it did: the graph was then compiled
+    without memopt's rewrites (their counts are zeroed, with a note)."""
     timeline_before: list[int] = dataclasses.field(default_factory=list, repr=False)
     timeline_after: list[int] = dataclasses.field(default_factory=list, repr=False)
 
@@ -96,6 +99,8 @@ def format_report(report: dict[str, Any], ops: bool = False, details: bool = Fal
             f"{format_bytes(report['saved_activation_bytes'])}"
         )
     lines.extend(f"    - {note}" for note in report.get("partition_notes", ()))
+    if report.get("lowering_error"):
+        lines.append(f"  lowering the rewritten graph FAILED, compiled without the rewrites: {report['lowering_error']}")
     if ops:
         lines.append("  ops: " + ", ".join(f"{name} x{count}" for name, count in report["op_counts"].items()))
     for result in report["passes"]:

@@ -116,6 +116,103 @@ def test_pass_runs_on_training_graphs_and_gradients_stay_exact(monkeypatch):
         assert_close(grad, reference)
 
 
+@torch.library.custom_op("memopt::driver_test_relu", mutates_args=())
+def driver_test_relu(x: torch.Tensor) -> torch.Tensor:
+    """A memopt op without a batching rule, like every memopt op."""
+    return x.clamp(min=0)
+
+
+@driver_test_relu.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def relu_to_memopt_op(gm, ctx):
+    """Puts a memopt op in place of every relu, inside a vmap too: the driver must refuse."""
+    result = PassResult("relu-to-memopt-op")
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in RELUS:
+            with gm.graph.inserting_after(node):
+                op = gm.graph.call_function(torch.ops.memopt.driver_test_relu.default, (node.args[0],))
+            op.meta = dict(node.meta)
+            node.replace_all_uses_with(op)
+            gm.graph.erase_node(node)
+            result.rewrites += 1
+    return result
+
+
+class VmappedRelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.relu(torch.vmap(lambda row: torch.relu(self.linear(row)) * 2)(x))
+
+
+def test_memopt_ops_under_a_vmap_are_refused(monkeypatch):
+    """memopt's ops have no batching rules: a pass that puts one under a ``torch.vmap``
+    Dynamo inlined is skipped like a pass that raised, instead of failing the lowering."""
+    torch.manual_seed(0)
+    net = VmappedRelu()
+    x = torch.randn(5, 6)
+    monkeypatch.setattr(memopt.driver, "PASSES", (GraphPass("relu-to-memopt-op", "lowering", relu_to_memopt_op),))
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="under a torch.func transform"):
+        actual = memopt.compile(net, lowering="eager")(x)
+    with torch.no_grad():
+        assert_close(actual, net(x))
+    (result,) = memopt.last_report().passes
+    assert result.error is not None and "vmap" in result.error
+
+
+@torch.library.custom_op("memopt_test::unlowerable_relu", mutates_args=())
+def unlowerable_relu(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(min=0)
+
+
+@unlowerable_relu.register_fake
+def _(x):
+    raise RuntimeError("no shape rule for this op")
+
+
+def relu_to_unlowerable(gm, ctx):
+    """Rewrites relus into an op the lowering cannot trace: the driver cannot tell."""
+    result = PassResult("relu-to-unlowerable")
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in RELUS:
+            with gm.graph.inserting_after(node):
+                op = gm.graph.call_function(torch.ops.memopt_test.unlowerable_relu.default, (node.args[0],))
+            op.meta = dict(node.meta)
+            node.replace_all_uses_with(op)
+            gm.graph.erase_node(node)
+            result.rewrites += 1
+    return result
+
+
+@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+def test_a_rewritten_graph_that_fails_to_lower_compiles_without_the_rewrites(monkeypatch, lowering):
+    torch.manual_seed(0)
+    net = model()
+    x = torch.randn(5, 6)
+    unlowerable = GraphPass("relu-to-unlowerable", "lowering", relu_to_unlowerable)
+    monkeypatch.setattr(memopt.driver, "PASSES", (unlowerable,))
+    with pytest.warns(RuntimeWarning, match="compiling it without memopt's rewrites"):
+        out = memopt.compile(net, lowering=lowering)(x)
+    reference = model()
+    reference.load_state_dict(net.state_dict())
+    assert_close(out, reference(x))
+    report = memopt.last_report()
+    assert "no shape rule for this op" in report.lowering_error
+    assert report.nodes_after == report.nodes_before and report.rewrites == 0
+    (result,) = report.passes
+    assert "2 rewrite(s) dropped" in result.notes[-1]
+    assert "FAILED, compiled without the rewrites" in report.summary()
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no shape rule for this op"):
+        memopt.compile(net, lowering=lowering, strict=True)(x)
+
+
 def test_run_passes_keeps_metadata_and_original_graph():
     """run_passes works on copies: the input module is never modified."""
     captured = {}
