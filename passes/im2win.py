@@ -44,7 +44,7 @@ from memopt import ops as _ops  # noqa: F401  (registers torch.ops.memopt.im2win
 from memopt._torch_compat import detect_fake_mode
 from memopt.config import Im2winOptions
 from memopt.estimate import TRANSIENT_BYTES, estimate
-from memopt.passes.base import GraphPass, PassContext
+from memopt.passes.base import GraphPass, PassContext, transformed_nodes
 from memopt.report import PassResult, format_bytes
 from memopt.triton_kernels import im2win_conv
 
@@ -76,10 +76,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     peak_before = estimate(gm).peak_bytes
     chooser = _Chooser(options)
     graph = gm.graph
+    transformed = transformed_nodes(graph)
     for conv in list(graph.find_nodes(op="call_function", target=torch.conv2d)):
         result.matched += 1
         row: dict[str, Any] = {"node": conv.name}
         try:
+            if conv in transformed:
+                raise _Skip("runs under a torch.func transform (vmap, grad, jvp): the op has no batching rule")
             site = _match(conv, ctx)
             row.update(site.describe())
             algorithm, decision, times = chooser.choose(site, ctx.device)

@@ -31,7 +31,7 @@ import memopt.ops.monarch  # noqa: F401  (registers torch.ops.memopt.monarch_mat
 from memopt._torch_compat import fake_tensor_mode
 from memopt.config import MonarchOptions
 from memopt.nn.monarch import monarch_block_rank
-from memopt.passes.base import GraphPass, PassContext
+from memopt.passes.base import GraphPass, PassContext, transformed_nodes
 from memopt.report import PassResult, format_bytes
 from memopt.triton_kernels.monarch import project
 
@@ -94,7 +94,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     real_value = dict(zip(placeholders, ctx.example_inputs)) if len(placeholders) == len(ctx.example_inputs) else {}
     outside_targets = 0
     plans = []
+    transformed = transformed_nodes(gm.graph)
     for site in _find_sites(gm):
+        if site.node in transformed:
+            result.notes.append(f"{site.name}: runs under a torch.func transform (vmap, grad, jvp); left dense")
+            continue
         weight = real_value.get(site.weight_node)
         if site.weight_node.op == "get_attr":
             weight = _attribute(gm, site.weight_node.target)

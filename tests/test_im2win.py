@@ -533,6 +533,32 @@ def test_pass_inductor_channels_last():
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
 
 
+class VmappedConv(nn.Module):
+    """One convolution per image under ``torch.vmap`` (Dynamo inlines it) and one outside."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        return torch.vmap(lambda image: self.second(image.unsqueeze(0)).squeeze(0))(h)
+
+
+def test_pass_leaves_convolutions_under_a_vmap_to_aten():
+    torch.manual_seed(3)
+    model = VmappedConv()
+    x = torch.randn(2, 3, 9, 7)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = memopt.compile(model, lowering="eager", im2win=True, strict=True)(x)
+        expected = model(x)
+    result = im2win_result(memopt.last_report())
+    assert result.rewrites == 1 and result.error is None
+    assert any("torch.func transform" in note for note in result.notes), result.notes
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def small_net():
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3))
 

@@ -556,6 +556,28 @@ def test_pass_targets_and_inductor_lowering():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+class _VmappedMLP(_MLP):
+    """``up`` runs under ``torch.vmap`` (per row), ``down`` outside it."""
+
+    def forward(self, x):
+        return self.down(torch.vmap(lambda row: F.gelu(self.up(row)))(x))
+
+
+def test_pass_leaves_layers_under_a_vmap_dense():
+    torch.manual_seed(10)
+    model = _VmappedMLP()
+    _near_monarch_(model.down, 2, 0.0)  # exactly Monarch: the rewrite is exact
+    x = torch.randn(4, 48)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(x)
+        out = memopt.compile(model, lowering="eager", strict=True, monarch={"nblocks": 2, "min_features": 8})(x)
+    (result,) = monarch_results(memopt.last_report())
+    assert result.rewrites == 1 and result.error is None
+    assert any("up" in note and "torch.func transform" in note for note in result.notes), result.notes
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_pass_is_inference_only_and_off_by_default():
     torch.manual_seed(9)
     model = _MLP()
