@@ -127,18 +127,22 @@ def _(x):
     return torch.empty_like(x)
 
 
-def relu_to_memopt_op(gm, ctx):
-    """Puts a memopt op in place of every relu, inside a vmap too: the driver must refuse."""
-    result = PassResult("relu-to-memopt-op")
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in RELUS:
-            with gm.graph.inserting_after(node):
-                op = gm.graph.call_function(torch.ops.memopt.driver_test_relu.default, (node.args[0],))
-            op.meta = dict(node.meta)
-            node.replace_all_uses_with(op)
-            gm.graph.erase_node(node)
-            result.rewrites += 1
-    return result
+def relus_to(op, name):
+    """A pass putting ``op`` in place of every relu, wherever it is."""
+
+    def run(gm, ctx):
+        result = PassResult(name)
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in RELUS:
+                with gm.graph.inserting_after(node):
+                    replacement = gm.graph.call_function(op, (node.args[0],))
+                replacement.meta = dict(node.meta)
+                node.replace_all_uses_with(replacement)
+                gm.graph.erase_node(node)
+                result.rewrites += 1
+        return result
+
+    return GraphPass(name, "lowering", run)
 
 
 class VmappedRelu(torch.nn.Module):
@@ -156,7 +160,9 @@ def test_memopt_ops_under_a_vmap_are_refused(monkeypatch):
     torch.manual_seed(0)
     net = VmappedRelu()
     x = torch.randn(5, 6)
-    monkeypatch.setattr(memopt.driver, "PASSES", (GraphPass("relu-to-memopt-op", "lowering", relu_to_memopt_op),))
+    # A memopt op in place of every relu, inside the vmap too: the driver must refuse it.
+    refused = relus_to(torch.ops.memopt.driver_test_relu.default, "relu-to-memopt-op")
+    monkeypatch.setattr(memopt.driver, "PASSES", (refused,))
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="under a torch.func transform"):
         actual = memopt.compile(net, lowering="eager")(x)
     with torch.no_grad():
@@ -175,26 +181,13 @@ def _(x):
     raise RuntimeError("no shape rule for this op")
 
 
-def relu_to_unlowerable(gm, ctx):
-    """Rewrites relus into an op the lowering cannot trace: the driver cannot tell."""
-    result = PassResult("relu-to-unlowerable")
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in RELUS:
-            with gm.graph.inserting_after(node):
-                op = gm.graph.call_function(torch.ops.memopt_test.unlowerable_relu.default, (node.args[0],))
-            op.meta = dict(node.meta)
-            node.replace_all_uses_with(op)
-            gm.graph.erase_node(node)
-            result.rewrites += 1
-    return result
-
-
 @pytest.mark.parametrize("lowering", ["eager", "inductor"])
 def test_a_rewritten_graph_that_fails_to_lower_compiles_without_the_rewrites(monkeypatch, lowering):
     torch.manual_seed(0)
     net = model()
     x = torch.randn(5, 6)
-    unlowerable = GraphPass("relu-to-unlowerable", "lowering", relu_to_unlowerable)
+    # Relus become an op the lowering cannot trace, which the driver cannot tell.
+    unlowerable = relus_to(torch.ops.memopt_test.unlowerable_relu.default, "relu-to-unlowerable")
     monkeypatch.setattr(memopt.driver, "PASSES", (unlowerable,))
     with pytest.warns(RuntimeWarning, match="compiling it without memopt's rewrites"):
         out = memopt.compile(net, lowering=lowering)(x)
