@@ -257,6 +257,9 @@ class _Step:
     mutated: list[Node]
     h_scale: float = 1.0
     """The step adds ``h_scale * h``: -1 for ``source - H(x)``, ``alpha`` for ``add(..., alpha=)``."""
+    bodies: list[Node] = dataclasses.field(default_factory=list)
+    """``get_attr`` nodes of the subgraphs ``H``'s higher-order ops run (a custom
+    ``autograd.Function``'s forward and backward): copied into the step's module."""
 
 
 def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: set[Node]) -> _Step:
@@ -288,6 +291,7 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
     members.discard(x)
     nodes = sorted(members, key=graph.index.__getitem__)
     externals: list[Node] = []
+    bodies: list[Node] = []
     seen_externals: set[Node] = set()
     random, mutated = False, []
     for node in nodes:
@@ -307,6 +311,14 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
                 continue
             if arg in forbidden:
                 raise NotReversible(f"{add.name}: H reads {arg.name}, which depends on the other stream")
+            body = _submodule(graph.gm, arg)
+            if body is not None:
+                # A subgraph a higher-order op runs (a custom autograd.Function's forward and
+                # backward): the step carries it, and draws random numbers if the body does.
+                seen_externals.add(arg)
+                bodies.append(arg)
+                random = random or any(_is_random(inner, graph.deterministic) for inner in _body_nodes(body))
+                continue
             if _value(arg) is None and _symint(arg) is None:
                 raise NotReversible(f"{add.name}: H reads a non-tensor value {arg.name}")
             seen_externals.add(arg)
@@ -317,7 +329,23 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
                 raise NotReversible(f"{add.name}: {node.name} writes {written.name} in place")
         mutated.extend(b for b in buffers if b not in mutated)
         random = random or _is_random(node, graph.deterministic)
-    return _Step(add, source, scale, skip, h, x, nodes, externals, random, mutated, h_scale)
+    return _Step(add, source, scale, skip, h, x, nodes, externals, random, mutated, h_scale, bodies)
+
+
+def _submodule(gm: torch.fx.GraphModule, node: Node) -> torch.fx.GraphModule | None:
+    """The graph module a ``get_attr`` node names (a higher-order op's body), else ``None``."""
+    if node.op != "get_attr":
+        return None
+    try:
+        value = gm.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.fx.GraphModule) else None
+
+
+def _body_nodes(body: torch.fx.GraphModule) -> list[Node]:
+    """The nodes of ``body`` and of the bodies nested in it."""
+    return [node for module in body.modules() if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes]
 
 
 @dataclasses.dataclass
@@ -488,6 +516,8 @@ def _step_module(gm: torch.fx.GraphModule, step: _Step) -> torch.fx.GraphModule:
     for i, external in enumerate(step.externals):
         env[external] = graph.placeholder(f"input_{i}")
         env[external].meta = dict(external.meta)
+    for body in step.bodies:
+        env[body] = graph.get_attr(str(body.target))  # GraphModule(gm, ...) copies it from gm
     for number, node in enumerate(step.nodes):
         # Names by position, not the traced ones (``relu_7``): identical blocks print the same
         # code, so the chain's fingerprint (its registry key) depends on what the steps do.
@@ -546,7 +576,10 @@ def _rewrite(
                 _make_fn(module, order), step.scale, indexes["p"], indexes["c"], step.random, indexes["s"]
             )
         )
-        fingerprint.append(f"{step.scale}|{step.random}|{module.code}")
+        bodies = [_submodule(gm, body) for body in step.bodies]
+        # The step's code names its bodies; what they compute must be in the key too.
+        body_code = "".join(m.code for body in bodies for m in body.modules() if isinstance(m, torch.fx.GraphModule))
+        fingerprint.append(f"{step.scale}|{step.random}|{module.code}{body_code}")
     mutated = []
     members = chain.members()
     for step in chain.steps:
@@ -601,6 +634,9 @@ def _rewrite(
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in sorted(members, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
+    for body in {body for step in chain.steps for body in step.bodies}:
+        if not body.users:
+            graph.erase_node(body)  # the chain's steps carry it now
     return key, params, consts
 
 

@@ -756,6 +756,48 @@ def test_declared_deterministic_custom_ops_keep_no_rng_state(declared, inline):
     assert ("memopt_test.soft_clip" in note and "reversible_deterministic_ops" in note) == (not trusted)
 
 
+class ScaledSigmoidLinearUnit(torch.autograd.Function):
+    """A hand-written activation with its own backward, as libraries write fused kernels;
+    ``keep`` > 0 also drops units at random inside the forward."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        mask = (torch.rand_like(x) < keep).to(x.dtype) / keep if keep < 1 else torch.ones_like(x)
+        ctx.save_for_backward(x, mask)
+        return x * torch.sigmoid(1.702 * x) * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mask = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * mask * (s + 1.702 * x * s * (1 - s)), None
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["traced", "op"])
+@pytest.mark.parametrize("keep", [1.0, 0.7], ids=["deterministic", "random"])
+def test_custom_autograd_functions_in_a_branch_are_carried_by_the_step(keep, inline):
+    """Dynamo turns ``autograd.Function.apply`` into a higher-order op whose forward and
+    backward are subgraphs of the graph module (BLOOM's GELU is one): the step carries them,
+    and is random when its forward body draws random numbers."""
+    torch.manual_seed(0)
+    model = LinearCouplings(3, lambda h: ScaledSigmoidLinearUnit.apply(h, keep), torch.tanh)
+    x = torch.randn(4, 12)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True, reversible_inline=inline)
+    report = memopt.last_report()
+    torch._dynamo.reset()
+    ref_out, x_ref = run_step(reference, x, seed=7, lowering="eager", reversible=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    result = reversible_result(report)
+    rows = [row for row in result.details if "key" in row]
+    assert result.rewrites == 1 and len(rows) == 3 and all(row["inlined"] == inline for row in rows)
+    random_steps = 3 if keep < 1 else 0
+    assert sum(row["rng_state_bytes"] for row in rows) == random_steps * CPU_RNG_STATE_BYTES
+    if keep == 1.0:
+        assert report.saved_activation_bytes == out.numel() * out.element_size()  # the two final halves
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("draws", ["states", "seeds", "fallback_random"])
 def test_traced_dropout_chain_under_inductor_replays_its_masks(draws, monkeypatch):
@@ -1173,6 +1215,19 @@ def test_converted_transformers_llama_trains():
     rows = [row for row in reversible_result(report).details if "key" in row]
     assert len(rows) == 4 and all(row["inlined"] for row in rows), report.partition_notes
     assert [row["rng_state_bytes"] for row in rows] == [CPU_RNG_STATE_BYTES] * 4  # the attention dropout
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
+
+
+def test_converted_transformers_bloom_trains():
+    """A `transformers` BLOOM: its training-mode GELU is a custom ``autograd.Function``,
+    which the steps carry (before, every sublayer was refused for reading its subgraphs)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
+    model = transformers.BloomForCausalLM(config).train()
+    losses, report = train_converted_causal_lm(model, torch.randint(0, 64, (4, 16)), steps=30)
+    rows = [row for row in reversible_result(report).details if "key" in row]
+    assert len(rows) == 2 and all(row["inlined"] for row in rows), report.partition_notes
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
 
