@@ -21,7 +21,7 @@ from memopt.config import Config
 from memopt.driver import run_passes
 from memopt.estimate import estimate
 from memopt.passes import PassContext
-from memopt.report import Report, record
+from memopt.report import Report, discard, record
 
 log = logging.getLogger("memopt")
 _graph_counter = itertools.count()
@@ -63,6 +63,9 @@ def memopt_backend(
     try:
         compiled = lower(gm, example_inputs, config, report)
     except Exception as error:
+        if isinstance(error, _DYNAMO_SIGNALS):
+            discard(report)  # this graph is traced again, and reported then
+            raise
         if config.strict or report.rewrites == 0:
             raise
         # Whatever a pass left that the lowering cannot take, the user's model still compiles:
@@ -82,6 +85,11 @@ def memopt_backend(
         compiled = lower(original, example_inputs, config, report)
     log.info("%s", report.summary())
     return compiled
+
+
+# Not failures but Dynamo's requests to trace the frame again (with a scalar specialized,
+# say): they must reach Dynamo.
+_DYNAMO_SIGNALS = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
 
 
 def _set_after(report: Report, gm: torch.fx.GraphModule) -> None:

@@ -142,6 +142,15 @@ def record(report: Report) -> None:
         sink.append(report)
 
 
+def discard(report: Report) -> None:
+    """Forget ``report`` (its graph was never compiled: Dynamo traces the frame again)."""
+    if _last and _last[0] is report:
+        _last.clear()
+    for sink in getattr(_state, "sinks", ()):
+        if any(item is report for item in sink):
+            sink[:] = [item for item in sink if item is not report]
+
+
 def last_report() -> Report | None:
     """The report of the most recent graph memopt compiled in this process (None if none)."""
     return _last[0] if _last else None

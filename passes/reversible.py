@@ -260,6 +260,8 @@ class _Step:
     bodies: list[Node] = dataclasses.field(default_factory=list)
     """``get_attr`` nodes of the subgraphs ``H``'s higher-order ops run (a custom
     ``autograd.Function``'s forward and backward): copied into the step's module."""
+    scalars: list[Node] = dataclasses.field(default_factory=list)
+    """``t.item()`` nodes ``H`` reads, ``t`` an external: the step's module takes the item."""
 
 
 def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: set[Node]) -> _Step:
@@ -292,6 +294,7 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
     nodes = sorted(members, key=graph.index.__getitem__)
     externals: list[Node] = []
     bodies: list[Node] = []
+    scalars: list[Node] = []
     seen_externals: set[Node] = set()
     random, mutated = False, []
     for node in nodes:
@@ -319,6 +322,16 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
                 bodies.append(arg)
                 random = random or any(_is_random(inner, graph.deterministic) for inner in _body_nodes(body))
                 continue
+            scalar_source = _scalar_source(arg)
+            if scalar_source is not None and scalar_source not in forbidden:
+                # ``t.item()`` of a tensor outside the chain (a module's float attribute, made
+                # a graph input under dynamic=True): the step reads ``t`` and takes the item.
+                seen_externals.add(arg)
+                scalars.append(arg)
+                if scalar_source not in seen_externals:
+                    seen_externals.add(scalar_source)
+                    externals.append(scalar_source)
+                continue
             if _value(arg) is None and _symint(arg) is None:
                 raise NotReversible(f"{add.name}: H reads a non-tensor value {arg.name}")
             seen_externals.add(arg)
@@ -329,7 +342,16 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
                 raise NotReversible(f"{add.name}: {node.name} writes {written.name} in place")
         mutated.extend(b for b in buffers if b not in mutated)
         random = random or _is_random(node, graph.deterministic)
-    return _Step(add, source, scale, skip, h, x, nodes, externals, random, mutated, h_scale, bodies)
+    return _Step(add, source, scale, skip, h, x, nodes, externals, random, mutated, h_scale, bodies, scalars)
+
+
+def _scalar_source(node: Node) -> Node | None:
+    """The tensor ``node`` takes ``.item()`` of, when it does (and the tensor is a value), else ``None``."""
+    if node.op == "call_method" and node.target == "item" and len(node.args) == 1 and not node.kwargs:
+        source = node.args[0]
+        if isinstance(source, Node) and _value(source) is not None:
+            return source
+    return None
 
 
 def _submodule(gm: torch.fx.GraphModule, node: Node) -> torch.fx.GraphModule | None:
@@ -518,6 +540,9 @@ def _step_module(gm: torch.fx.GraphModule, step: _Step) -> torch.fx.GraphModule:
         env[external].meta = dict(external.meta)
     for body in step.bodies:
         env[body] = graph.get_attr(str(body.target))  # GraphModule(gm, ...) copies it from gm
+    for scalar in step.scalars:
+        env[scalar] = graph.call_method("item", (env[scalar.args[0]],))
+        env[scalar].meta = dict(scalar.meta)
     for number, node in enumerate(step.nodes):
         # Names by position, not the traced ones (``relu_7``): identical blocks print the same
         # code, so the chain's fingerprint (its registry key) depends on what the steps do.

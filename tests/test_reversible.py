@@ -323,6 +323,42 @@ def test_dynamic_shapes_pass_symbolic_sizes_to_the_chain():
             assert reports == []
 
 
+class EpsNorm(nn.Module):
+    """RMS normalization with its epsilon a Python float attribute, as transformers writes
+    it: under dynamic=True Dynamo makes it a graph input read with ``.item()``."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(width)), 1e-6
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def test_dynamic_float_attributes_do_not_stop_a_chain():
+    """The steps take the item of such an input themselves (it was refused as a non-tensor
+    value); Dynamo then traces the frame again with the float specialized (the backend
+    passes that request through rather than falling back to the unrewritten graph), and the
+    chain is found there."""
+    torch.manual_seed(0)
+    model = LinearCouplings(3, torch.tanh, torch.tanh, width=4)
+    for branches in (model.f, model.g):
+        for i, linear in enumerate(branches):
+            branches[i] = nn.Sequential(EpsNorm(4), linear)
+    reference = copy.deepcopy(model)
+    x = torch.randn(5, 3, 8)
+    x_grad, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with memopt.collect_reports() as reports:
+        out = torch.compile(model, backend="memopt", dynamic=True, options={"lowering": "eager"})(x_grad)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    (reference(x_ref) * weight).sum().backward()
+    assert_close_grads(model, reference, x_grad, x_ref)
+    result = reversible_result(reports[-1])
+    rows = [row for row in result.details if "key" in row]
+    assert result.rewrites == 1 and len(rows) == 3 and all(row["inlined"] for row in rows)
+
+
 def test_automatic_dynamic_shapes_are_traced_into_the_graphs():
     """A new batch size makes Dynamo recompile with a symbolic batch: that chain is traced
     into the graphs too, its sizes inputs of the trace, and serves every later batch size."""
