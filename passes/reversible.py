@@ -896,9 +896,79 @@ def _post_norm_adds(graph: _Graph) -> list[tuple[Node, str]]:
     return found
 
 
+_VIEWS = frozenset({"view", "reshape"})
+
+
+def _is_view_call(node: Node) -> bool:
+    return (node.op == "call_method" and node.target in _VIEWS) or (
+        node.op == "call_function" and node.target in (torch.reshape,)
+    )
+
+
+def _fold_stream_views(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``(reshape(x) + h).view(x.shape)`` into ``x + h.view(x.shape)``: the same sums,
+    element for element, with the residual stream kept in one shape. OPT adds its MLP residual
+    on a 2-D reshape of the stream and views the sum back, which hid the chain. Returns how
+    many sums were folded."""
+    folded = 0
+    for view in list(gm.graph.nodes):
+        if not _is_view_call(view) or not view.args or not isinstance(view.args[0], Node):
+            continue
+        add = view.args[0]
+        if len(add.users) != 1 or add.op not in ("call_function", "call_method") or not _is_add(add):
+            continue
+        out = _value(view)
+        for position, reshaped in enumerate(add.args):
+            other = add.args[1 - position]
+            if not (isinstance(reshaped, Node) and isinstance(other, Node) and _is_view_call(reshaped)):
+                continue
+            stream = reshaped.args[0] if reshaped.args else None
+            stream_value, other_value, add_value = _value(stream), _value(other), _value(add)
+            if out is None or stream_value is None or other_value is None or add_value is None:
+                continue
+            same_sum = other_value.shape == add_value.shape and stream_value.dtype == add_value.dtype
+            if stream_value.shape != out.shape or not same_sum:
+                continue
+            fake_mode = _fake_mode([stream, other])
+            with gm.graph.inserting_before(view):
+                other_view = gm.graph.call_method("reshape", (other, tuple(out.shape)))
+                args = list(add.args)
+                args[position], args[1 - position] = stream, other_view
+                new_add = gm.graph.create_node(add.op, add.target, tuple(args), dict(add.kwargs))
+            with fake_mode:
+                other_view.meta["val"] = other_value.reshape(out.shape)
+                new_add.meta["val"] = _call_on_values(new_add)
+            for node in (other_view, new_add):
+                node.meta["example_value"] = node.meta["val"]
+            view.replace_all_uses_with(new_add)
+            gm.graph.erase_node(view)
+            gm.graph.erase_node(add)
+            folded += 1
+            break
+    return folded
+
+
+def _call_on_values(node: Node) -> torch.Tensor:
+    """``node``'s function or method applied to its arguments' values (under their fake mode)."""
+    def value(arg: Node) -> Any:
+        tensor = _value(arg)
+        return tensor if tensor is not None else _symint(arg)
+
+    args, kwargs = torch.fx.map_arg((node.args, node.kwargs), value)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
 def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite residual chains ``x <- x + f_k(x)`` into the two-stream reversible form."""
     result = PassResult("reversible-convert")
+    folded = _fold_stream_views(gm)
+    if folded:
+        result.notes.append(
+            f"{folded} residual sum(s) of a reshaped stream viewed back to its shape folded into sums "
+            "in the stream's shape (same values): (reshape(x) + h).view(x.shape) -> x + h.view(x.shape)"
+        )
     graph = _Graph(gm)
     refused: dict[Node, str] = {}
     chains = _residual_chains(graph, refused)

@@ -1267,6 +1267,59 @@ def test_converted_transformers_bloom_trains():
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
 
+class ReshapedResidual(nn.Module):
+    """OPT's MLP sublayer: the residual added on a 2-D reshape of the stream, viewed back."""
+
+    def __init__(self, depth, width=6):
+        super().__init__()
+        self.blocks = nn.ModuleList(MLP(width, 0.0) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            shape = x.shape
+            flat = x.reshape(-1, x.size(-1))
+            x = (flat + block(flat)).view(shape)
+        return x
+
+
+def test_stream_views_fold_into_sums_in_the_streams_shape():
+    from memopt.passes.reversible import _fold_stream_views
+
+    torch.manual_seed(0)
+    model = ReshapedResidual(3)
+    x = torch.randn(2, 5, 6)
+    folded = []
+
+    def fold_then_run(gm, example_inputs):
+        folded.append(_fold_stream_views(gm))
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=fold_then_run, fullgraph=True)(x)
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)  # the same sums, bit for bit
+    assert folded == [3]
+
+
+def test_converted_transformers_opt_trains():
+    """A `transformers` OPT: its MLP residual is summed on a 2-D reshape of the stream and
+    viewed back; folded into the stream's shape, its 4 sublayers convert into one chain."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+        max_position_embeddings=32, word_embed_proj_dim=32,
+    )
+    model = transformers.OPTForCausalLM(config).train()
+    losses, report = train_converted_causal_lm(model, torch.randint(0, 64, (4, 16)), steps=20)
+    rows = [row for row in reversible_result(report).details if "key" in row]
+    assert len(rows) == 2 and all(row["inlined"] for row in rows), report.partition_notes
+    convert = next(result for result in report.passes if result.name == "reversible-convert")
+    assert any("2 residual sum(s) of a reshaped stream" in note for note in convert.notes), convert.notes
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
+
+
 def test_convert_explains_post_norm_stacks():
     """BERT's blocks are post-norm, ``x <- LayerNorm(x + f(x))``: no residual stream runs
     across them, nothing converts, and the note says why in those words."""
