@@ -421,6 +421,7 @@ def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
         if chain is not None:
             chains.append(chain)
             taken |= chain.members()
+    chains = _outermost(chains, failures)
     accepted = {step.add.name for chain in chains for step in chain.steps}
     for reason in failures.values():
         # Reasons start with the node that failed the check; report each node once.
@@ -428,6 +429,32 @@ def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
         if name not in accepted and name not in refused:
             refused[name] = reason
     return chains
+
+
+def _outermost(chains: list[_Chain], failures: dict[str, str]) -> list[_Chain]:
+    """Drop chains that lie inside another chain's ``H``.
+
+    A converted UNet nests them: a down block's residual chain (ResNet, transformer) has a
+    step whose ``H`` is the whole transformer, itself a chain of residual sublayers. The
+    outer step carries the inner chain's nodes into its module and recomputes them in the
+    backward, so the inner chain's activations are not kept either way; rewriting both would
+    erase nodes the other one still reads.
+    """
+    kept = []
+    for chain in chains:
+        adds = {step.add for step in chain.steps}
+        outer = next(
+            (other for other in chains if other is not chain and any(adds & set(s.nodes) for s in other.steps)),
+            None,
+        )
+        if outer is None:
+            kept.append(chain)
+            continue
+        for step in chain.steps:
+            failures[step.add.name] = (
+                f"{step.add.name}: inside H of the chain at {outer.steps[0].add.name}, which recomputes it"
+            )
+    return kept
 
 
 def _chain_from(graph: _Graph, first: Node, taken: set[Node], failures: dict[str, str]) -> _Chain | None:

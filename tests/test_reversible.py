@@ -1187,6 +1187,75 @@ def test_converted_model_trains():
     assert losses[-1] < 0.3 * losses[0]
 
 
+class CrossAttention(nn.Module):
+    """Pre-norm attention from the stream to a context whose keys and values are projected
+    outside the stream, as transposed views (a diffusers UNet's cross-attention)."""
+
+    def __init__(self, width, context_width, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.q, self.out = nn.Linear(width, width), nn.Linear(width, width)
+        # No key bias: softmax cancels it, its gradient is rounding noise.
+        self.k, self.v = nn.Linear(context_width, width, bias=False), nn.Linear(context_width, width)
+
+    def forward(self, x, context):
+        (b, n, w), s = x.shape, context.shape[1]
+        q = self.q(self.norm(x)).view(b, n, self.heads, w // self.heads).transpose(1, 2)
+        k = self.k(context).view(b, s, self.heads, w // self.heads).transpose(1, 2)
+        v = self.v(context).view(b, s, self.heads, w // self.heads).transpose(1, 2)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w))
+
+
+class NestedResidual(nn.Module):
+    """A UNet block's shape: residual sublayers, the first of which (the "transformer") is
+    itself ``proj_out(residual stack(proj_in(x)))``; the inner stack reads a context. The
+    inner stack's sums come first in the graph, so the pass finds that chain first."""
+
+    def __init__(self, width=8, context_width=6):
+        super().__init__()
+        self.proj_in, self.proj_out = nn.Linear(width, width), nn.Linear(width, width)
+        self.inner = nn.ModuleList([MLP(width, 0.0), CrossAttention(width, context_width), MLP(width, 0.0)])
+        self.after = MLP(width, 0.0)
+
+    def forward(self, x, context):
+        h = self.proj_in(x)
+        for layer in self.inner:
+            h = h + (layer(h, context) if isinstance(layer, CrossAttention) else layer(h))
+        x = x + self.proj_out(h)
+        return x + self.after(x)
+
+
+def test_converted_nested_residual_chains_keep_the_outer_one(monkeypatch):
+    """Converted, both the outer stack and the transformer's inner one are chains, the inner
+    one inside a step of the outer one: the outer chain is rewritten (its step recomputes
+    the inner stack), the inner one is left alone with the reason. The chain's keys and
+    values are transposed views of context projections, which require grad: their
+    gradients come back contiguous, as the op's fake implementation says."""
+    import memopt.passes.reversible as reversible_pass
+
+    torch.manual_seed(0)
+    model = NestedResidual()
+    reference = copy.deepcopy(model)
+    x, context = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = memopt.compile(model, lowering="eager", strict=True, reversible="convert")(x1, context)
+    out.sum().backward()
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 1, result.notes
+    assert any("inside H of the chain" in note for note in result.notes), result.notes
+    assert any("2 steps" in note and "keep only their 2 final outputs" in note for note in result.notes)
+
+    # The reference: the same converted graph, its chains not rewritten.
+    torch._dynamo.reset()
+    monkeypatch.setattr(reversible_pass, "_find_chains", lambda graph, refused: [])
+    ref = memopt.compile(reference, lowering="eager", strict=True, reversible="convert")(x2, context)
+    ref.sum().backward()
+    assert reversible_result(memopt.last_report()).rewrites == 0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x1, x2)
+
+
 def train_converted_causal_lm(model, ids, steps):
     """Train a `transformers` causal LM compiled with ``reversible="convert"`` (eager lowering)
     on ``ids`` for ``steps`` Adam steps: the losses, and the report of the converted graph."""

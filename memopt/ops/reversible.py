@@ -415,7 +415,13 @@ def _with_mutated_as_none(chain: Chain, kept: Sequence[Tensor]) -> list[Tensor |
 
 @reversible_chain_backward.register_fake
 def _(key, stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes) -> list[Tensor]:
-    return [torch.empty_like(stream1), torch.empty_like(stream2)] + [torch.empty_like(p) for p in params]
+    # Contiguous, as the kernel returns them: ``empty_like`` would copy the strides of a
+    # parameter that is a view (a transposed key projection), and the backward graph would
+    # then view the real, contiguous gradient with strides it does not have.
+    contiguous = torch.contiguous_format
+    return [stream1.new_empty(stream1.shape), stream2.new_empty(stream2.shape)] + [
+        torch.empty_like(p, memory_format=contiguous) for p in params
+    ]
 
 
 def _setup_context(ctx, inputs, output) -> None:
