@@ -31,11 +31,13 @@ issue 4.
 
     python benchmarks/reversible.py                      # CPU: small sizes, eager lowering
     python benchmarks/reversible.py --lowering inductor  # what a GPU run uses by default
+    python benchmarks/reversible.py --lowering inductor --draw-sweep  # dropout: states or seeds, by size
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import platform
 import statistics
@@ -194,6 +196,73 @@ def measure_step(
     return result.peak_bytes, statistics.median(times), first_call
 
 
+DRAW_SWEEP = "1x2x4,1x4x8,1x8x16,2x16x16,4x16x16,2x16x32,4x16x32,1x64x32"
+"""Default ``--draw-sweep`` shapes, batch x channels x size: 32 to 65536 elements per random op."""
+
+DRAWS = ("states", "seeds", "auto")
+
+
+@contextlib.contextmanager
+def drawing(how: str):
+    """Make traced random ops draw from the generator's states, Inductor's seeds, or choose
+    per op as memopt does (``auto``). Both knobs are part of memopt's partitioner key, so
+    Inductor's caches do not hand one kind of graph to another."""
+    from memopt import reversible_inline
+
+    saved = reversible_inline._SEEDED_DEVICES, reversible_inline._CPU_SEEDS_MAX_NUMEL
+    if how == "states":
+        reversible_inline._SEEDED_DEVICES, reversible_inline._CPU_SEEDS_MAX_NUMEL = frozenset(), -1
+    elif how == "seeds":
+        reversible_inline._SEEDED_DEVICES = saved[0] | {"cpu"}
+    try:
+        yield
+    finally:
+        reversible_inline._SEEDED_DEVICES, reversible_inline._CPU_SEEDS_MAX_NUMEL = saved
+
+
+def draw_sweep(args: argparse.Namespace, device: torch.device, depth: int) -> list[str]:
+    """Step time of a RevNet chain with dropout against the size of its random ops, each
+    drawn from states, from seeds, or as memopt chooses: the measurement behind the size
+    at which a CPU switches from seeds to states (``_CPU_SEEDS_MAX_NUMEL``)."""
+    p = args.dropout or 0.1
+    lines = [
+        f"# reversible: random draws from RNG states or seeds ({datetime.date.today()})",
+        "",
+        f"device: {device.type} ({_device_name(device)}), torch {torch.__version__}; RevNet chain of depth {depth}, "
+        f"dropout {p} (2 x {depth} random ops per step), memopt lowering `{args.lowering}`; step time = median of "
+        f"{args.repeat} runs " + ("(CUDA wall time)" if device.type == "cuda" else "(CPU process time, 1 thread)"),
+        "",
+        "| batch x channels x size | elements per random op | eager (ms) | states / eager | seeds / eager "
+        "| auto / eager |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    print("\n".join(lines), flush=True)
+    for shape in args.draw_sweep.split(","):
+        try:
+            batch, channels, size = (int(part) for part in shape.split("x"))
+        except ValueError:
+            raise SystemExit(f"--draw-sweep: {shape!r} is not batch x channels x size (like 4x16x32)") from None
+        torch.manual_seed(0)
+        model = revnet(depth, channels, p).to(device)
+        x = torch.randn(batch, 3, size, size, device=device)
+        torch.compiler.reset()
+        _, eager, _ = measure_step(model, model, x, args.repeat)
+        ratios = []
+        for how in DRAWS:
+            torch.compiler.reset()
+            with drawing(how):
+                _, seconds, _ = measure_step(memopt.compile(model, lowering=args.lowering), model, x, args.repeat)
+            ratios.append(f"{seconds / eager:.2f}x")
+        row = f"| {shape} | {batch * channels * size * size} | {eager * 1e3:.2f} | " + " | ".join(ratios) + " |"
+        lines.append(row)
+        print(row, flush=True)
+    return lines
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cuda = torch.cuda.is_available()
@@ -218,12 +287,24 @@ def main(argv: list[str] | None = None) -> int:
         help="dropout in every branch (after ReLU; after the attention projection and the MLP's GELU): one random "
         "op per step, which reversible chains draw again in the backward",
     )
+    parser.add_argument(
+        "--draw-sweep", nargs="?", const=DRAW_SWEEP, default=None, metavar="BxCxS,...",
+        help="instead of the depth table: step time of a RevNet chain (the first of --depths; dropout --dropout, "
+        "0.1 if unset) with its random ops drawn from RNG states, from Inductor's seeds, or as memopt chooses, "
+        f"for each input shape (default {DRAW_SWEEP}); use --lowering inductor",
+    )
     parser.add_argument("--output", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
         torch.set_num_threads(1)
     depths = [int(d) for d in args.depths.split(",")]
+    if args.draw_sweep:
+        lines = draw_sweep(args, device, depths[0])
+        if args.output:
+            with open(args.output, "w") as handle:
+                handle.write("\n".join(lines) + "\n")
+        return 0
     # CPU sizes finish the whole sweep in a few minutes on 2 cores; CUDA sizes fill a GPU better.
     if cuda:
         conv = dict(batch=32, channels=64, size=32)
@@ -243,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         text = dict(batch=4, tokens=128, width=32, heads=2)
         dtype = torch.float32
 
-    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    device_name = _device_name(device)
     lines = [
         f"# reversible: activation memory of one training step vs depth ({datetime.date.today()})",
         "",
