@@ -10,7 +10,8 @@
 # to about 7.5 minutes, under one 10-minute call), reversible (6 minutes: Inductor compiles
 # each variant, so depths 8 and 16 only; with profile, one call of its own), profile (host
 # vs GPU time and kernels per call of the Monarch op and the reversible step, 2 minutes),
-# draws (dropout in a chain from RNG states or seeds, by op size, 4 minutes),
+# draws (dropout in a chain from RNG states or seeds, by op size, 4 minutes), reversible-unet
+# (training a converted diffusers UNet3D, 5 minutes; needs diffusers),
 # and slicing (give it a call of
 # its own: on an H100 Inductor's cold compile of the small AnimateDiff UNet alone took 54 s, and
 # memopt adds one compile per multi-op group). Expects the GPU machine's Python with torch and
@@ -18,7 +19,7 @@
 # installed from wheels in .whl/ when present (carry .whl). Tests print one line each, so a
 # cap that stops them still shows which ran.
 set -u
-out=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [tests|monarch|im2win|rehash|reversible|draws|profile|slicing ...]}
+out=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [tests|monarch|im2win|rehash|reversible|reversible-unet|draws|profile|slicing ...]}
 shift
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests monarch im2win rehash)
@@ -82,6 +83,10 @@ for step in "${steps[@]}"; do
       # default) at a launch-bound, a middle and the benchmark's size; three compiles a shape.
       capped "$(cap DRAWS 240)" draws $py benchmarks/reversible.py --lowering inductor --depths 8 --repeat 10 \
         --draw-sweep "${DRAW_SHAPES:-1x2x4,4x16x32,32x64x32}" --output "$out/draws-$date-cuda.md" ;;
+    reversible-unet)
+      # Training a converted diffusers UNet3D: Inductor, eager, per-block checkpointing, memopt.
+      capped "$(cap REVERSIBLE_UNET 300)" reversible-unet $py benchmarks/reversible_unet.py --channels 64,128,128 \
+        --frames 16 --size 32 --output "$out/reversible-unet-$date-cuda.md" ;;
     profile)
       # Host vs GPU time and kernels per call: the Monarch op against its kernels, memopt's
       # reversible training step against eager's (benchmarks/gpu_profile.py).
@@ -92,7 +97,7 @@ for step in "${steps[@]}"; do
       capped "$(cap SLICING 540)" slicing $py benchmarks/slicing.py --skip-rehash --cudagraphs \
         --models "${SLICING_MODELS:-animatediff,svd,unet3d}" --channels 64,128,128 --size 64 --frames 16 \
         --out benchmarks/results ${SLICING_ARGS:-} ;;
-    *) say "unknown step '$step' (valid: tests monarch im2win rehash reversible draws profile slicing)" ;;
+    *) say "unknown step '$step' (valid: tests monarch im2win rehash reversible reversible-unet draws profile slicing)" ;;
   esac
 done
 cp benchmarks/results/*-"$date"-cuda.md "$out"/ 2>/dev/null
