@@ -1465,6 +1465,15 @@ def test_reversible_chain_op_passes_opcheck_and_gradcheck():
     bias = torch.randn(5, dtype=torch.float64)
     leaves = [t.requires_grad_(True) for t in (x1, x2, *weights)]
     torch.library.opcheck(torch.ops.memopt.reversible_chain.default, (key, x1, x2, weights, [bias], [3]))
+    # The backward, with a parameter that is a transposed view (a projection's keys in a UNet):
+    # its gradient comes back contiguous, and the fake implementation must say so.
+    y1, y2, rng = torch.ops.memopt.reversible_chain(key, x1, x2, weights, [bias], [3])
+    # (Inputs that do not require grad: the backward has no backward of its own.)
+    transposed = [weights[0].detach(), weights[1].detach().t().contiguous().t()]
+    assert not transposed[1].is_contiguous()
+    streams = [y.detach() for y in (y1, y2)]
+    backward_args = (key, *streams, *map(torch.randn_like, streams), rng, transposed, [bias], [3])
+    torch.library.opcheck(torch.ops.memopt.reversible_chain_backward.default, backward_args)
 
     def run(a, b, w0, w1):
         out = torch.ops.memopt.reversible_chain(key, a, b, [w0, w1], [bias], [3])
