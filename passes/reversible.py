@@ -923,56 +923,156 @@ def _post_norm_adds(graph: _Graph) -> list[tuple[Node, str]]:
     return found
 
 
-_VIEWS = frozenset({"view", "reshape"})
+# Ops that rearrange elements without changing them: a chain of these applied to the stream
+# and then undone (proved by :func:`_undoes`) is what :func:`_fold_stream_views` folds.
+_VIEW_METHODS = frozenset(
+    {"view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "flatten", "unflatten", "movedim",
+     "contiguous"}
+)
+_VIEW_FUNCTIONS = frozenset(
+    {torch.reshape, torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze, torch.flatten, torch.movedim}
+)
 
 
 def _is_view_call(node: Node) -> bool:
-    return (node.op == "call_method" and node.target in _VIEWS) or (
-        node.op == "call_function" and node.target in (torch.reshape,)
-    )
+    if not node.args or not isinstance(node.args[0], Node):
+        return False
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        # ``x[None, :]``, ``x[..., None]``: new axes and whole dimensions only.
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return all(i is None or i is Ellipsis or i == slice(None) for i in index)
+    return node.target in _VIEW_FUNCTIONS
+
+
+def _apply_view(node: Node, tensor: torch.Tensor) -> torch.Tensor | None:
+    """``node``'s view op applied to ``tensor``, or ``None`` when its other arguments are not
+    all constants (a symbolic size: nothing to prove the fold with)."""
+    rest: list[Node] = []
+    torch.fx.map_arg((node.args[1:], node.kwargs), rest.append)
+    if rest:
+        return None
+    if node.op == "call_method":
+        return getattr(tensor, node.target)(*node.args[1:], **node.kwargs)
+    return node.target(tensor, *node.args[1:], **node.kwargs)
+
+
+def _undoes(stream: torch.Tensor, views: list[Node]) -> bool:
+    """Whether applying ``views`` in order to ``stream`` gives back ``stream``, element for
+    element. Proved on a meta tensor of the stream's shape: while every op stays a view of it,
+    the result's strides and offset say where each element comes from, and the identity has
+    the stream's own shape, contiguous strides and offset 0. An op that would copy (a reshape
+    of a permuted view), or a symbolic size, proves nothing: ``False``."""
+    if not all(isinstance(size, int) for size in stream.shape):
+        return False
+    base = torch.empty(tuple(stream.shape), device="meta")
+    tensor = base
+    for node in views:
+        try:
+            tensor = _apply_view(node, tensor)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return False
+        if tensor is None or (tensor is not base and tensor._base is not base):
+            return False
+    if tensor.shape != base.shape or tensor.storage_offset() != 0:
+        return False
+    return all(a == b for a, b, size in zip(tensor.stride(), base.stride(), base.shape) if size > 1)
 
 
 def _fold_stream_views(gm: torch.fx.GraphModule) -> int:
-    """Rewrite ``(reshape(x) + h).view(x.shape)`` into ``x + h.view(x.shape)``: the same sums,
-    element for element, with the residual stream kept in one shape. OPT adds its MLP residual
-    on a 2-D reshape of the stream and views the sum back, which hid the chain. Returns how
-    many sums were folded."""
+    """Rewrite ``B(A(x) + h)``, where the view ops ``B`` undo the view ops ``A``, into
+    ``x + B(h)``: the same sums, element for element, with the residual stream kept in one
+    shape. OPT adds its MLP residual on a 2-D reshape of the stream and views the sum back; a
+    diffusers temporal convolution adds its residual on a ``[batch, channels, frames, ...]``
+    permutation of the ``[batch * frames, channels, ...]`` stream and permutes it back. Both hid
+    the chain. Returns how many sums were folded."""
     folded = 0
-    for view in list(gm.graph.nodes):
-        if not _is_view_call(view) or not view.args or not isinstance(view.args[0], Node):
+    for add in list(gm.graph.nodes):
+        if add.op not in ("call_function", "call_method") or not _is_add(add):
             continue
-        add = view.args[0]
-        if len(add.users) != 1 or add.op not in ("call_function", "call_method") or not _is_add(add):
+        # B: the add's single-user chain of views (the longest that undoes A wins).
+        after: list[Node] = []
+        node = add
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if not _is_view_call(user) or user.args[0] is not node:
+                break
+            after.append(user)
+            node = user
+        if not after:
             continue
-        out = _value(view)
-        for position, reshaped in enumerate(add.args):
-            other = add.args[1 - position]
-            if not (isinstance(reshaped, Node) and isinstance(other, Node) and _is_view_call(reshaped)):
+        add_value = _value(add)
+        for position in (0, 1):
+            operand, other = add.args[position], add.args[1 - position]
+            if not (isinstance(operand, Node) and isinstance(other, Node)):
                 continue
-            stream = reshaped.args[0] if reshaped.args else None
-            stream_value, other_value, add_value = _value(stream), _value(other), _value(add)
-            if out is None or stream_value is None or other_value is None or add_value is None:
+            other_value = _value(other)
+            if add_value is None or other_value is None or other_value.shape != add_value.shape:
+                continue  # a broadcast operand: B(h) would not be h's view
+            before: list[Node] = []  # A, innermost first
+            while _is_view_call(operand):
+                before.insert(0, operand)
+                operand = operand.args[0]
+            found = _fold_candidate(before, after, operand)
+            if found is None:
                 continue
-            same_sum = other_value.shape == add_value.shape and stream_value.dtype == add_value.dtype
-            if stream_value.shape != out.shape or not same_sum:
-                continue
-            fake_mode = _fake_mode([stream, other])
-            with gm.graph.inserting_before(view):
-                other_view = gm.graph.call_method("reshape", (other, tuple(out.shape)))
-                args = list(add.args)
-                args[position], args[1 - position] = stream, other_view
-                new_add = gm.graph.create_node(add.op, add.target, tuple(args), dict(add.kwargs))
-            with fake_mode:
-                other_view.meta["val"] = other_value.reshape(out.shape)
-                new_add.meta["val"] = _call_on_values(new_add)
-            for node in (other_view, new_add):
-                node.meta["example_value"] = node.meta["val"]
-            view.replace_all_uses_with(new_add)
-            gm.graph.erase_node(view)
-            gm.graph.erase_node(add)
+            _fold(gm, add, position, *found)
             folded += 1
             break
     return folded
+
+
+def _fold_candidate(before: list[Node], after: list[Node], root: Node) -> tuple[Node, list[Node]] | None:
+    """The stream ``x`` (``root`` or one of the views ``before``, which lead from ``root`` to
+    the sum) and the views ``B`` after the sum such that ``B`` undoes the views from ``x``
+    and ``B(sum)`` has the stream's dtype: the earliest stream and the longest ``B`` first."""
+    for start in range(len(before)):
+        stream = before[start - 1] if start else root
+        stream_value = _value(stream)
+        if stream_value is None:
+            continue
+        for end in range(len(after), 0, -1):
+            out = _value(after[end - 1])
+            if out is None or out.dtype != stream_value.dtype or out.shape != stream_value.shape:
+                continue
+            if _undoes(stream_value, before[start:] + after[:end]):
+                return stream, after[:end]
+    return None
+
+
+def _fold(gm: torch.fx.GraphModule, add: Node, position: int, stream: Node, views_after: list[Node]) -> None:
+    """Replace ``views_after[-1]`` (``B(A(x) + h)``) by ``x + B(h)``, ``x`` at ``position``."""
+    graph = gm.graph
+    other = add.args[1 - position]
+    last = views_after[-1]
+    fake_mode = _fake_mode([stream, other])
+    created = []
+    with graph.inserting_before(last):
+        viewed = other
+        for view in views_after:
+            viewed = graph.create_node(view.op, view.target, (viewed, *view.args[1:]), dict(view.kwargs))
+            created.append(viewed)
+        args = list(add.args)
+        args[position], args[1 - position] = stream, viewed
+        new_add = graph.create_node(add.op, add.target, tuple(args), dict(add.kwargs))
+        created.append(new_add)
+    with fake_mode:
+        for node in created:
+            node.meta["val"] = _call_on_values(node)
+            node.meta["example_value"] = node.meta["val"]
+    last.replace_all_uses_with(new_add)
+    dead = [*reversed(views_after), add]
+    operand = add.args[position]
+    for node in dead:
+        graph.erase_node(node)
+    # A's views of the stream, when nothing else reads them.
+    while isinstance(operand, Node) and operand is not stream and not operand.users and _is_view_call(operand):
+        parent = operand.args[0]
+        graph.erase_node(operand)
+        operand = parent
 
 
 def _call_on_values(node: Node) -> torch.Tensor:
@@ -993,8 +1093,8 @@ def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     folded = _fold_stream_views(gm)
     if folded:
         result.notes.append(
-            f"{folded} residual sum(s) of a reshaped stream viewed back to its shape folded into sums "
-            "in the stream's shape (same values): (reshape(x) + h).view(x.shape) -> x + h.view(x.shape)"
+            f"{folded} residual sum(s) of a reshaped or permuted stream viewed back to its shape folded into "
+            "sums in the stream's shape (same values): B(A(x) + h) -> x + B(h), where the views B undo A"
         )
     graph = _Graph(gm)
     refused: dict[Node, str] = {}

@@ -1385,12 +1385,35 @@ class ReshapedResidual(nn.Module):
         return x
 
 
-def test_stream_views_fold_into_sums_in_the_streams_shape():
+class PermutedResidual(nn.Module):
+    """diffusers' temporal convolution: the ``[batch * frames, channels]`` stream is viewed as
+    ``[batch, channels, frames]``, summed there and viewed back. ``scramble`` views the last
+    sum back without undoing the permutation (same shape, elements moved): no fold."""
+
+    def __init__(self, depth, frames=3, channels=6, scramble=False):
+        super().__init__()
+        self.frames, self.scramble = frames, scramble
+        self.blocks = nn.ModuleList(nn.Conv1d(channels, channels, 3, padding=1) for _ in range(depth))
+
+    def forward(self, x):
+        for number, block in enumerate(self.blocks):
+            h = x[None, :].reshape(-1, self.frames, x.shape[1]).permute(0, 2, 1)
+            out = h + block(h)
+            last = number == len(self.blocks) - 1
+            x = out.reshape(x.shape) if self.scramble and last else out.permute(0, 2, 1).reshape(x.shape)
+        return x
+
+
+@pytest.mark.parametrize(
+    "model, folds",
+    [(ReshapedResidual(3), 3), (PermutedResidual(3), 3), (PermutedResidual(3, scramble=True), 2)],
+    ids=["reshaped", "permuted", "scrambled"],
+)
+def test_stream_views_fold_into_sums_in_the_streams_shape(model, folds):
     from memopt.passes.reversible import _fold_stream_views
 
     torch.manual_seed(0)
-    model = ReshapedResidual(3)
-    x = torch.randn(2, 5, 6)
+    x = torch.randn(2, 5, 6) if isinstance(model, ReshapedResidual) else torch.randn(2 * model.frames, 6)
     folded = []
 
     def fold_then_run(gm, example_inputs):
@@ -1402,7 +1425,32 @@ def test_stream_views_fold_into_sums_in_the_streams_shape():
     with torch.no_grad():
         out = torch.compile(model, backend=fold_then_run, fullgraph=True)(x)
         torch.testing.assert_close(out, model(x), rtol=0, atol=0)  # the same sums, bit for bit
-    assert folded == [3]
+    assert folded == [folds]
+
+
+def test_converted_permuted_residuals_are_one_chain():
+    """Folded, the temporal-convolution residuals are a residual stack in the stream's shape:
+    one chain, whose gradients equal the two-stream form written out by hand."""
+    torch.manual_seed(0)
+    model = PermutedResidual(4)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2 * model.frames, 6)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = memopt.compile(model, lowering="eager", strict=True, reversible="convert")(x1)
+    out.square().sum().backward()
+    assert reversible_result(memopt.last_report()).rewrites == 1
+
+    def sublayer(block, v):  # f_k(v) in the stream's shape
+        h = v.reshape(-1, reference.frames, v.shape[1]).permute(0, 2, 1)
+        return block(h).permute(0, 2, 1).reshape(v.shape)
+
+    previous = current = x2
+    for block in reference.blocks:
+        previous, current = current, previous + sublayer(block, current)
+    ref = (previous + current) * 0.5
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x1, x2)
 
 
 def test_converted_transformers_opt_trains():
@@ -1419,7 +1467,7 @@ def test_converted_transformers_opt_trains():
     rows = [row for row in reversible_result(report).details if "key" in row]
     assert len(rows) == 2 and all(row["inlined"] for row in rows), report.partition_notes
     convert = next(result for result in report.passes if result.name == "reversible-convert")
-    assert any("2 residual sum(s) of a reshaped stream" in note for note in convert.notes), convert.notes
+    assert any("2 residual sum(s) of a reshaped or permuted stream" in note for note in convert.notes), convert.notes
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
 
