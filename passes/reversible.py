@@ -1017,9 +1017,8 @@ def _fold_stream_views(gm: torch.fx.GraphModule) -> int:
                 before.insert(0, operand)
                 operand = operand.args[0]
             found = _fold_candidate(before, after, operand)
-            if found is None:
+            if found is None or not _fold(gm, add, position, *found):
                 continue
-            _fold(gm, add, position, *found)
             folded += 1
             break
     return folded
@@ -1043,17 +1042,33 @@ def _fold_candidate(before: list[Node], after: list[Node], root: Node) -> tuple[
     return None
 
 
-def _fold(gm: torch.fx.GraphModule, add: Node, position: int, stream: Node, views_after: list[Node]) -> None:
-    """Replace ``views_after[-1]`` (``B(A(x) + h)``) by ``x + B(h)``, ``x`` at ``position``."""
+def _fold(gm: torch.fx.GraphModule, add: Node, position: int, stream: Node, views_after: list[Node]) -> bool:
+    """Replace ``views_after[-1]`` (``B(A(x) + h)``) by ``x + B(h)``, ``x`` at ``position``.
+    ``B`` applies to ``h`` with ``reshape`` for ``view``: ``h``'s strides need not be the
+    sum's. ``False``, the graph untouched, if ``B`` does not apply to ``h``."""
     graph = gm.graph
     other = add.args[1 - position]
     last = views_after[-1]
     fake_mode = _fake_mode([stream, other])
+
+    def target(view: Node) -> Any:
+        return "reshape" if view.op == "call_method" and view.target == "view" else view.target
+
+    try:
+        with fake_mode:
+            value = _value(other)
+            for view in views_after:
+                if view.op == "call_method":
+                    value = getattr(value, target(view))(*view.args[1:], **view.kwargs)
+                else:
+                    value = view.target(value, *view.args[1:], **view.kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return False
     created = []
     with graph.inserting_before(last):
         viewed = other
         for view in views_after:
-            viewed = graph.create_node(view.op, view.target, (viewed, *view.args[1:]), dict(view.kwargs))
+            viewed = graph.create_node(view.op, target(view), (viewed, *view.args[1:]), dict(view.kwargs))
             created.append(viewed)
         args = list(add.args)
         args[position], args[1 - position] = stream, viewed
@@ -1073,6 +1088,7 @@ def _fold(gm: torch.fx.GraphModule, add: Node, position: int, stream: Node, view
         parent = operand.args[0]
         graph.erase_node(operand)
         operand = parent
+    return True
 
 
 def _call_on_values(node: Node) -> torch.Tensor:

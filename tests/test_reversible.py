@@ -1388,11 +1388,13 @@ class ReshapedResidual(nn.Module):
 class PermutedResidual(nn.Module):
     """diffusers' temporal convolution: the ``[batch * frames, channels]`` stream is viewed as
     ``[batch, channels, frames]``, summed there and viewed back. ``scramble`` views the last
-    sum back without undoing the permutation (same shape, elements moved): no fold."""
+    sum back without undoing the permutation (same shape, elements moved): no fold. ``view``
+    views the sum back with ``view`` (the sum has the permuted view's strides), which the
+    folded graph must apply to the branch as ``reshape`` (the branch's strides differ)."""
 
-    def __init__(self, depth, frames=3, channels=6, scramble=False):
+    def __init__(self, depth, frames=3, channels=6, scramble=False, view=False):
         super().__init__()
-        self.frames, self.scramble = frames, scramble
+        self.frames, self.scramble, self.view = frames, scramble, view
         self.blocks = nn.ModuleList(nn.Conv1d(channels, channels, 3, padding=1) for _ in range(depth))
 
     def forward(self, x):
@@ -1400,14 +1402,18 @@ class PermutedResidual(nn.Module):
             h = x[None, :].reshape(-1, self.frames, x.shape[1]).permute(0, 2, 1)
             out = h + block(h)
             last = number == len(self.blocks) - 1
-            x = out.reshape(x.shape) if self.scramble and last else out.permute(0, 2, 1).reshape(x.shape)
+            if self.scramble and last:
+                x = out.reshape(x.shape)
+            else:
+                x = out.permute(0, 2, 1).view(x.shape) if self.view else out.permute(0, 2, 1).reshape(x.shape)
         return x
 
 
 @pytest.mark.parametrize(
     "model, folds",
-    [(ReshapedResidual(3), 3), (PermutedResidual(3), 3), (PermutedResidual(3, scramble=True), 2)],
-    ids=["reshaped", "permuted", "scrambled"],
+    [(ReshapedResidual(3), 3), (PermutedResidual(3), 3), (PermutedResidual(3, view=True), 3),
+     (PermutedResidual(3, scramble=True), 2)],
+    ids=["reshaped", "permuted", "permuted-view", "scrambled"],
 )
 def test_stream_views_fold_into_sums_in_the_streams_shape(model, folds):
     from memopt.passes.reversible import _fold_stream_views
