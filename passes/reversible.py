@@ -948,16 +948,22 @@ def _is_view_call(node: Node) -> bool:
     return node.target in _VIEW_FUNCTIONS
 
 
-def _apply_view(node: Node, tensor: torch.Tensor) -> torch.Tensor | None:
-    """``node``'s view op applied to ``tensor``, or ``None`` when its other arguments are not
-    all constants (a symbolic size: nothing to prove the fold with)."""
+def _view_target(node: Node, reshape: bool) -> Any:
+    """``node``'s target; with ``reshape``, ``Tensor.reshape`` for ``Tensor.view``."""
+    return "reshape" if reshape and node.op == "call_method" and node.target == "view" else node.target
+
+
+def _apply_view(node: Node, tensor: torch.Tensor, reshape: bool = False) -> torch.Tensor | None:
+    """``node``'s view op applied to ``tensor`` (``view`` as ``reshape`` with ``reshape``), or
+    ``None`` when its other arguments are not all constants (a symbolic size)."""
     rest: list[Node] = []
     torch.fx.map_arg((node.args[1:], node.kwargs), rest.append)
     if rest:
         return None
+    target = _view_target(node, reshape)
     if node.op == "call_method":
-        return getattr(tensor, node.target)(*node.args[1:], **node.kwargs)
-    return node.target(tensor, *node.args[1:], **node.kwargs)
+        return getattr(tensor, target)(*node.args[1:], **node.kwargs)
+    return target(tensor, *node.args[1:], **node.kwargs)
 
 
 def _undoes(stream: torch.Tensor, views: list[Node]) -> bool:
@@ -1050,25 +1056,21 @@ def _fold(gm: torch.fx.GraphModule, add: Node, position: int, stream: Node, view
     other = add.args[1 - position]
     last = views_after[-1]
     fake_mode = _fake_mode([stream, other])
-
-    def target(view: Node) -> Any:
-        return "reshape" if view.op == "call_method" and view.target == "view" else view.target
-
     try:
         with fake_mode:
             value = _value(other)
             for view in views_after:
-                if view.op == "call_method":
-                    value = getattr(value, target(view))(*view.args[1:], **view.kwargs)
-                else:
-                    value = view.target(value, *view.args[1:], **view.kwargs)
+                value = None if value is None else _apply_view(view, value, reshape=True)
     except (RuntimeError, TypeError, ValueError, IndexError):
+        return False
+    if value is None:
         return False
     created = []
     with graph.inserting_before(last):
         viewed = other
         for view in views_after:
-            viewed = graph.create_node(view.op, target(view), (viewed, *view.args[1:]), dict(view.kwargs))
+            target = _view_target(view, reshape=True)
+            viewed = graph.create_node(view.op, target, (viewed, *view.args[1:]), dict(view.kwargs))
             created.append(viewed)
         args = list(add.args)
         args[position], args[1 - position] = stream, viewed
