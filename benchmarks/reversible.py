@@ -259,6 +259,13 @@ def draw_sweep(args: argparse.Namespace, device: torch.device, depth: int) -> li
     return lines
 
 
+def write_table(lines: list[str], path: str | None) -> None:
+    """Also write the printed table to ``path`` (``--output``), when given."""
+    if path:
+        with open(path, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
 
@@ -291,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "--draw-sweep", nargs="?", const=DRAW_SWEEP, default=None, metavar="BxCxS,...",
         help="instead of the depth table: step time of a RevNet chain (the first of --depths; dropout --dropout, "
         "0.1 if unset) with its random ops drawn from RNG states, from Inductor's seeds, or as memopt chooses, "
-        f"for each input shape (default {DRAW_SWEEP}); use --lowering inductor",
+        f"for each input shape (default {DRAW_SWEEP}); needs --lowering inductor",
     )
     parser.add_argument("--output", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
@@ -300,10 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     depths = [int(d) for d in args.depths.split(",")]
     if args.draw_sweep:
-        lines = draw_sweep(args, device, depths[0])
-        if args.output:
-            with open(args.output, "w") as handle:
-                handle.write("\n".join(lines) + "\n")
+        if args.lowering != "inductor":
+            parser.error("--draw-sweep compares Inductor's seeds with RNG states: add --lowering inductor")
+        write_table(draw_sweep(args, device, depths[0]), args.output)
         return 0
     # CPU sizes finish the whole sweep in a few minutes on 2 cores; CUDA sizes fill a GPU better.
     if cuda:
@@ -394,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             f"worst time ratio {worst_time:.2f}x ({'met' if worst_time <= 1.4 else 'MISSED'})"
         )
         print(lines[-1], flush=True)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+    write_table(lines, args.output)
     return 0
 
 

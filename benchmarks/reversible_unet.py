@@ -36,7 +36,7 @@ import sys
 import torch
 
 import memopt
-from reversible import measure_step
+from reversible import measure_step, write_table
 from slicing import build, inputs
 from torch.utils.checkpoint import checkpoint
 
@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         lines.append(row)
         print(row, flush=True)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+    write_table(lines, args.output)
     return 0
 
 
