@@ -15,6 +15,7 @@ docs/passes/reversible.md), inside the target.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -1432,6 +1433,90 @@ def test_stream_views_fold_into_sums_in_the_streams_shape(model, folds):
         out = torch.compile(model, backend=fold_then_run, fullgraph=True)(x)
         torch.testing.assert_close(out, model(x), rtol=0, atol=0)  # the same sums, bit for bit
     assert folded == [folds]
+
+
+def _random_views(rng, shape):
+    """A random chain of view ops on ``shape`` and, for half the chains, its inverse (the
+    other half: the inverse with one permutation swapped, which moves elements): the ops as
+    ``(method, args)``."""
+    ops, current = [], list(shape)
+    inverse = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(["permute", "reshape", "unsqueeze", "transpose"])
+        if kind == "permute":
+            order = list(range(len(current)))
+            rng.shuffle(order)
+            ops.append(("permute", tuple(order)))
+            inverse.insert(0, ("permute", tuple(sorted(range(len(order)), key=order.__getitem__))))
+            current = [current[i] for i in order]
+        elif kind == "transpose" and len(current) >= 2:
+            a, b = rng.sample(range(len(current)), 2)
+            ops.append(("transpose", (a, b)))
+            inverse.insert(0, ("transpose", (a, b)))
+            current[a], current[b] = current[b], current[a]
+        elif kind == "unsqueeze":
+            dim = rng.randint(0, len(current))
+            ops.append(("unsqueeze", (dim,)))
+            inverse.insert(0, ("squeeze", (dim,)))
+            current.insert(dim, 1)
+        else:  # merge two neighbouring dims, or split one
+            if len(current) >= 2 and rng.random() < 0.5:
+                i = rng.randrange(len(current) - 1)
+                merged = current[:i] + [current[i] * current[i + 1]] + current[i + 2:]
+            else:
+                i = rng.randrange(len(current))
+                factor = next((f for f in (2, 3) if current[i] % f == 0), None)
+                if factor is None:
+                    continue
+                merged = current[:i] + [factor, current[i] // factor] + current[i + 1:]
+            ops.append(("reshape", tuple(merged)))
+            inverse.insert(0, ("reshape", tuple(current)))
+            current = merged
+    if rng.random() < 0.5:
+        swapped = [(name, args) for name, args in inverse if name in ("permute", "transpose") and len(args) >= 2]
+        if swapped:
+            name, args = swapped[0]
+            position = inverse.index(swapped[0])
+            inverse[position] = (name, args[1:] + args[:1] if name == "permute" else args[::-1])
+            if name == "transpose" or args[1:] + args[:1] == args:
+                inverse.append(("transpose", (0, len(shape) - 1)))  # something that moves elements
+    return ops + inverse
+
+
+def test_fold_proof_is_sound_on_random_view_chains():
+    """``_undoes`` claims a chain of views gives back its input only when it does: checked on
+    an index tensor, over random chains of permutes, transposes, reshapes and (un)squeezes
+    and their inverses, intact or spoiled."""
+    import random
+
+    from memopt.passes.reversible import _undoes
+
+    rng = random.Random(0)
+    proved = refused_identities = moved = 0
+    for _ in range(300):
+        shape = tuple(rng.choice([1, 2, 3, 4, 6]) for _ in range(rng.randint(1, 4)))
+        ops = _random_views(rng, shape)
+        graph = torch.fx.Graph()
+        node = graph.placeholder("x")
+        nodes = []
+        for name, args in ops:
+            node = graph.call_method(name, (node, *args))
+            nodes.append(node)
+        index = torch.arange(math.prod(shape)).reshape(shape)
+        try:
+            result = index
+            for name, args in ops:
+                result = getattr(result, name)(*args)
+            identity = result.shape == index.shape and torch.equal(result, index)
+        except RuntimeError:
+            identity = False  # the spoiled chain may not even apply
+        claimed = _undoes(torch.empty(shape), nodes)
+        assert not claimed or identity, (shape, ops)
+        proved += claimed
+        refused_identities += identity and not claimed
+        moved += not identity
+    assert proved >= 50 and moved >= 30, (proved, moved)  # neither side of the check is vacuous
+    assert refused_identities <= proved, refused_identities
 
 
 def test_converted_permuted_residuals_are_one_chain():
