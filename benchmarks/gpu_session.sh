@@ -85,8 +85,10 @@ for step in "${steps[@]}"; do
         --draw-sweep "${DRAW_SHAPES:-1x2x4,4x16x32,32x64x32}" --output "$out/draws-$date-cuda.md" ;;
     reversible-unet)
       # Training a converted diffusers UNet3D: Inductor, eager, per-block checkpointing, memopt.
+      # Each compiled variant is a cold compile of a training UNet: three by default.
       capped "$(cap REVERSIBLE_UNET 300)" reversible-unet $py benchmarks/reversible_unet.py --channels 64,128,128 \
-        --frames 16 --size 32 --output "$out/reversible-unet-$date-cuda.md" ;;
+        --frames 16 --size 32 --variants "${REVERSIBLE_UNET_VARIANTS:-inductor,eager,memopt-convert}" \
+        --output "$out/reversible-unet-$date-cuda.md" ;;
     profile)
       # Host vs GPU time and kernels per call: the Monarch op against its kernels, memopt's
       # reversible training step against eager's (benchmarks/gpu_profile.py).
