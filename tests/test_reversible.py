@@ -1257,38 +1257,67 @@ def test_converted_nested_residual_chains_keep_the_outer_one(monkeypatch):
     assert_close_grads(model, reference, x1, x2)
 
 
-@pytest.mark.slow
-def test_converted_diffusers_unet_matches_the_unrewritten_conversion(monkeypatch):
-    """A diffusers UNet2DConditionModel converts into chains, one nesting a transformer's
-    (the failure this came from: a KeyError in the pass, then a backward that viewed a
-    gradient with strides it did not have); its gradients are those of the converted graph
-    without the rewrite."""
-    pytest.importorskip("diffusers")
-    import memopt.passes.reversible as reversible_pass
+class VideoUNet(nn.Module):
+    """``tests/zoo.py:unet3d`` called the way a pipeline calls it."""
+
+    def __init__(self):
+        super().__init__()
+        from zoo import unet3d
+
+        self.unet = unet3d()
+
+    def forward(self, sample, timestep, context):
+        return self.unet(sample, timestep, context, return_dict=False)[0]
+
+
+def _unet_case(name):
     from zoo import unet2d, unet2d_inputs
 
+    if name == "unet2d":
+        return unet2d(), unet2d_inputs()
+    return VideoUNet(), (torch.randn(1, 4, 4, 16, 16), torch.tensor(17), torch.randn(1, 5, 16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["unet2d", "unet3d"])
+def test_converted_diffusers_unet_matches_the_unrewritten_conversion(monkeypatch, name):
+    """A diffusers UNet converts into chains. UNet2D's nest (a block's chain holds a
+    transformer's: the failure this came from was a KeyError in the pass, then a backward
+    that viewed a gradient with strides it did not have). UNet3D's temporal convolutions sum
+    on a permuted view of the stream, folded first. Gradients are those of the converted
+    graph without the rewrite (same seed: UNet3D's temporal convolutions use dropout)."""
+    pytest.importorskip("diffusers")
+    import memopt.passes.reversible as reversible_pass
+
     torch.manual_seed(0)
-    model = unet2d().train()
+    model, inputs = _unet_case(name)
+    model.train()
     reference = copy.deepcopy(model)
-    inputs = unet2d_inputs()
-    out = memopt.compile(model, lowering="eager", strict=True, reversible="convert")(*inputs)
-    out.square().mean().backward()
-    result = reversible_result(memopt.last_report())
+    torch.manual_seed(1)
+    with memopt.collect_reports() as reports:
+        out = memopt.compile(model, lowering="eager", strict=True, reversible="convert")(*inputs)
+        out.square().mean().backward()
+    result = reversible_result(reports[-1])
+    convert = next(result for result in reports[-1].passes if result.name == "reversible-convert")
     assert result.rewrites >= 4, result.notes
-    assert any("inside H of the chain" in note for note in result.notes), result.notes
+    if name == "unet2d":
+        assert any("inside H of the chain" in note for note in result.notes), result.notes
+    else:
+        assert any("folded" in note for note in convert.notes), convert.notes
 
     torch._dynamo.reset()
     monkeypatch.setattr(reversible_pass, "_find_chains", lambda graph, refused: [])
+    torch.manual_seed(1)
     ref = memopt.compile(reference, lowering="eager", strict=True, reversible="convert")(*inputs)
     ref.square().mean().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    grads = [(name, p.grad, q.grad) for (name, p), q in zip(model.named_parameters(), reference.parameters())]
+    grads = [(param, p.grad, q.grad) for (param, p), q in zip(model.named_parameters(), reference.parameters())]
     largest = max(q.norm().item() for _, _, q in grads)
-    for name, actual, expected in grads:
+    for param, actual, expected in grads:
         # Some gradients are rounding noise (an attention over one context token: softmax
         # cancels its queries and keys); measure those against the largest gradient.
         error = (actual - expected).norm().item() / max(expected.norm().item(), 1e-3 * largest)
-        assert error <= RTOL, (name, error)
+        assert error <= RTOL, (param, error)
 
 
 def train_converted_causal_lm(model, ids, steps):
