@@ -1227,12 +1227,14 @@ class NestedResidual(nn.Module):
         return x + self.after(x)
 
 
-def test_converted_nested_residual_chains_keep_the_outer_one(monkeypatch):
+@pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_converted_nested_residual_chains_keep_the_outer_one(monkeypatch, lowering):
     """Converted, both the outer stack and the transformer's inner one are chains, the inner
     one inside a step of the outer one: the outer chain is rewritten (its step recomputes
     the inner stack), the inner one is left alone with the reason. The chain's keys and
     values are transposed views of context projections, which require grad: their
-    gradients come back contiguous, as the op's fake implementation says."""
+    gradients come back contiguous, as the op's fake implementation says (the graphs are
+    partitioned with the op and then traced with what it runs). Both lowerings."""
     import memopt.passes.reversible as reversible_pass
 
     torch.manual_seed(0)
@@ -1240,17 +1242,19 @@ def test_converted_nested_residual_chains_keep_the_outer_one(monkeypatch):
     reference = copy.deepcopy(model)
     x, context = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out = memopt.compile(model, lowering="eager", strict=True, reversible="convert")(x1, context)
+    out = memopt.compile(model, lowering=lowering, strict=True, reversible="convert")(x1, context)
     out.sum().backward()
     result = reversible_result(memopt.last_report())
     assert result.rewrites == 1, result.notes
     assert any("inside H of the chain" in note for note in result.notes), result.notes
     assert any("2 steps" in note and "keep only their 2 final outputs" in note for note in result.notes)
+    rows = [row for row in result.details if "key" in row]
+    assert rows and all(row["inlined"] for row in rows), rows  # traced into the graphs
 
     # The reference: the same converted graph, its chains not rewritten.
     torch._dynamo.reset()
     monkeypatch.setattr(reversible_pass, "_find_chains", lambda graph, refused: [])
-    ref = memopt.compile(reference, lowering="eager", strict=True, reversible="convert")(x2, context)
+    ref = memopt.compile(reference, lowering=lowering, strict=True, reversible="convert")(x2, context)
     ref.sum().backward()
     assert reversible_result(memopt.last_report()).rewrites == 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
