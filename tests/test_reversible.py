@@ -1302,7 +1302,7 @@ def test_converted_diffusers_unet_matches_the_unrewritten_conversion(monkeypatch
         out = memopt.compile(model, lowering="eager", strict=True, reversible="convert")(*inputs)
         out.square().mean().backward()
     result = reversible_result(reports[-1])
-    convert = next(result for result in reports[-1].passes if result.name == "reversible-convert")
+    convert = next(done for done in reports[-1].passes if done.name == "reversible-convert")
     assert result.rewrites >= 4, result.notes
     if name == "unet2d":
         assert any("inside H of the chain" in note for note in result.notes), result.notes
