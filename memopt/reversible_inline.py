@@ -434,9 +434,10 @@ _SEEDED_DEVICES = frozenset({"cuda", "xpu"})
 # while a generator state costs about 100 us per draw whatever its size (the RNG-state
 # operators run as Python-level fallbacks, saving or restoring 5056 bytes). Measured on
 # RevNet-style chains with dropout 0.1 in every branch (benchmarks/results/
-# reversible-2026-11-27-cpu.md): seeds were faster up to 8192 elements per op (0.82-1.21x
-# eager against 1.54-2.31x from states) and slower from 16384 (1.11-1.63x against
-# 0.83-1.12x). Sizes that are symbolic (dynamic shapes) keep states.
+# reversible-2026-11-27-cpu.md; rerun with ``benchmarks/reversible.py --draw-sweep``): seeds
+# were faster up to 2048 elements per op (0.82-1.25x eager against 1.72-2.31x from states),
+# about even at 8192 (1.19-1.21x against 1.18-1.54x) and slower from 16384 (1.11-1.63x
+# against 0.83-1.32x). Sizes that are symbolic (dynamic shapes) keep states.
 _CPU_SEEDS_MAX_NUMEL = 8192
 
 
