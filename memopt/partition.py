@@ -113,7 +113,10 @@ def record_reversible_saved(forward: torch.fx.GraphModule, num_fwd_outputs: int,
         source = node
         while source.target in _PASS_THROUGH and isinstance(source.args[0], torch.fx.Node):
             source = source.args[0]  # saved outputs come back through detach()
-        source = source.args[0] if source.target is operator.getitem else source
+        if source.target is operator.getitem:
+            if source.args[1] > 2:
+                continue  # a side output: kept for what reads it after the chain, not for the chain
+            source = source.args[0]
         if not isinstance(source, torch.fx.Node) or source.target is not chain_op:
             continue
         storages = by_key.setdefault(source.args[0], {})

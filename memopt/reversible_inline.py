@@ -228,19 +228,21 @@ def _forward_trace(chain: ops.Chain, node: torch.fx.Node) -> tuple[list[torch.fx
 def _backward_trace(chain: ops.Chain, node: torch.fx.Node) -> tuple[list[torch.fx.Node], Callable[..., Any]]:
     """The traced function ignores inputs past the op's own arguments: the seeds or RNG states
     :func:`_replay_randomness` wires in."""
-    _key, stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes = node.args
-    num_params, num_tensors = len(params), 5 + len(params) + len(kept_consts)
+    _key, stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes, side_grads = node.args
+    num_params, num_kept = len(params), len(kept_consts)
+    num_tensors = 5 + num_params + num_kept + len(side_grads)
     size_nodes, with_sizes = _size_inputs(sizes)
     num_sizes = len(size_nodes)
 
     def backward(*inputs: Any) -> list[torch.Tensor]:
         stream1, stream2, grad1, grad2, rng, *rest = inputs[:num_tensors]
+        params, kept, side_grads = rest[:num_params], rest[num_params:][:num_kept], rest[num_params + num_kept :]
         return ops.chain_op_backward(
-            chain, stream1, stream2, grad1, grad2, rng, rest[:num_params], rest[num_params:],
-            with_sizes(inputs[num_tensors : num_tensors + num_sizes]),
+            chain, stream1, stream2, grad1, grad2, rng, params, kept,
+            with_sizes(inputs[num_tensors : num_tensors + num_sizes]), side_grads,
         )
 
-    return [stream1, stream2, grad1, grad2, rng, *params, *kept_consts, *size_nodes], backward
+    return [stream1, stream2, grad1, grad2, rng, *params, *kept_consts, *side_grads, *size_nodes], backward
 
 
 def _size_inputs(sizes: Sequence[Any]) -> tuple[list[torch.fx.Node], Callable[[Sequence[Any]], list[Any]]]:

@@ -16,13 +16,15 @@ Two passes share the ``reversible`` option:
 * ``reversible-convert`` (``"convert"``, opt-in: it changes the architecture) rewrites a
   chain of same-shape residual sublayers ``x <- x + f_k(x)`` into the Reformer's two-stream
   form, ``v_k = v_{k-2} + f_k(v_{k-1})`` with ``v_{-1} = v_0 = x``, merged at the end as
-  ``(v_{n-1} + v_n) / 2``, with the same parameters; ``reversible`` then applies to it.
+  ``(v_{n-1} + v_n) / 2``, with the same parameters (an inner value read outside the stack,
+  a skip connection, reads the same mean at its point); ``reversible`` then applies to it.
 
 Both work on Dynamo's graph (torch IR). In the chain's own terms, with ``v_{-1} = x1`` and
 ``v_0 = x2``, step ``k`` is ``v_k = scale_k * v_{k-2} + H_k(v_{k-1})`` (a coupling is two
 steps). A step is accepted when ``H_k``'s nodes depend on no other chain value, none of its
 intermediates is used outside it, it mutates nothing but BatchNorm running statistics, and
-shapes and dtypes match; anything else is left alone with the reason in the notes.
+shapes and dtypes match; anything else is left alone with the reason in the notes. Stream
+values read outside the chain are returned by its op as side outputs.
 """
 
 from __future__ import annotations
@@ -390,11 +392,6 @@ class _Chain:
         return nodes
 
 
-def _value_users_ok(value: Node, step_using_as_input: _Step, step_using_as_skip: _Step) -> bool:
-    allowed = set(step_using_as_input.nodes) | {step_using_as_skip.skip, step_using_as_skip.add}
-    return all(user in allowed for user in value.users)
-
-
 def _skip_users(node: Node) -> list[tuple[Node, Any]]:
     """Add nodes reading ``node`` as a skip term (directly or scaled), with each reading."""
     found = []
@@ -413,14 +410,16 @@ def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
     check, by output node name, with the reason."""
     chains: list[_Chain] = []
     taken: set[Node] = set()
+    outputs: set[Node] = set()
     failures: dict[str, str] = {}
     for first in graph.nodes:
         if first in taken or first.op not in ("call_function", "call_method") or not _is_add(first):
             continue
-        chain = _chain_from(graph, first, taken, failures)
+        chain = _chain_from(graph, first, taken, outputs, failures)
         if chain is not None:
             chains.append(chain)
             taken |= chain.members()
+            outputs |= {step.add for step in chain.steps[-2:]}
     chains = _outermost(chains, failures)
     accepted = {step.add.name for chain in chains for step in chain.steps}
     for reason in failures.values():
@@ -457,15 +456,20 @@ def _outermost(chains: list[_Chain], failures: dict[str, str]) -> list[_Chain]:
     return kept
 
 
-def _chain_from(graph: _Graph, first: Node, taken: set[Node], failures: dict[str, str]) -> _Chain | None:
+def _chain_from(
+    graph: _Graph, first: Node, taken: set[Node], outputs: set[Node], failures: dict[str, str]
+) -> _Chain | None:
+    """The chain whose first step is ``first``, or ``None``. Nodes in ``taken`` belong to
+    chains found before; the chain may start from their ``outputs`` (where a read that cannot
+    move after it ended one: its op reads them)."""
     for reading in _interpretations(first):
         x1, h1 = reading.source, reading.h
-        if x1 in taken or h1 in taken:
+        if (x1 in taken and x1 not in outputs) or h1 in taken:
             continue
         # x2 is the stream input of F: an ancestor of h1 that a later add reads as its skip term
         # while that add's H depends on ``first`` (= y1).
         for x2 in sorted(graph.ancestors(h1), key=graph.index.__getitem__, reverse=True):
-            if x2 is first or x2 is h1 or x2 in taken or _value(x2) is None:
+            if x2 is first or x2 is h1 or (x2 in taken and x2 not in outputs) or _value(x2) is None:
                 continue
             for second, reading2 in _skip_users(x2):
                 if second is first or second in taken or graph.index[second] <= graph.index[first]:
@@ -512,10 +516,8 @@ def _extend(graph: _Graph, chain: _Chain, forbidden: set[Node], failures: dict[s
             except NotReversible as reason:
                 failures.setdefault(add.name, str(reason))
                 continue
-            # ``previous`` becomes internal: it may feed only H of the last step and this skip.
-            if not _value_users_ok(previous, chain.steps[-1], step):
-                failures.setdefault(add.name, f"{add.name}: {previous.name} is also used outside the chain")
-                continue
+            # ``previous`` becomes internal. Read elsewhere too, it is a side output of the chain
+            # (a UNet's skip connection), as long as :func:`_trim` finds those reads after it.
             chain.steps.append(step)
             extended = True
             break
@@ -524,14 +526,42 @@ def _extend(graph: _Graph, chain: _Chain, forbidden: set[Node], failures: dict[s
 
 
 def _trim(graph: _Graph, chain: _Chain) -> None:
-    """Drop final steps until the chain's outputs are first used after its last node."""
+    """Drop final steps until every read of the chain's values from outside it can come after
+    its last node, where the chain's op returns them (its two final outputs, and side outputs):
+    reads placed earlier must be movable there (:func:`_early_readers`)."""
     while len(chain.steps) >= 2:
-        members = chain.members()
-        last = graph.index[chain.steps[-1].add]
-        outputs = [chain.steps[-2].add, chain.steps[-1].add]
-        if all(graph.index[user] > last for value in outputs for user in value.users if user not in members):
+        if _early_readers(graph.index, chain, graph.deterministic) is not None:
             return
         chain.steps.pop()
+
+
+def _early_readers(index: dict[Node, int], chain: _Chain, deterministic: tuple[str, ...] = ()) -> list[Node] | None:
+    """The nodes outside the chain, placed before its last node, that read its values, with
+    what they feed up to there (``index``: each node's position in the graph), in order: the
+    rewrite moves them after the chain's op (a skip connection projected as soon as it is
+    made, say). ``None`` when one cannot move: it feeds the chain (no accepted step reads
+    such a value, but the check is cheap), or draws random numbers or writes in place
+    (moving it would reorder draws or effects)."""
+    members = chain.members()
+    last = index[chain.steps[-1].add]
+    stack = [user for step in chain.steps for user in step.add.users if user not in members and index[user] < last]
+    found: set[Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in found or index[node] > last:
+            continue
+        movable = node.op in ("call_function", "call_method", "call_module") and not node.is_impure()
+        if node in members or not movable or _is_random(node, deterministic) or _mutated_inputs(node):
+            return None
+        found.add(node)
+        stack.extend(node.users)
+    return sorted(found, key=index.__getitem__)
+
+
+def _side_outputs(chain: _Chain) -> list[int]:
+    """Steps, not the last two, whose results are read outside the chain."""
+    members = chain.members()
+    return [k for k, step in enumerate(chain.steps[:-2]) if any(user not in members for user in step.add.users)]
 
 
 # --- Rewriting -------------------------------------------------------------------------
@@ -645,14 +675,19 @@ def _rewrite(
                 mutated.append(consts.index(buffer))
     device = _value(chain.x1).device
     autocast = autocast_state.current(device.type)  # see memopt.ops.autocast_state
+    sides = _side_outputs(chain)
     op_chain = reversible_ops.Chain(
-        op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast, tuple(deterministic)
+        op_steps, mutated, reversible_ops.rng_state_bytes(device), autocast, tuple(deterministic), tuple(sides)
     )
     fingerprint.append(repr([(tuple(_value(n).shape), _value(n).dtype) for n in [chain.x1, chain.x2, *params, *consts]]))
     fingerprint.append(repr(autocast))
     fingerprint.append(repr(tuple(deterministic)))
+    fingerprint.append(repr(sides))
     key = reversible_ops.register_chain(op_chain, "\n".join(fingerprint))
 
+    early = _early_readers({node: i for i, node in enumerate(graph.nodes)}, chain, deterministic)
+    if early is None:
+        raise NotReversible("a value of the chain is read before its end by a node that cannot move after it")
     fake_mode = _fake_mode([chain.x1, *params])
     args = (key, chain.x1, chain.x2, params, consts, sizes)
     with fake_mode, torch.no_grad():
@@ -681,7 +716,11 @@ def _rewrite(
             copy.meta["val"] = copy.meta["example_value"] = _value(consts[const_position])
     n = len(chain.steps)
     final1, final2 = (chain.steps[-2].add, last) if n % 2 == 0 else (last, chain.steps[-2].add)
-    for old, new in ((final1, outs[0]), (final2, outs[1])):
+    for node in early:
+        anchor.prepend(node)  # after the op, in their order: they read what it returns
+    side_values = [chain.steps[k].add for k in sides]
+    side_outs = outs[3 + len(mutated) :]
+    for old, new in ((final1, outs[0]), (final2, outs[1]), *zip(side_values, side_outs, strict=True)):
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in members)
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in sorted(members, key=order.__getitem__, reverse=True):
@@ -737,7 +776,12 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             {"chain": None, "block": None, "nodes": [name], "reversible": False, "reason": reason,
              "activation_bytes_before": None, "saved_bytes_after": None, "rng_state_bytes": 0}
         )
-    for number, chain in enumerate(chains):
+    done: list[tuple[list[str], list[dict[str, Any]]]] = []
+    # Rewrite the last chain first, as the last segment of a chain below: a chain may start
+    # from an earlier one's outputs (see _find_chains), and rewriting the earlier one then
+    # redirects those reads to its op's outputs.
+    for number, chain in reversed(list(enumerate(chains))):
+        notes: list[str] = []
         rows = []
         for block_start in range(0, len(chain.steps), 2):
             block = chain.steps[block_start : block_start + 2]
@@ -770,12 +814,13 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             try:
                 key, _params, _consts = _rewrite(gm, segment, graph.deterministic)
             except NotReversible as reason:
-                result.notes.append(f"chain at {segment.steps[0].add.name} left alone: {reason}")
+                notes.append(f"chain at {segment.steps[0].add.name} left alone: {reason}")
                 for row in rows:
                     if start <= 2 * row["block"] < end:
                         row["reason"] = str(reason)
                 continue
             rng_bytes = reversible_ops._CHAINS[key].rng_bytes
+            sides = [segment.steps[k].add.name for k in reversible_ops._CHAINS[key].side_outputs]
             segment_rows = [row for row in rows if start <= 2 * row["block"] < end]
             for row in segment_rows:
                 steps = chain.steps[2 * row["block"] : 2 * row["block"] + 2]
@@ -785,21 +830,25 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             segment_rows[-1]["saved_bytes_after"] += final_bytes
             result.rewrites += 1
             random_steps = sum(step.random for step in segment.steps)
-            result.notes.append(
+            notes.append(
                 f"chain {number}"
                 + (f" segment {segment_number}" if len(segments) > 1 else "")
                 + f": {len(segment.steps)} steps ({segment.steps[0].add.name} .. {segment.steps[-1].add.name}) "
                 "keep only their 2 final outputs for the backward; inputs are rebuilt and F/G recomputed"
                 + (f"; {random_steps} random steps keep their RNG state" if random_steps else "")
+                + (f"; {len(sides)} values read after the chain are side outputs ({', '.join(sides)})" if sides else "")
                 + _assumed_random_note(segment.steps, graph.deterministic)
             )
         if len(segments) > 1:
-            result.notes.append(
+            notes.append(
                 f"chain {number} cut into {len(segments)} segments: its scales would amplify rebuild "
                 f"rounding by more than {MAX_REBUILD_GAIN:g}x in one piece"
             )
-        result.details.extend(rows)
+        done.append((notes, rows))
         result.bytes_saved += sum(row["activation_bytes_before"] - row["saved_bytes_after"] for row in rows)
+    for notes, rows in reversed(done):
+        result.notes.extend(notes)
+        result.details.extend(rows)
     return result
 
 
@@ -836,28 +885,15 @@ def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> l
     for add in graph.nodes:
         if add in taken or add.op not in ("call_function", "call_method") or not _is_add(add):
             continue
-        steps = []
+        steps: list[_Step] = []
         start = None
-        current = add
+        candidates = [add]
         while True:
             found = None
-            for reading in _interpretations(current):
-                source = reading.source
-                if reading.scale != 1.0 or reading.skip is not source:
-                    continue
-                if steps and source is not steps[-1].add:
-                    continue
-                forbidden = graph.descendants([start if start is not None else source]) - {source}
-                try:
-                    step = _find_step(graph, current, reading, source, forbidden)
-                except NotReversible as reason:
-                    if refused is not None and _has_weights(graph, source, reading.h):
-                        refused.setdefault(current, str(reason))
-                    continue
-                if steps and not all(u in set(step.nodes) | {current} for u in source.users):
-                    continue
-                found = step
-                break
+            for current in candidates:
+                found = _residual_step(graph, current, steps, start, refused)
+                if found is not None:
+                    break
             if found is None:
                 break
             if start is None:
@@ -865,17 +901,13 @@ def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> l
             steps.append(found)
             taken.update(found.nodes)
             taken.add(found.add)
+            # The next residual add reads this step's output as its skip term, directly or
+            # through one node; other reads of it are taps (a UNet's skip connections), which
+            # the conversion gives the mean of the two streams.
             nxt = [u for u in found.add.users if _is_add(u) and u.op in ("call_function", "call_method")]
             nxt += [v for u in found.add.users for v in u.users if _is_add(v) and v.op in ("call_function", "call_method")]
             candidates = [c for c in dict.fromkeys(nxt) if c not in taken]
             if not candidates:
-                break
-            # The next residual add is the one whose H starts at this step's output.
-            current = next(
-                (c for c in candidates if any(r.source is r.skip is found.add for r in _interpretations(c))),
-                None,
-            )
-            if current is None:
                 break
         if len(steps) >= 2:
             chains.append(steps)
@@ -885,9 +917,30 @@ def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> l
     return chains
 
 
-def _has_weights(graph: _Graph, source: Node, h: Node) -> bool:
-    """Whether the subgraph from ``source`` to ``h`` reads a trainable tensor (a parameter)."""
-    if not isinstance(h, Node):
+def _residual_step(
+    graph: _Graph, add: Node, steps: list[_Step], start: Node | None, refused: dict[Node, str] | None
+) -> _Step | None:
+    """``add`` as the residual step after ``steps`` (``x + f(x)``, ``x`` the last step's
+    output; any ``x`` for the first step), or ``None``."""
+    for reading in _interpretations(add):
+        source = reading.source
+        if reading.scale != 1.0 or reading.skip is not source:
+            continue
+        if steps and source is not steps[-1].add:
+            continue
+        forbidden = graph.descendants([start if start is not None else source]) - {source}
+        try:
+            return _find_step(graph, add, reading, source, forbidden)
+        except NotReversible as reason:
+            if refused is not None and _depends_with_weights(graph, source, reading.h):
+                refused.setdefault(add, str(reason))
+    return None
+
+
+def _depends_with_weights(graph: _Graph, source: Node, h: Node) -> bool:
+    """Whether ``h`` is computed from ``source`` by a subgraph that reads a trainable tensor
+    (a parameter): a residual branch worth a note when it cannot convert."""
+    if not isinstance(h, Node) or source not in graph.ancestors(h):
         return False
     body = graph.ancestors(h) & graph.descendants([source], limit=graph.index[h])
     for node in body | {h}:
@@ -1030,6 +1083,40 @@ def _fold_stream_views(gm: torch.fx.GraphModule) -> int:
     return folded
 
 
+_UNIT_SCALINGS = {operator.truediv: "/", torch.div: "/", operator.mul: "*", torch.mul: "*"}
+_UNIT_SCALING_METHODS = {"div": "/", "__truediv__": "/", "mul": "*", "__mul__": "*"}
+
+
+def _drop_unit_scalings(gm: torch.fx.GraphModule) -> int:
+    """Replace ``x / 1.0`` and ``x * 1.0`` (``x`` a floating-point tensor) by ``x``: the same
+    values, bit for bit. A diffusers ResNet ends in ``(x + h) / output_scale_factor``, which
+    is 1 in every UNet config, and the division hid the residual stream from the next
+    sublayer. Returns how many were dropped."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function":
+            kind = _UNIT_SCALINGS.get(node.target)
+        elif node.op == "call_method":
+            kind = _UNIT_SCALING_METHODS.get(node.target)
+        else:
+            kind = None
+        if kind is None or len(node.args) != 2 or node.kwargs:
+            continue
+        tensor, factor = node.args
+        if kind == "*" and not isinstance(tensor, Node):
+            tensor, factor = factor, tensor
+        if not isinstance(tensor, Node) or isinstance(factor, bool) or factor != 1.0:
+            continue
+        value, out = _value(tensor), _value(node)
+        same = value is not None and out is not None and (value.dtype, value.shape) == (out.dtype, out.shape)
+        if not same or not value.dtype.is_floating_point:
+            continue
+        node.replace_all_uses_with(tensor)
+        gm.graph.erase_node(node)
+        dropped += 1
+    return dropped
+
+
 def _fold_candidate(before: list[Node], after: list[Node], root: Node) -> tuple[Node, list[Node]] | None:
     """The stream ``x`` (``root`` or one of the views ``before``, which lead from ``root`` to
     the sum) and the views ``B`` after the sum such that ``B`` undoes the views from ``x``
@@ -1108,6 +1195,9 @@ def _call_on_values(node: Node) -> torch.Tensor:
 def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite residual chains ``x <- x + f_k(x)`` into the two-stream reversible form."""
     result = PassResult("reversible-convert")
+    dropped = _drop_unit_scalings(gm)
+    if dropped:
+        result.notes.append(f"{dropped} divisions or multiplications by 1.0 dropped (same values)")
     folded = _fold_stream_views(gm)
     if folded:
         result.notes.append(
@@ -1132,32 +1222,56 @@ def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     result.matched = len(chains)
     for steps in chains:
         values = [steps[0].source] + [step.add for step in steps]
+        # Reads of an inner value x_k from outside the chain (taps: a UNet's skip connections),
+        # found before the rewiring below adds reads of its own.
+        taps = {
+            k: [user for user in values[k].users if user not in steps[k].nodes and user is not steps[k].add]
+            for k in range(1, len(steps))
+        }
+        taps = {k: users for k, users in taps.items() if users}
         # v_k = v_{k-2} + f_k(v_{k-1}): the skip term of step k >= 2 becomes the value two back.
         for k in range(1, len(steps)):
             steps[k].add.replace_input_with(values[k], values[k - 1])
-        last, before_last = values[-1], values[-2]
-        fake_mode = _fake_mode([last])
-        anchor = last.next
-        with gm.graph.inserting_before(anchor):
-            total = gm.graph.call_function(operator.add, (before_last, last))
-            merged = gm.graph.call_function(operator.mul, (total, 0.5))
-        with fake_mode:
-            total_val = _value(before_last) + _value(last)
-            merged_val = total_val * 0.5
-        total.meta["val"] = total.meta["example_value"] = total_val
-        merged.meta["val"] = merged.meta["example_value"] = merged_val
-        last.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not total and user is not merged)
+        last = values[-1]
+        after_chain = last.next
+        merged = _merge_streams(gm, values[-2], last, after_chain)
+        last.replace_all_uses_with(merged, delete_user_cb=lambda user: user not in (merged, merged.args[0]))
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        for k, users in taps.items():
+            # As soon as the chain has run (the reversible pass puts its op there), or where
+            # the tap is first read, if earlier.
+            anchor = min([after_chain, *users], key=order.__getitem__)
+            tap = _merge_streams(gm, values[k - 1], values[k], anchor)
+            for user in users:
+                user.replace_input_with(values[k], tap)
         result.rewrites += 1
         result.details.append(
-            {"sublayers": len(steps), "first": steps[0].add.name, "last": steps[-1].add.name, "merge": "mean"}
+            {"sublayers": len(steps), "first": steps[0].add.name, "last": steps[-1].add.name, "merge": "mean",
+             "taps": [values[k].name for k in taps]}
         )
         result.notes.append(
             f"ARCHITECTURE CHANGED: residual chain of {len(steps)} sublayers ({steps[0].add.name} .. "
             f"{steps[-1].add.name}) rewritten to the two-stream reversible form "
-            "v_k = v_{k-2} + f_k(v_{k-1}), v_-1 = v_0 = x, output (v_{n-1} + v_n)/2; same parameters, "
-            "different function: train from scratch"
+            "v_k = v_{k-2} + f_k(v_{k-1}), v_-1 = v_0 = x, output (v_{n-1} + v_n)/2"
+            + (
+                f"; {len(taps)} inner values read outside the chain ({', '.join(values[k].name for k in taps)}) "
+                "read (v_{k-1} + v_k)/2 in their place"
+                if taps else ""
+            )
+            + "; same parameters, different function: train from scratch"
         )
     return result
+
+
+def _merge_streams(gm: torch.fx.GraphModule, first: Node, second: Node, anchor: Node) -> Node:
+    """``(first + second) * 0.5`` inserted before ``anchor``: the two streams merged."""
+    with gm.graph.inserting_before(anchor):
+        total = gm.graph.call_function(operator.add, (first, second))
+        merged = gm.graph.call_function(operator.mul, (total, 0.5))
+    with _fake_mode([second]):
+        total.meta["val"] = total.meta["example_value"] = _value(first) + _value(second)
+        merged.meta["val"] = merged.meta["example_value"] = total.meta["val"] * 0.5
+    return merged
 
 
 class _ConvertPass(GraphPass):

@@ -450,6 +450,63 @@ def test_unprovable_chains_are_left_alone_with_a_reason(model, x, reason):
     assert_close_grads(model, reference, x1, x2)
 
 
+class TappedCouplings(ConvCouplings):
+    """RevNet couplings whose values are also read after the chain, as a UNet's skip
+    connections are: some at the end, one doubled as soon as it is made (inside the chain's
+    span), and, with ``noisy_tap``, one through dropout where it is made."""
+
+    def __init__(self, depth, noisy_tap=False):
+        super().__init__(depth, scales=(1.0, 0.5))
+        self.noisy_tap = noisy_tap
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        taps1, taps2 = [], []
+        for number, (f, g) in enumerate(zip(self.f, self.g)):
+            x1 = x1 + f(x2)
+            taps1.append(F.dropout(x1, 0.5) if self.noisy_tap and number == 1 else x1)
+            x2 = 0.5 * x2 + g(x1)
+            taps2.append(x2 * 2 if number == 0 else x2)
+        return torch.cat([x1 + sum(taps1), x2 + sum(taps2)], dim=1)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["traced", "op"])
+@pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_values_read_after_the_chain_are_side_outputs(lowering, inline):
+    """A value of the chain read outside it no longer ends the chain: the op returns it, and
+    the backward adds its gradient as it rebuilds it. The read placed inside the chain's
+    span (``x2 * 2``) moves after the op. The forward still saves only the final outputs."""
+    torch.manual_seed(0)
+    model, x = TappedCouplings(4), conv_input(2)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=0, lowering=lowering, strict=True, reversible_inline=inline)
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    report = memopt.last_report()
+    result = reversible_result(report)
+    assert result.rewrites == 1, result.notes
+    assert any("8 steps" in note and "6 values read after the chain are side outputs" in note for note in result.notes)
+    assert report.saved_activation_bytes == out.numel() * out.element_size()
+    by_chain = {row["key"]: row["chain_saved_bytes"] for row in result.details if "key" in row}
+    assert list(by_chain.values()) == [out.numel() * out.element_size()]  # side outputs not counted
+
+
+def test_a_random_read_inside_the_chain_ends_it():
+    """Dropout of a value where it is made cannot move after the chain (it would draw
+    later): the chain ends at that value and the rest is a chain of its own."""
+    torch.manual_seed(0)
+    model, x = TappedCouplings(4, noisy_tap=True), conv_input(2)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=3, lowering="eager", strict=True)
+    notes = reversible_result(memopt.last_report()).notes
+    ref_out, x_ref = reference_step(reference, x, 3, dropout=0.5)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    steps = sorted(int(note.split(": ")[1].split(" steps")[0]) for note in notes if note.startswith("chain"))
+    assert steps == [3, 5], notes
+
+
 class AutocastCouplings(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1188,6 +1245,76 @@ def test_converted_model_trains():
     assert losses[-1] < 0.3 * losses[0]
 
 
+class TappedResidual(PreNormResidual):
+    """A residual stack whose inner values are also read outside it, as a UNet down block's
+    are (its skip connections): one projected as soon as it is made, the others at the
+    end. Each sum is divided by an ``output_scale_factor`` of 1, as diffusers' ResNets do."""
+
+    def __init__(self, sublayers=6, width=8, output_scale_factor=1.0):
+        super().__init__(sublayers, width)
+        self.tap_proj = nn.Linear(width, width)
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x):
+        h = self.embed(x)
+        taps = []
+        for number, layer in enumerate(self.layers):
+            h = (h + layer(h)) / self.output_scale_factor
+            if number < len(self.layers) - 1:
+                taps.append(self.tap_proj(h) if number == 1 else h)
+        return self.head(h + sum(taps)).mean(dim=1)
+
+
+def tapped_two_stream_reference(model: TappedResidual, x):
+    """The documented conversion with taps: each tap reads the mean of the two streams."""
+    h = model.embed(x)
+    previous, current = h, h
+    taps = []
+    for number, layer in enumerate(model.layers):
+        previous, current = current, previous + layer(current)
+        if number < len(model.layers) - 1:
+            tap = (previous + current) * 0.5
+            taps.append(model.tap_proj(tap) if number == 1 else tap)
+    return model.head((previous + current) * 0.5 + sum(taps)).mean(dim=1)
+
+
+@pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_converted_stack_with_taps_is_one_chain(lowering):
+    """Inner values read outside a residual stack (skip connections) no longer cut it: the
+    conversion gives each read the mean of the two streams at that point, and the chain
+    returns what the means need as side outputs. Division by 1.0 is dropped first."""
+    torch.manual_seed(0)
+    model = TappedResidual()
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 5, 4)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = memopt.compile(model, lowering=lowering, strict=True, reversible="convert")(x1)
+    out.sum().backward()
+    ref = tapped_two_stream_reference(reference, x2)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x1, x2)
+
+    report = memopt.last_report()
+    convert = next(result for result in report.passes if result.name == "reversible-convert")
+    assert convert.rewrites == 1 and convert.details[0]["sublayers"] == 6
+    assert len(convert.details[0]["taps"]) == 5
+    assert any("6 divisions or multiplications by 1.0 dropped" in note for note in convert.notes), convert.notes
+    assert any("read (v_{k-1} + v_k)/2" in note for note in convert.notes)
+    result = reversible_result(report)
+    assert result.rewrites == 1
+    # Taps after sublayers 1..5 read v_0..v_5; v_0 is the chain's input, v_5 its output.
+    assert any("6 steps" in note and "4 values read after the chain are side outputs" in note for note in result.notes)
+
+
+def test_convert_keeps_scaled_residual_sums():
+    """A sum divided by anything but 1 is no residual step: nothing converts."""
+    model = TappedResidual(sublayers=3, output_scale_factor=2.0)
+    memopt.compile(model, lowering="eager", reversible="convert")(torch.randn(2, 3, 4)).sum().backward()
+    convert = next(result for result in memopt.last_report().passes if result.name == "reversible-convert")
+    assert convert.rewrites == 0 and not any("dropped" in note for note in convert.notes)
+
+
 class CrossAttention(nn.Module):
     """Pre-norm attention from the stream to a context whose keys and values are projected
     outside the stream, as transposed views (a diffusers UNet's cross-attention)."""
@@ -1285,11 +1412,13 @@ def _unet_case(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet2d", "unet3d"])
 def test_converted_diffusers_unet_matches_the_unrewritten_conversion(monkeypatch, name):
-    """A diffusers UNet converts into chains. UNet2D's nest (a block's chain holds a
-    transformer's: the failure this came from was a KeyError in the pass, then a backward
-    that viewed a gradient with strides it did not have). UNet3D's temporal convolutions sum
-    on a permuted view of the stream, folded first. Gradients are those of the converted
-    graph without the rewrite (same seed: UNet3D's temporal convolutions use dropout)."""
+    """A diffusers UNet converts into chains. A block's chain holds its transformer's
+    attention/MLP stack in a step (UNet2D: the failure this came from was a KeyError in the
+    pass, then a backward that viewed a gradient with strides it did not have). ResNets
+    divide their sums by 1.0, which is dropped. UNet3D's temporal convolutions sum on a
+    permuted view of the stream, folded first, and its first skip connection is a side
+    output. Gradients are those of the converted graph without the rewrite (same seed:
+    UNet3D's temporal convolutions use dropout)."""
     pytest.importorskip("diffusers")
     import memopt.passes.reversible as reversible_pass
 
@@ -1304,10 +1433,12 @@ def test_converted_diffusers_unet_matches_the_unrewritten_conversion(monkeypatch
     result = reversible_result(reports[-1])
     convert = next(done for done in reports[-1].passes if done.name == "reversible-convert")
     assert result.rewrites >= 4, result.notes
-    if name == "unet2d":
-        assert any("inside H of the chain" in note for note in result.notes), result.notes
-    else:
+    assert any("dropped" in note for note in convert.notes), convert.notes
+    if name == "unet3d":
         assert any("folded" in note for note in convert.notes), convert.notes
+        # transformer_in's output is the first skip connection: a side output of the chain
+        # that runs on through the first down block.
+        assert any("side outputs" in note for note in result.notes), result.notes
 
     torch._dynamo.reset()
     monkeypatch.setattr(reversible_pass, "_find_chains", lambda graph, refused: [])
@@ -1628,6 +1759,7 @@ def test_reversible_chain_op_passes_opcheck_and_gradcheck():
          reversible_ops.Step(step, 2.0, [0], [0])],
         [],
         reversible_ops.rng_state_bytes(torch.device("cpu")),
+        side_outputs=(0,),  # the first step's result is returned too
     )
     key = reversible_ops.register_chain(chain, "test")
     x1, x2 = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
@@ -1637,17 +1769,18 @@ def test_reversible_chain_op_passes_opcheck_and_gradcheck():
     torch.library.opcheck(torch.ops.memopt.reversible_chain.default, (key, x1, x2, weights, [bias], [3]))
     # The backward, with a parameter that is a transposed view (a projection's keys in a UNet):
     # its gradient comes back contiguous, and the fake implementation must say so.
-    y1, y2, rng = torch.ops.memopt.reversible_chain(key, x1, x2, weights, [bias], [3])
+    y1, y2, rng, side = torch.ops.memopt.reversible_chain(key, x1, x2, weights, [bias], [3])
     # (Inputs that do not require grad: the backward has no backward of its own.)
     transposed = [weights[0].detach(), weights[1].detach().t().contiguous().t()]
     assert not transposed[1].is_contiguous()
     streams = [y.detach() for y in (y1, y2)]
-    backward_args = (key, *streams, *map(torch.randn_like, streams), rng, transposed, [bias], [3])
+    grads = [torch.randn_like(y) for y in (y1, y2, side)]
+    backward_args = (key, *streams, *grads[:2], rng, transposed, [bias], [3], grads[2:])
     torch.library.opcheck(torch.ops.memopt.reversible_chain_backward.default, backward_args)
 
     def run(a, b, w0, w1):
         out = torch.ops.memopt.reversible_chain(key, a, b, [w0, w1], [bias], [3])
-        return out[0], out[1]
+        return out[0], out[1], out[3]
 
     assert torch.autograd.gradcheck(run, tuple(leaves))
 

@@ -88,10 +88,20 @@ class Chain:
     deterministic_ops: tuple[str, ...] = ()
     """Custom ops the user declared free of random draws (``reversible_deterministic_ops``):
     tracing the chain must count random ops as the pass did."""
+    side_outputs: tuple[int, ...] = ()
+    """Steps (ascending, none of the last two) whose results are returned too: values the
+    graph reads after the chain besides its two final ones (a UNet's skip connections). They
+    are outputs, not saved for the backward, which adds their incoming gradients as it
+    rebuilds them."""
 
     @property
     def random_steps(self) -> int:
         return sum(step.random for step in self.steps)
+
+    def side_stream(self, number: int) -> int:
+        """Which stream (1 or 2) side output ``number`` (a position in :attr:`side_outputs`)
+        belongs to: step ``k`` updates stream 1 when ``k`` is even."""
+        return 1 if self.side_outputs[number] % 2 == 0 else 2
 
 
 # --- RNG state per random step ------------------------------------------------------------
@@ -163,19 +173,22 @@ def chain_forward(
     params: Sequence[Tensor],
     consts: Sequence[Tensor],
     sizes: Sequence[int] = (),
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Run the chain without building an autograd graph.
 
-    Returns the last values of stream 1 (the one ``x1`` starts) and stream 2, and the RNG
+    Returns the last values of stream 1 (the one ``x1`` starts) and stream 2, the RNG
     states recorded before each random step, stacked (``uint8``, one row per random step;
-    zero rows when no step is random). ``consts`` listed in ``chain.mutated_consts`` are
-    updated in place, once.
+    zero rows when no step is random), and the results of the steps in
+    ``chain.side_outputs``. ``consts`` listed in ``chain.mutated_consts`` are updated in
+    place, once.
     """
     device = x1.device
     states = []
+    sides = []
+    side_steps = set(chain.side_outputs)
     previous, current = x1, x2
     with torch.no_grad(), under(chain.autocast):
-        for step in chain.steps:
+        for number, step in enumerate(chain.steps):
             if step.random:
                 states.append(_get_rng_state(device).clone())
             h = step.fn(
@@ -186,6 +199,8 @@ def chain_forward(
             )
             update = previous if step.scale == 1.0 else previous * step.scale
             previous, current = current, update + h
+            if number in side_steps:
+                sides.append(current)
     if len(chain.steps) % 2 == 0:
         stream1, stream2 = previous, current
     else:
@@ -194,7 +209,7 @@ def chain_forward(
         rng = torch.stack(states)
     else:
         rng = torch.empty((0, chain.rng_bytes), dtype=torch.uint8, device=device)  # see _rng_device
-    return stream1, stream2, rng
+    return stream1, stream2, rng, sides
 
 
 def chain_backward(
@@ -208,6 +223,7 @@ def chain_backward(
     consts: Sequence[Tensor | None],
     params_are_leaves: bool = False,
     sizes: Sequence[int] = (),
+    side_grads: Sequence[Tensor | None] = (),
 ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
     """Gradients of the chain's inputs and parameters from its outputs alone.
 
@@ -217,8 +233,10 @@ def chain_backward(
     ``None`` in the recomputation (the graph pass's chains, whose mutated buffers are only
     ever training-mode BatchNorm's running statistics: no copy, no update).
     ``params_are_leaves``: the tensors in ``params`` are already leaves requiring grad (module
-    parameters in eager mode); otherwise each is detached into one. Returns ``(grad_x1, grad_x2, grad_params)``; a parameter no
-    step reaches gets ``None``.
+    parameters in eager mode); otherwise each is detached into one. ``side_grads``: the
+    incoming gradients of ``chain.side_outputs``, in order (``None`` for none), added to
+    each value's gradient when the walk rebuilds it. Returns ``(grad_x1, grad_x2,
+    grad_params)``; a parameter no step reaches gets ``None``.
 
     Each step's ``h`` is computed once, with autograd, and serves both the rebuild and the
     gradient. The loop runs under one ``enable_grad`` and calls the autograd engine directly
@@ -248,6 +266,9 @@ def chain_backward(
     param_grads: list[Tensor | None] = [None] * len(leaves)
 
     rng_row = chain.random_steps
+    # Rebuilding with step k gives v[k-2], the result of step k - 2: a side output's gradient
+    # joins the skip term's there, before any earlier step reads it.
+    side_grad_of = {step + 2: g for step, g in zip(chain.side_outputs, side_grads, strict=True) if g is not None}
     trained_index = [[i for i in step.param_index if leaves[i].requires_grad] for step in chain.steps]
     with torch.enable_grad(), under(chain.autocast):
         for step_number in reversed(range(n)):
@@ -275,6 +296,8 @@ def chain_backward(
             del h
             grad_x = grads[0]
             grad_rebuilt = grad_current if step.scale == 1.0 else grad_current * step.scale
+            if step_number in side_grad_of:
+                grad_rebuilt = grad_rebuilt + side_grad_of[step_number]
             new_grad_current = grad_previous if grad_x is None else grad_previous + grad_x
             for i, g in zip(trained, grads[1:]):
                 if g is not None:
@@ -320,9 +343,10 @@ def reversible_chain(
 ) -> list[Tensor]:
     """Run registered chain ``key`` on ``(x1, x2)``.
 
-    Returns ``[stream1, stream2, rng_states, *new_buffers]``: the final stream values, the RNG
-    state recorded before each random step, and the updated values of the buffers the chain
-    mutates (``consts`` themselves are not modified; the graph copies these back).
+    Returns ``[stream1, stream2, rng_states, *new_buffers, *side_outputs]``: the final stream
+    values, the RNG state recorded before each random step, the updated values of the
+    buffers the chain mutates (``consts`` themselves are not modified; the graph copies these
+    back), and the results of the steps in ``Chain.side_outputs``.
     """
     return chain_op_forward(_chain(key), x1, x2, params, consts, sizes)
 
@@ -341,8 +365,9 @@ def chain_op_forward(
         torch._foreach_copy_(copies, originals)
         for i, copy_ in zip(chain.mutated_consts, copies):
             scratch[i] = copy_
-    stream1, stream2, rng = chain_forward(chain, x1, x2, params, scratch, sizes)
-    return [stream1.contiguous(), stream2.contiguous(), rng] + [scratch[i] for i in chain.mutated_consts]
+    stream1, stream2, rng, sides = chain_forward(chain, x1, x2, params, scratch, sizes)
+    buffers = [scratch[i] for i in chain.mutated_consts]
+    return [stream1.contiguous(), stream2.contiguous(), rng] + buffers + [side.contiguous() for side in sides]
 
 
 def _rng_device(chain: Chain, x1: Tensor) -> torch.device:
@@ -359,7 +384,11 @@ def _(key: str, x1: Tensor, x2: Tensor, params: list[Tensor], consts: list[Tenso
     dtype = torch.promote_types(x1.dtype, x2.dtype)
     rng = x1.new_empty((chain.random_steps, chain.rng_bytes), dtype=torch.uint8, device=_rng_device(chain, x1))
     buffers = [torch.empty_like(consts[i]) for i in chain.mutated_consts]
-    return [x1.new_empty(x1.shape, dtype=dtype), x2.new_empty(x2.shape, dtype=dtype), rng] + buffers
+    streams = {1: x1, 2: x2}
+    sides = [streams[chain.side_stream(i)] for i in range(len(chain.side_outputs))]
+    return [x1.new_empty(x1.shape, dtype=dtype), x2.new_empty(x2.shape, dtype=dtype), rng] + buffers + [
+        side.new_empty(side.shape, dtype=dtype) for side in sides
+    ]
 
 
 @torch.library.custom_op("memopt::reversible_chain_backward", mutates_args=())
@@ -373,13 +402,17 @@ def reversible_chain_backward(
     params: list[Tensor],
     kept_consts: list[Tensor],
     sizes: list[int],
+    side_grads: list[Tensor],
 ) -> list[Tensor]:
     """Gradients ``[grad_x1, grad_x2, *grad_params]`` of chain ``key`` from its outputs.
 
     ``kept_consts``: the chain's constants without the buffers it mutates (BatchNorm running
-    statistics, which the recomputation runs without: see :func:`_setup_context`)."""
+    statistics, which the recomputation runs without: see :func:`_setup_context`).
+    ``side_grads``: the gradients of its side outputs (``Chain.side_outputs``)."""
     with autograd_inside_kernel():
-        return chain_op_backward(_chain(key), stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes)
+        return chain_op_backward(
+            _chain(key), stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes, side_grads
+        )
 
 
 def chain_op_backward(
@@ -392,12 +425,13 @@ def chain_op_backward(
     params: Sequence[Tensor],
     kept_consts: Sequence[Tensor],
     sizes: Sequence[int],
+    side_grads: Sequence[Tensor] = (),
 ) -> list[Tensor]:
     """What ``memopt::reversible_chain_backward`` computes, as a plain function (it needs
     autograd: the op's kernel enables it, tracing has it)."""
     consts = _with_mutated_as_none(chain, kept_consts)
     grad_x1, grad_x2, param_grads = chain_backward(
-        chain, stream1, stream2, grad1, grad2, rng, params, consts, sizes=sizes
+        chain, stream1, stream2, grad1, grad2, rng, params, consts, sizes=sizes, side_grads=side_grads
     )
     filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads)]
     return [grad_x1.contiguous(), grad_x2.contiguous()] + [g.contiguous() for g in filled]
@@ -414,7 +448,7 @@ def _with_mutated_as_none(chain: Chain, kept: Sequence[Tensor]) -> list[Tensor |
 
 
 @reversible_chain_backward.register_fake
-def _(key, stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes) -> list[Tensor]:
+def _(key, stream1, stream2, grad1, grad2, rng, params, kept_consts, sizes, side_grads) -> list[Tensor]:
     # Contiguous, as the kernel returns them: ``empty_like`` would copy the strides of a
     # parameter that is a view (a transposed key projection), and the backward graph would
     # then view the real, contiguous gradient with strides it does not have.
@@ -438,8 +472,10 @@ def _setup_context(ctx, inputs, output) -> None:
     mutated = set(chain.mutated_consts)
     kept = [c for i, c in enumerate(consts) if i not in mutated]
     # RNG states and updated buffers carry no gradient (and buffers must not join the graph).
-    ctx.mark_non_differentiable(*output[2:])
-    # Only the final stream values and the RNG states: nothing per step.
+    ctx.mark_non_differentiable(*output[2 : 3 + len(mutated)])
+    ctx.side_start = 3 + len(mutated)
+    # Only the final stream values and the RNG states: nothing per step (side outputs are
+    # the graph's to keep, for what reads them).
     ctx.save_for_backward(output[0], output[1], output[2], *params, *kept)
 
 
@@ -448,8 +484,14 @@ def _backward(ctx, grads):
     params, kept = rest[: ctx.num_params], rest[ctx.num_params :]
     grad1 = grads[0] if grads[0] is not None else torch.zeros_like(stream1)
     grad2 = grads[1] if grads[1] is not None else torch.zeros_like(stream2)
+    chain = _chain(ctx.key)
+    streams = {1: stream1, 2: stream2}
+    side_grads = [
+        g if g is not None else torch.zeros_like(streams[chain.side_stream(i)])
+        for i, g in enumerate(grads[ctx.side_start :])
+    ]
     out = torch.ops.memopt.reversible_chain_backward(
-        ctx.key, stream1, stream2, grad1, grad2, rng, params, kept, ctx.sizes
+        ctx.key, stream1, stream2, grad1, grad2, rng, params, kept, ctx.sizes, side_grads
     )
     # torch.library wants None for a non-empty int list and an empty list for an empty one.
     return None, out[0], out[1], list(out[2:]), [None] * ctx.num_consts, (None if ctx.sizes else [])
@@ -485,7 +527,7 @@ class ReversibleChainFunction(torch.autograd.Function):
         params, consts = list(tensors[:num_params]), list(tensors[num_params:])
         # The recomputation must run under the same autocast state as this forward.
         ctx.autocast = current(x1.device.type)
-        stream1, stream2, rng = chain_forward(chain, x1, x2, params, consts)
+        stream1, stream2, rng, _sides = chain_forward(chain, x1, x2, params, consts)
         ctx.chain = chain
         ctx.num_params = num_params
         ctx.save_for_backward(stream1, stream2, rng)
