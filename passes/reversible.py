@@ -1091,7 +1091,8 @@ def _drop_unit_scalings(gm: torch.fx.GraphModule) -> int:
     """Replace ``x / 1.0`` and ``x * 1.0`` (``x`` a floating-point tensor) by ``x``: the same
     values, bit for bit. A diffusers ResNet ends in ``(x + h) / output_scale_factor``, which
     is 1 in every UNet config, and the division hid the residual stream from the next
-    sublayer. Returns how many were dropped."""
+    sublayer. A result that is written in place or returned stays a copy (dropping it would
+    make the write reach ``x``, or the output alias it). Returns how many were dropped."""
     dropped = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
@@ -1110,6 +1111,8 @@ def _drop_unit_scalings(gm: torch.fx.GraphModule) -> int:
         value, out = _value(tensor), _value(node)
         same = value is not None and out is not None and (value.dtype, value.shape) == (out.dtype, out.shape)
         if not same or not value.dtype.is_floating_point:
+            continue
+        if any(user.op == "output" or node in _mutated_inputs(user) for user in node.users):
             continue
         node.replace_all_uses_with(tensor)
         gm.graph.erase_node(node)

@@ -1315,6 +1315,29 @@ def test_convert_keeps_scaled_residual_sums():
     assert convert.rewrites == 0 and not any("dropped" in note for note in convert.notes)
 
 
+class UnitScaledInPlace(nn.Module):
+    """``h / 1.0`` written in place: dropping the division would double ``h`` itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        y = h / 1.0
+        y.mul_(2)
+        return h + y
+
+
+def test_unit_scalings_written_in_place_stay():
+    torch.manual_seed(0)
+    model, x = UnitScaledInPlace(), torch.randn(3, 4)
+    out = memopt.compile(model, lowering="eager", strict=True, reversible="convert")(x)
+    torch.testing.assert_close(out, model(x))
+    convert = next(result for result in memopt.last_report().passes if result.name == "reversible-convert")
+    assert not any("dropped" in note for note in convert.notes), convert.notes
+
+
 class CrossAttention(nn.Module):
     """Pre-norm attention from the stream to a context whose keys and values are projected
     outside the stream, as transposed views (a diffusers UNet's cross-attention)."""
