@@ -104,12 +104,58 @@ def inline_reversible_chains(
             notes[key] = result
         else:
             inlined[key] = result
+    _inline_nested(forward, backward, config, fused, set(halves), inlined, notes)
     if inlined:
         for gm in (forward, backward):
             gm.graph.lint()
             gm.recompile()
     if report is not None:
         _record(report, inlined, notes)
+
+
+def _inline_nested(
+    forward: torch.fx.GraphModule,
+    backward: torch.fx.GraphModule,
+    config: Config,
+    fused: tuple[Any, Any, Any] | None,
+    outer: set[str],
+    inlined: dict[str, int],
+    notes: dict[str, str],
+) -> None:
+    """Trace in the chains nested in a step of another (``passes/reversible.py`` makes them
+    ops inside the outer step), which the outer chain's traces hold as op nodes: in the
+    forward graph the inner forward, in the backward graph the inner forward (the
+    recomputation) and its backward. Nested chains have no random steps, so each half is
+    traced on its own, in place; deeper nests come up as their outer chain is traced in.
+    ``outer``: the keys of the chains the partition placed (done, or left as ops)."""
+    targets = (
+        ("forward", torch.ops.memopt.reversible_chain.default),
+        ("backward", torch.ops.memopt.reversible_chain_backward.default),
+    )
+    failed: set[torch.fx.Node] = set()
+    while True:
+        found = [
+            (gm, half, node)
+            for gm in (forward, backward)
+            for half, target in targets
+            for node in gm.graph.find_nodes(op="call_function", target=target)
+            if node not in failed and node.args[0] not in outer
+        ]
+        if not found:
+            return
+        for gm, half, node in found:
+            key = node.args[0]
+            try:
+                result = _inline_chain(ops._chain(key), {half: node}, {half: gm}, fused)
+            except Exception as error:
+                if config.strict:
+                    raise
+                result = f"tracing failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            if isinstance(result, str):
+                failed.add(node)
+                notes[key] = result
+            else:
+                inlined.setdefault(key, 0)
 
 
 def _inline_chain(

@@ -406,21 +406,10 @@ def _skip_users(node: Node) -> list[tuple[Node, Any]]:
 
 
 def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
-    """Coupling chains of at least two steps; ``refused`` collects candidates that failed a
-    check, by output node name, with the reason."""
-    chains: list[_Chain] = []
-    taken: set[Node] = set()
-    outputs: set[Node] = set()
+    """Coupling chains of at least two steps, none inside another; ``refused`` collects
+    candidates that failed a check, by output node name, with the reason."""
     failures: dict[str, str] = {}
-    for first in graph.nodes:
-        if first in taken or first.op not in ("call_function", "call_method") or not _is_add(first):
-            continue
-        chain = _chain_from(graph, first, taken, outputs, failures)
-        if chain is not None:
-            chains.append(chain)
-            taken |= chain.members()
-            outputs |= {step.add for step in chain.steps[-2:]}
-    chains = _outermost(chains, failures)
+    chains = _outermost(_all_chains(graph, failures), failures)
     accepted = {step.add.name for chain in chains for step in chain.steps}
     for reason in failures.values():
         # Reasons start with the node that failed the check; report each node once.
@@ -430,22 +419,54 @@ def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
     return chains
 
 
+def _all_chains(graph: _Graph, failures: dict[str, str]) -> list[_Chain]:
+    """Every coupling chain of at least two steps, in graph order of their first steps, nested
+    ones included; ``failures`` collects why candidates failed."""
+    chains: list[_Chain] = []
+    taken: set[Node] = set()
+    outputs: set[Node] = set()
+    for first in graph.nodes:
+        if first in taken or first.op not in ("call_function", "call_method") or not _is_add(first):
+            continue
+        chain = _chain_from(graph, first, taken, outputs, failures)
+        if chain is not None:
+            chains.append(chain)
+            taken |= chain.members()
+            outputs |= {step.add for step in chain.steps[-2:]}
+    return chains
+
+
+def _inside(chain: _Chain, other: _Chain) -> bool:
+    """Whether ``chain``'s steps lie in the ``H`` of a step of ``other``."""
+    adds = {step.add for step in chain.steps}
+    return other is not chain and any(adds & set(step.nodes) for step in other.steps)
+
+
+def _nested_leaves(chains: list[_Chain]) -> list[_Chain]:
+    """Chains inside another's ``H`` that hold none themselves, without random steps or
+    mutated buffers: those that can become ops inside the outer chain's step."""
+    return [
+        chain
+        for chain in chains
+        if any(_inside(chain, other) for other in chains)
+        and not any(_inside(other, chain) for other in chains)
+        and not any(step.random or step.mutated for step in chain.steps)
+    ]
+
+
 def _outermost(chains: list[_Chain], failures: dict[str, str]) -> list[_Chain]:
-    """Drop chains that lie inside another chain's ``H``.
+    """Drop chains that still lie inside another chain's ``H``.
 
     A converted UNet nests them: a down block's residual chain (ResNet, transformer) has a
-    step whose ``H`` is the whole transformer, itself a chain of residual sublayers. The
-    outer step carries the inner chain's nodes into its module and recomputes them in the
-    backward, so the inner chain's activations are not kept either way; rewriting both would
-    erase nodes the other one still reads.
+    step whose ``H`` is the whole transformer, itself a chain of residual sublayers. Those
+    that can, became ops inside the outer step first (:func:`run_reversible`); one left
+    here has random steps or buffers. The outer step carries its nodes into its module and
+    recomputes them in the backward, so its activations are not kept either way; rewriting
+    both would erase nodes the other one still reads.
     """
     kept = []
     for chain in chains:
-        adds = {step.add for step in chain.steps}
-        outer = next(
-            (other for other in chains if other is not chain and any(adds & set(s.nodes) for s in other.steps)),
-            None,
-        )
+        outer = next((other for other in chains if _inside(chain, other)), None)
         if outer is None:
             kept.append(chain)
             continue
@@ -725,6 +746,11 @@ def _rewrite(
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in sorted(members, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
+    for item in outs:
+        if not item.users:
+            # Outputs nothing reads (a stream consumed inside the chain only, the RNG states):
+            # left in, they would read as uses of the op outside a step that holds it.
+            graph.erase_node(item)
     for body in {body for step in chain.steps for body in step.bodies}:
         if not body.users:
             graph.erase_node(body)  # the chain's steps carry it now
@@ -766,9 +792,23 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         # the graph as it is rather than recompute under another precision or grad mode.
         result.notes.append(f"left alone: the graph switches autocast/grad mode ({', '.join(modes[:3])}); chains not rewritten")
         return result
+    number = 0
+    # Chains nested in a step of another (a converted UNet block's transformer holds its own
+    # attention/MLP stack) become ops first, innermost first: the step that holds one then
+    # recomputes it through the op, keeping one inner step's activations at a time instead
+    # of the whole step's. Only chains without random steps or buffers nest (the traced
+    # outer chain replays random ops it sees, and an op's draws are hidden from it).
+    tried: set[str] = set()
+    while True:
+        nested = [chain for chain in _nested_leaves(_all_chains(graph, {})) if chain.steps[0].add.name not in tried]
+        if not nested:
+            break
+        tried.update(chain.steps[0].add.name for chain in nested)  # a chain that failed stays code
+        number = _rewrite_chains(gm, graph, nested, number, result, nested=True)
+        graph = _Graph(gm, ctx.config.reversible_deterministic_ops)
     refused: dict[str, str] = {}
     chains = _find_chains(graph, refused)
-    result.matched = len(chains) + len(refused)
+    result.matched = number + len(chains) + len(refused)
     for name, reason in refused.items():
         result.notes.append(f"left alone: {reason}")
         # A candidate coupling that failed a check: a row so per-block reports show why.
@@ -776,11 +816,20 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             {"chain": None, "block": None, "nodes": [name], "reversible": False, "reason": reason,
              "activation_bytes_before": None, "saved_bytes_after": None, "rng_state_bytes": 0}
         )
+    _rewrite_chains(gm, graph, chains, number, result)
+    return result
+
+
+def _rewrite_chains(
+    gm: torch.fx.GraphModule, graph: _Graph, chains: list[_Chain], first: int, result: PassResult, nested: bool = False
+) -> int:
+    """Rewrite ``chains`` (numbered from ``first`` in the notes and rows) into ops, adding
+    notes and rows to ``result``; returns the next chain number."""
     done: list[tuple[list[str], list[dict[str, Any]]]] = []
     # Rewrite the last chain first, as the last segment of a chain below: a chain may start
     # from an earlier one's outputs (see _find_chains), and rewriting the earlier one then
     # redirects those reads to its op's outputs.
-    for number, chain in reversed(list(enumerate(chains))):
+    for number, chain in reversed(list(enumerate(chains, start=first))):
         notes: list[str] = []
         rows = []
         for block_start in range(0, len(chain.steps), 2):
@@ -824,7 +873,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             segment_rows = [row for row in rows if start <= 2 * row["block"] < end]
             for row in segment_rows:
                 steps = chain.steps[2 * row["block"] : 2 * row["block"] + 2]
-                row.update(reversible=True, reason="", segment=segment_number, key=key)
+                row.update(reversible=True, reason="", segment=segment_number, key=key, nested=nested)
                 row["rng_state_bytes"] = rng_bytes * sum(step.random for step in steps)
                 row["saved_bytes_after"] = row["rng_state_bytes"]
             segment_rows[-1]["saved_bytes_after"] += final_bytes
@@ -838,6 +887,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 + (f"; {random_steps} random steps keep their RNG state" if random_steps else "")
                 + (f"; {len(sides)} values read after the chain are side outputs ({', '.join(sides)})" if sides else "")
                 + _assumed_random_note(segment.steps, graph.deterministic)
+                + ("; nested in a step of another chain, which runs it" if nested else "")
             )
         if len(segments) > 1:
             notes.append(
@@ -849,7 +899,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for notes, rows in reversed(done):
         result.notes.extend(notes)
         result.details.extend(rows)
-    return result
+    return first + len(chains)
 
 
 # --- Conversion: residual chains to the two-stream form --------------------------------

@@ -1361,12 +1361,13 @@ class CrossAttention(nn.Module):
 class NestedResidual(nn.Module):
     """A UNet block's shape: residual sublayers, the first of which (the "transformer") is
     itself ``proj_out(residual stack(proj_in(x)))``; the inner stack reads a context. The
-    inner stack's sums come first in the graph, so the pass finds that chain first."""
+    inner stack's sums come first in the graph, so the pass finds that chain first.
+    ``dropout`` goes into the inner stack's MLPs."""
 
-    def __init__(self, width=8, context_width=6):
+    def __init__(self, width=8, context_width=6, dropout=0.0):
         super().__init__()
         self.proj_in, self.proj_out = nn.Linear(width, width), nn.Linear(width, width)
-        self.inner = nn.ModuleList([MLP(width, 0.0), CrossAttention(width, context_width), MLP(width, 0.0)])
+        self.inner = nn.ModuleList([MLP(width, dropout), CrossAttention(width, context_width), MLP(width, dropout)])
         self.after = MLP(width, 0.0)
 
     def forward(self, x, context):
@@ -1377,33 +1378,46 @@ class NestedResidual(nn.Module):
         return x + self.after(x)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nested", "random-inner"])
 @pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_converted_nested_residual_chains_keep_the_outer_one(monkeypatch, lowering):
+def test_converted_nested_residual_chains(monkeypatch, lowering, dropout):
     """Converted, both the outer stack and the transformer's inner one are chains, the inner
-    one inside a step of the outer one: the outer chain is rewritten (its step recomputes
-    the inner stack), the inner one is left alone with the reason. The chain's keys and
-    values are transposed views of context projections, which require grad: their
-    gradients come back contiguous, as the op's fake implementation says (the graphs are
-    partitioned with the op and then traced with what it runs). Both lowerings."""
+    one inside a step of the outer one. The inner chain becomes an op first, and the outer
+    step holds it: recomputed in the backward, the outer step keeps one inner step's
+    activations at a time. An inner chain with random steps stays code inside the outer
+    step (which recomputes it whole), with the reason. The keys and values are transposed
+    views of context projections, which require grad: their gradients come back contiguous,
+    as the op's fake implementation says (the graphs are partitioned with the op and then
+    traced with what it runs). Both lowerings."""
     import memopt.passes.reversible as reversible_pass
 
+    graphs = capture_inlined_graphs(monkeypatch)
     torch.manual_seed(0)
-    model = NestedResidual()
+    model = NestedResidual(dropout=dropout)
     reference = copy.deepcopy(model)
     x, context = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.manual_seed(1)
     out = memopt.compile(model, lowering=lowering, strict=True, reversible="convert")(x1, context)
     out.sum().backward()
     result = reversible_result(memopt.last_report())
-    assert result.rewrites == 1, result.notes
-    assert any("inside H of the chain" in note for note in result.notes), result.notes
     assert any("2 steps" in note and "keep only their 2 final outputs" in note for note in result.notes)
+    if dropout:
+        assert result.rewrites == 1, result.notes
+        assert any("inside H of the chain" in note for note in result.notes), result.notes
+    else:
+        assert result.rewrites == 2, result.notes
+        assert any("3 steps" in note and "nested in a step of another chain, which runs it" in note for note in result.notes)
     rows = [row for row in result.details if "key" in row]
-    assert rows and all(row["inlined"] for row in rows), rows  # traced into the graphs
+    assert rows and all(row["inlined"] for row in rows), rows  # traced into the graphs, nested ones too
+    assert memopt.last_report().partition_notes == []
+    (forward, backward), = graphs
+    assert chain_nodes(forward) == [] and chain_nodes(backward) == []
 
     # The reference: the same converted graph, its chains not rewritten.
     torch._dynamo.reset()
-    monkeypatch.setattr(reversible_pass, "_find_chains", lambda graph, refused: [])
+    monkeypatch.setattr(reversible_pass, "_all_chains", lambda graph, failures: [])
+    torch.manual_seed(1)
     ref = memopt.compile(reference, lowering=lowering, strict=True, reversible="convert")(x2, context)
     ref.sum().backward()
     assert reversible_result(memopt.last_report()).rewrites == 0
@@ -1464,7 +1478,7 @@ def test_converted_diffusers_unet_matches_the_unrewritten_conversion(monkeypatch
         assert any("side outputs" in note for note in result.notes), result.notes
 
     torch._dynamo.reset()
-    monkeypatch.setattr(reversible_pass, "_find_chains", lambda graph, refused: [])
+    monkeypatch.setattr(reversible_pass, "_all_chains", lambda graph, failures: [])
     torch.manual_seed(1)
     ref = memopt.compile(reference, lowering="eager", strict=True, reversible="convert")(*inputs)
     ref.square().mean().backward()
