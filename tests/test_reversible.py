@@ -1407,7 +1407,8 @@ def test_converted_nested_residual_chains(monkeypatch, lowering, dropout):
         assert any("inside H of the chain" in note for note in result.notes), result.notes
     else:
         assert result.rewrites == 2, result.notes
-        assert any("3 steps" in note and "nested in a step of another chain, which runs it" in note for note in result.notes)
+        nested = "nested in a step of another chain, which runs it"
+        assert any("3 steps" in note and nested in note for note in result.notes), result.notes
     rows = [row for row in result.details if "key" in row]
     assert rows and all(row["inlined"] for row in rows), rows  # traced into the graphs, nested ones too
     assert memopt.last_report().partition_notes == []
@@ -1422,6 +1423,26 @@ def test_converted_nested_residual_chains(monkeypatch, lowering, dropout):
     ref.sum().backward()
     assert reversible_result(memopt.last_report()).rewrites == 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x1, x2)
+
+
+def test_nested_chain_inside_a_chain_run_as_an_op(monkeypatch):
+    """``reversible_inline=False``: the outer chain's op recomputes its step, and with it the
+    inner chain's op, through autograd inside its own backward kernel."""
+    import memopt.passes.reversible as reversible_pass
+
+    torch.manual_seed(0)
+    model = NestedResidual()
+    reference = copy.deepcopy(model)
+    x, context = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    compiled = memopt.compile(model, lowering="eager", strict=True, reversible="convert", reversible_inline=False)
+    compiled(x1, context).sum().backward()
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 2 and any("nested" in note for note in result.notes), result.notes
+    torch._dynamo.reset()
+    monkeypatch.setattr(reversible_pass, "_all_chains", lambda graph, failures: [])
+    memopt.compile(reference, lowering="eager", strict=True, reversible="convert")(x2, context).sum().backward()
     assert_close_grads(model, reference, x1, x2)
 
 
