@@ -431,7 +431,9 @@ def _all_chains(graph: _Graph, failures: dict[str, str]) -> list[_Chain]:
         chain = _chain_from(graph, first, taken, outputs, failures)
         if chain is not None:
             chains.append(chain)
-            taken |= chain.members()
+            # Its steps' sums, not their H: a chain inside a step's H (a transformer's
+            # attention/MLP stack in a UNet block's step) is found too, as a nested one.
+            taken |= {node for step in chain.steps for node in (step.add, step.skip)}
             outputs |= {step.add for step in chain.steps[-2:]}
     return chains
 
@@ -949,7 +951,8 @@ def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> l
             if start is None:
                 start = found.source
             steps.append(found)
-            taken.update(found.nodes)
+            # Only the add is taken: a stack inside a sublayer (a transformer's attention/MLP
+            # stack inside a UNet block's) converts too, and becomes a chain nested in a step.
             taken.add(found.add)
             # The next residual add reads this step's output as its skip term, directly or
             # through one node; other reads of it are taps (a UNet's skip connections), which
@@ -962,7 +965,6 @@ def _residual_chains(graph: _Graph, refused: dict[Node, str] | None = None) -> l
         if len(steps) >= 2:
             chains.append(steps)
         elif steps:
-            taken.difference_update(steps[0].nodes)
             taken.discard(steps[0].add)
     return chains
 

@@ -1492,6 +1492,8 @@ def test_converted_diffusers_unet_matches_the_unrewritten_conversion(monkeypatch
     convert = next(done for done in reports[-1].passes if done.name == "reversible-convert")
     assert result.rewrites >= 4, result.notes
     assert any("dropped" in note for note in convert.notes), convert.notes
+    # The transformers' attention/MLP stacks run as chains nested in their block's step.
+    assert any("nested in a step" in note for note in result.notes), result.notes
     if name == "unet3d":
         assert any("folded" in note for note in convert.notes), convert.notes
         # transformer_in's output is the first skip connection: a side output of the chain
