@@ -1426,6 +1426,40 @@ def test_converted_nested_residual_chains(monkeypatch, lowering, dropout):
     assert_close_grads(model, reference, x1, x2)
 
 
+class OuterFirstNested(NestedResidual):
+    """The block's stack starts before the transformer (a ResNet first, as in a UNet block),
+    so its first sum comes before the inner stack's in the graph."""
+
+    def forward(self, x, context):
+        x = x + self.after(x)
+        h = self.proj_in(x)
+        for layer in self.inner:
+            h = h + (layer(h, context) if isinstance(layer, CrossAttention) else layer(h))
+        return x + self.proj_out(h)
+
+
+def test_stack_inside_a_later_sublayer_converts_and_nests(monkeypatch):
+    """The outer stack is found first; its second sublayer's own stack still converts, and
+    runs as a chain nested in that step."""
+    import memopt.passes.reversible as reversible_pass
+
+    torch.manual_seed(0)
+    model = OuterFirstNested()
+    reference = copy.deepcopy(model)
+    x, context = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    memopt.compile(model, lowering="eager", strict=True, reversible="convert")(x1, context).sum().backward()
+    report = memopt.last_report()
+    convert = next(result for result in report.passes if result.name == "reversible-convert")
+    assert sorted(row["sublayers"] for row in convert.details) == [2, 3], convert.notes
+    result = reversible_result(report)
+    assert result.rewrites == 2 and any("3 steps" in note and "nested" in note for note in result.notes)
+    torch._dynamo.reset()
+    monkeypatch.setattr(reversible_pass, "_all_chains", lambda graph, failures: [])
+    memopt.compile(reference, lowering="eager", strict=True, reversible="convert")(x2, context).sum().backward()
+    assert_close_grads(model, reference, x1, x2)
+
+
 def test_nested_chain_inside_a_chain_run_as_an_op(monkeypatch):
     """``reversible_inline=False``: the outer chain's op recomputes its step, and with it the
     inner chain's op, through autograd inside its own backward kernel."""
