@@ -16,7 +16,9 @@ final outputs for the backward. This times one training step of a UNet3DConditio
   partitioner told to keep 10% of the activations: the stock compiler's best effort, no
   architecture change);
 * ``memopt-convert``: ``memopt.compile(unet, reversible="convert")`` (Inductor lowering);
-* ``memopt-convert-budget``: the same with ``memory_budget=0.1``: the min-cut partitioner
+* ``memopt-convert-flat``: the same with ``reversible_nested=False`` (a transformer's
+  attention/MLP chain inside a block's step stays code that the step recomputes whole);
+* ``memopt-convert-budget``: ``memopt-convert`` with ``memory_budget=0.1``: the min-cut partitioner
   also recomputes what the chains leave (the layers between them) where it can.
 
 The converted model is a different function, so its output is not compared with the others;
@@ -45,8 +47,11 @@ from reversible import measure_step, write_table
 from slicing import build, inputs
 from torch.utils.checkpoint import checkpoint
 
-VARIANTS = ("inductor", "eager", "checkpoint-per-block", "budget-0.1", "memopt-convert", "memopt-convert-budget")
-COMPILED = ("inductor", "budget-0.1", "memopt-convert", "memopt-convert-budget")
+VARIANTS = (
+    "inductor", "eager", "checkpoint-per-block", "budget-0.1", "memopt-convert", "memopt-convert-flat",
+    "memopt-convert-budget",
+)
+COMPILED = ("inductor", "budget-0.1", "memopt-convert", "memopt-convert-flat", "memopt-convert-budget")
 
 
 @contextlib.contextmanager
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "inductor": lambda: torch.compile(unet),
             "budget-0.1": lambda: memopt.compile(unet, reversible=False, memory_budget=0.1),
             "memopt-convert": lambda: memopt.compile(unet, reversible="convert"),
+            "memopt-convert-flat": lambda: memopt.compile(unet, reversible="convert", reversible_nested=False),
             "memopt-convert-budget": lambda: memopt.compile(unet, reversible="convert", memory_budget=0.1),
         }.get(variant, lambda: unet)()
 

@@ -801,7 +801,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     # of the whole step's. Only chains without random steps or buffers nest (the traced
     # outer chain replays random ops it sees, and an op's draws are hidden from it).
     tried: set[str] = set()
-    while True:
+    while ctx.config.reversible_nested:
         nested = [chain for chain in _nested_leaves(_all_chains(graph, {})) if chain.steps[0].add.name not in tried]
         if not nested:
             break

@@ -15,6 +15,7 @@ def test_defaults():
     assert config.memory_budget is None
     assert config.strict is False
     assert config.reversible_inline is True
+    assert config.reversible_nested is True
     assert Config.from_options(None) == config
     assert Config.from_options({}) == config
 
@@ -44,6 +45,7 @@ def test_unknown_option_names_valid_ones():
         ({"memory_budget": "half"}, "(0, 1]"),
         ({"strict": 1}, "True or False"),
         ({"reversible_inline": "yes"}, "'reversible_inline' must be True or False"),
+        ({"reversible_nested": 0}, "'reversible_nested' must be True or False"),
         ({"inductor_config": ["max_autotune"]}, "dict"),
         ({"reversible_deterministic_ops": 3}, "'mylib', 'mylib::fused_mlp' or 'mylib::fused_mlp.default'"),
         ({"reversible_deterministic_ops": ["mylib::"]}, "operator namespaces or names"),
