@@ -93,13 +93,7 @@ def inline_reversible_chains(
     inlined: dict[str, int] = {}
     notes: dict[str, str] = {}
     for key, nodes in halves.items():
-        try:
-            result = _inline_chain(ops._chain(key), nodes, {"forward": forward, "backward": backward}, fused)
-        except Exception as error:
-            if config.strict:
-                raise
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            result = f"tracing failed ({type(error).__name__}: {first_line})"
+        result = _inline_or_reason(key, nodes, {"forward": forward, "backward": backward}, fused, config.strict)
         if isinstance(result, str):
             notes[key] = result
         else:
@@ -145,17 +139,30 @@ def _inline_nested(
             return
         for gm, half, node in found:
             key = node.args[0]
-            try:
-                result = _inline_chain(ops._chain(key), {half: node}, {half: gm}, fused)
-            except Exception as error:
-                if config.strict:
-                    raise
-                result = f"tracing failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            result = _inline_or_reason(key, {half: node}, {half: gm}, fused, config.strict)
             if isinstance(result, str):
                 failed.add(node)
                 notes[key] = result
             else:
                 inlined.setdefault(key, 0)
+
+
+def _inline_or_reason(
+    key: str,
+    nodes: dict[str, torch.fx.Node],
+    graphs: dict[str, torch.fx.GraphModule],
+    fused: tuple[Any, Any, Any] | None,
+    strict: bool,
+) -> str | int:
+    """:func:`_inline_chain`, with a failed trace turned into the reason (raised under
+    ``strict``)."""
+    try:
+        return _inline_chain(ops._chain(key), nodes, graphs, fused)
+    except Exception as error:
+        if strict:
+            raise
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        return f"tracing failed ({type(error).__name__}: {first_line})"
 
 
 def _inline_chain(

@@ -405,11 +405,11 @@ def _skip_users(node: Node) -> list[tuple[Node, Any]]:
     return found
 
 
-def _find_chains(graph: _Graph, refused: dict[str, str]) -> list[_Chain]:
-    """Coupling chains of at least two steps, none inside another; ``refused`` collects
-    candidates that failed a check, by output node name, with the reason."""
-    failures: dict[str, str] = {}
-    chains = _outermost(_all_chains(graph, failures), failures)
+def _find_chains(found: list[_Chain], failures: dict[str, str], refused: dict[str, str]) -> list[_Chain]:
+    """The chains of ``found`` (from :func:`_all_chains`, with its ``failures``) that lie in
+    no other; ``refused`` collects candidates that failed a check, by output node name, with
+    the reason."""
+    chains = _outermost(found, failures)
     accepted = {step.add.name for chain in chains for step in chain.steps}
     for reason in failures.values():
         # Reasons start with the node that failed the check; report each node once.
@@ -657,6 +657,9 @@ def _rewrite(
     gm: torch.fx.GraphModule, chain: _Chain, deterministic: tuple[str, ...] = ()
 ) -> tuple[str, list[Node], list[Node]]:
     graph = gm.graph
+    early = _early_readers({node: i for i, node in enumerate(graph.nodes)}, chain, deterministic)
+    if early is None:
+        raise NotReversible("a value of the chain is read before its end by a node that cannot move after it")
     params: list[Node] = []
     consts: list[Node] = []
     sizes: list[Node] = []
@@ -708,9 +711,6 @@ def _rewrite(
     fingerprint.append(repr(sides))
     key = reversible_ops.register_chain(op_chain, "\n".join(fingerprint))
 
-    early = _early_readers({node: i for i, node in enumerate(graph.nodes)}, chain, deterministic)
-    if early is None:
-        raise NotReversible("a value of the chain is read before its end by a node that cannot move after it")
     fake_mode = _fake_mode([chain.x1, *params])
     args = (key, chain.x1, chain.x2, params, consts, sizes)
     with fake_mode, torch.no_grad():
@@ -801,15 +801,19 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     # of the whole step's. Only chains without random steps or buffers nest (the traced
     # outer chain replays random ops it sees, and an op's draws are hidden from it).
     tried: set[str] = set()
+    failures: dict[str, str] = {}
+    found = _all_chains(graph, failures)
     while ctx.config.reversible_nested:
-        nested = [chain for chain in _nested_leaves(_all_chains(graph, {})) if chain.steps[0].add.name not in tried]
+        nested = [chain for chain in _nested_leaves(found) if chain.steps[0].add.name not in tried]
         if not nested:
             break
         tried.update(chain.steps[0].add.name for chain in nested)  # a chain that failed stays code
         number = _rewrite_chains(gm, graph, nested, number, result, nested=True)
         graph = _Graph(gm, ctx.config.reversible_deterministic_ops)
+        failures = {}
+        found = _all_chains(graph, failures)
     refused: dict[str, str] = {}
-    chains = _find_chains(graph, refused)
+    chains = _find_chains(found, failures, refused)
     result.matched = number + len(chains) + len(refused)
     for name, reason in refused.items():
         result.notes.append(f"left alone: {reason}")
