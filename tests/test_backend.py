@@ -12,7 +12,7 @@ import memopt
 from conftest import assert_close
 import zoo
 
-ZOO = ["mlp", "conv_bn", "transformer_block", "gpt2", "bert", "unet2d"]
+ZOO = ["mlp", "conv_bn", "transformer_block", "gpt2", "bert", "llama", "t5", "vit", "unet2d"]
 # Inductor compiles take tens of seconds each on 2 cores: the whole zoo runs with the
 # eager lowering (same passes, same AOTAutograd partitioning), and a representative subset
 # also through Inductor.

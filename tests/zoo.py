@@ -162,6 +162,66 @@ def bert_inputs() -> tuple[torch.Tensor, ...]:
     return (torch.randint(0, 101, (2, 11)),)
 
 
+
+class Logits(nn.Module):
+    """A ``transformers`` model called with fixed keyword arguments, returning its logits (or
+    last hidden state): what a training loop reads, without the key/value cache object."""
+
+    def __init__(self, model: nn.Module, **kwargs: object) -> None:
+        super().__init__()
+        self.model = model
+        self.kwargs = kwargs
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        names = ("input_ids", "decoder_input_ids")[: len(inputs)]
+        output = self.model(**dict(zip(names, inputs)), **self.kwargs)
+        return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def llama() -> nn.Module:
+    """RMSNorm, rotary positions, grouped-query attention (one key/value head) and a SwiGLU MLP."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+    )
+    return Logits(LlamaForCausalLM(config), use_cache=False)
+
+
+def llama_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, 89, (2, 9)),)
+
+
+def t5() -> nn.Module:
+    """An encoder-decoder with relative position biases and cross-attention."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=83, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+        dropout_rate=0.0, decoder_start_token_id=0,
+    )
+    return Logits(T5ForConditionalGeneration(config), use_cache=False)
+
+
+def t5_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, 83, (2, 11)), torch.randint(0, 83, (2, 5)))
+
+
+def vit() -> nn.Module:
+    """A vision transformer: a strided patch convolution, then encoder layers."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=20,
+        patch_size=4, num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return ViTModel(config)
+
+
+def vit_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(2, 3, 20, 20),)
+
 class UNetWrapper(nn.Module):
     """A tiny ``diffusers`` UNet2DConditionModel called the way a pipeline calls it."""
 
