@@ -29,6 +29,7 @@ variants' "activation" leaves out their one gradient-sized transient).
 
     python benchmarks/reversible_unet.py                       # CPU-sized defaults
     python benchmarks/reversible_unet.py --channels 64,128,128 --frames 16 --size 32   # GPU
+    python benchmarks/reversible_unet.py --dropout 0.1    # training with dropout everywhere
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="latent height and width")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--dropout", type=float, default=0.0,
+        help="set every nn.Dropout of the UNet to this p (training with dropout: random steps in the chains)",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--output", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
@@ -88,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     channels = tuple(int(c) for c in args.channels.split(","))
     torch.manual_seed(0)
     unet = build("unet3d", channels, args.frames).train().to(device)
+    dropouts = [module for module in unet.modules() if isinstance(module, torch.nn.Dropout)]
+    for module in dropouts:
+        module.p = args.dropout
     (sample, timestep, context), _ = inputs("unet3d", args.frames, args.size, channels[0], device, torch.float32)
     param_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# reversible convert: one training step of a diffusers UNet3DConditionModel ({datetime.date.today()})",
         "",
         f"device: {device.type} ({device_name}), torch {torch.__version__}, float32; block_out_channels {channels}, "
-        f"{args.frames} frames, {args.size}x{args.size} latents, parameters {param_bytes / 2**20:.1f} MiB; step time = "
+        f"{args.frames} frames, {args.size}x{args.size} latents, parameters {param_bytes / 2**20:.1f} MiB, "
+        f"dropout {args.dropout:g} ({len(dropouts)} nn.Dropout modules); step time = "
         f"median of {args.repeat} runs " + ("(CUDA wall time)" if cuda else "(CPU process time, 1 thread)"),
         "",
         "| variant | peak (MiB) | activation (MiB) | vs inductor | step time (ms) | time / inductor | first call (s) "

@@ -119,9 +119,12 @@ def _inline_nested(
     """Trace in the chains nested in a step of another (``passes/reversible.py`` makes them
     ops inside the outer step), which the outer chain's traces hold as op nodes: in the
     forward graph the inner forward, in the backward graph the inner forward (the
-    recomputation) and its backward. Nested chains have no random steps, so each half is
-    traced on its own, in place; deeper nests come up as their outer chain is traced in.
-    ``outer``: the keys of the chains the partition placed (done, or left as ops)."""
+    recomputation) and its backward. Each half is traced on its own, in place; deeper nests
+    come up as their outer chain is traced in. An inner chain with random steps stays an
+    op: the outer traces run its forward through the RNG-state operators, which replay its
+    draws in the recomputation (:func:`_is_random`), and its backward restores the states
+    its forward returned. ``outer``: the keys of the chains the partition placed (done, or
+    left as ops)."""
     targets = (
         ("forward", torch.ops.memopt.reversible_chain.default),
         ("backward", torch.ops.memopt.reversible_chain_backward.default),
@@ -139,6 +142,10 @@ def _inline_nested(
             return
         for gm, half, node in found:
             key = node.args[0]
+            if ops._chain(key).random_steps:
+                failed.add(node)
+                notes[key] = "nested, with random steps: the outer step's recomputation replays its draws through it"
+                continue
             result = _inline_or_reason(key, {half: node}, {half: gm}, fused, config.strict)
             if isinstance(result, str):
                 failed.add(node)
@@ -364,6 +371,8 @@ def _is_random(node: torch.fx.Node, deterministic: tuple[str, ...] = ()) -> bool
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
+    if ops.chain_draws_random(node):  # a nested chain with random steps, run as an op
+        return True
     if not ops.may_draw_random(target, deterministic) or target._schema.name.endswith("_backward"):
         return False
     for index, argument in enumerate(target._schema.arguments):

@@ -161,7 +161,7 @@ def _target_name(node: Node) -> str:
 
 
 def _is_random(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
-    if reversible_ops.may_draw_random(node.target, deterministic):
+    if reversible_ops.may_draw_random(node.target, deterministic) or reversible_ops.chain_draws_random(node):
         return True
     name = _target_name(node)
     if "dropout" in name and node.op == "call_function":
@@ -445,14 +445,15 @@ def _inside(chain: _Chain, other: _Chain) -> bool:
 
 
 def _nested_leaves(chains: list[_Chain]) -> list[_Chain]:
-    """Chains inside another's ``H`` that hold none themselves, without random steps or
-    mutated buffers: those that can become ops inside the outer chain's step."""
+    """Chains inside another's ``H`` that hold none themselves, without mutated buffers:
+    those that can become ops inside the outer chain's step. One with random steps makes
+    that step random: recomputing it replays the op's draws like any other random op's."""
     return [
         chain
         for chain in chains
         if any(_inside(chain, other) for other in chains)
         and not any(_inside(other, chain) for other in chains)
-        and not any(step.random or step.mutated for step in chain.steps)
+        and not any(step.mutated for step in chain.steps)
     ]
 
 
@@ -462,7 +463,7 @@ def _outermost(chains: list[_Chain], failures: dict[str, str]) -> list[_Chain]:
     A converted UNet nests them: a down block's residual chain (ResNet, transformer) has a
     step whose ``H`` is the whole transformer, itself a chain of residual sublayers. Those
     that can, became ops inside the outer step first (:func:`run_reversible`); one left
-    here has random steps or buffers. The outer step carries its nodes into its module and
+    here updates buffers (or ``reversible_nested`` is off). The outer step carries its nodes into its module and
     recomputes them in the backward, so its activations are not kept either way; rewriting
     both would erase nodes the other one still reads.
     """
@@ -798,8 +799,8 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     # Chains nested in a step of another (a converted UNet block's transformer holds its own
     # attention/MLP stack) become ops first, innermost first: the step that holds one then
     # recomputes it through the op, keeping one inner step's activations at a time instead
-    # of the whole step's. Only chains without random steps or buffers nest (the traced
-    # outer chain replays random ops it sees, and an op's draws are hidden from it).
+    # of the whole step's. Chains with buffers do not nest; one with random steps makes the
+    # outer step random, so that its recomputation replays the op's draws.
     tried: set[str] = set()
     failures: dict[str, str] = {}
     found = _all_chains(graph, failures)

@@ -1378,17 +1378,27 @@ class NestedResidual(nn.Module):
         return x + self.after(x)
 
 
+@pytest.fixture
+def eager_dropout():
+    """Inductor's ``fallback_random``: dropout stays undecomposed and draws as eager does,
+    in both lowerings (a chain op runs its steps' dropout eagerly)."""
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nested", "random-inner"])
 @pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_converted_nested_residual_chains(monkeypatch, lowering, dropout):
+def test_converted_nested_residual_chains(monkeypatch, eager_dropout, lowering, dropout):
     """Converted, both the outer stack and the transformer's inner one are chains, the inner
     one inside a step of the outer one. The inner chain becomes an op first, and the outer
     step holds it: recomputed in the backward, the outer step keeps one inner step's
-    activations at a time. An inner chain with random steps stays code inside the outer
-    step (which recomputes it whole), with the reason. The keys and values are transposed
-    views of context projections, which require grad: their gradients come back contiguous,
-    as the op's fake implementation says (the graphs are partitioned with the op and then
-    traced with what it runs). Both lowerings."""
+    activations at a time. An inner chain with random steps nests too, as an op the outer
+    traces run through the RNG-state operators: the outer step's recomputation must draw
+    the forward's masks again, or the gradients differ from the reference's (which draws
+    the same masks: dropout left undecomposed, ``fallback_random``). The keys and values are
+    transposed views of context projections, which require grad: their gradients come back
+    contiguous, as the op's fake implementation says (the graphs are partitioned with the
+    op and then traced with what it runs). Both lowerings."""
     import memopt.passes.reversible as reversible_pass
 
     graphs = capture_inlined_graphs(monkeypatch)
@@ -1402,18 +1412,22 @@ def test_converted_nested_residual_chains(monkeypatch, lowering, dropout):
     out.sum().backward()
     result = reversible_result(memopt.last_report())
     assert any("2 steps" in note and "keep only their 2 final outputs" in note for note in result.notes)
-    if dropout:
-        assert result.rewrites == 1, result.notes
-        assert any("inside H of the chain" in note for note in result.notes), result.notes
-    else:
-        assert result.rewrites == 2, result.notes
-        nested = "nested in a step of another chain, which runs it"
-        assert any("3 steps" in note and nested in note for note in result.notes), result.notes
+    assert result.rewrites == 2, result.notes
+    nested = "nested in a step of another chain, which runs it"
+    assert any("3 steps" in note and nested in note for note in result.notes), result.notes
     rows = [row for row in result.details if "key" in row]
-    assert rows and all(row["inlined"] for row in rows), rows  # traced into the graphs, nested ones too
-    assert memopt.last_report().partition_notes == []
     (forward, backward), = graphs
-    assert chain_nodes(forward) == [] and chain_nodes(backward) == []
+    if dropout:
+        # The outer chain is traced in; the inner one stays an op inside its traces.
+        assert [row["inlined"] for row in rows] == [False, False, True], rows
+        notes = memopt.last_report().partition_notes
+        assert len(notes) == 1 and "nested, with random steps" in notes[0], notes
+        assert chain_nodes(backward) and not any(node.target is torch.ops.memopt.reversible_chain.default
+                                                 for node in forward.graph.nodes)
+    else:
+        assert rows and all(row["inlined"] for row in rows), rows  # traced into the graphs, nested ones too
+        assert memopt.last_report().partition_notes == []
+        assert chain_nodes(forward) == [] and chain_nodes(backward) == []
 
     # The reference: the same converted graph, its chains not rewritten.
     torch._dynamo.reset()
@@ -1466,23 +1480,33 @@ def test_stack_inside_a_later_sublayer_converts_and_nests(monkeypatch, nested):
     assert_close_grads(model, reference, x1, x2)
 
 
-def test_nested_chain_inside_a_chain_run_as_an_op(monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nested", "random-inner"])
+def test_nested_chain_inside_a_chain_run_as_an_op(monkeypatch, eager_dropout, dropout):
     """``reversible_inline=False``: the outer chain's op recomputes its step, and with it the
-    inner chain's op, through autograd inside its own backward kernel."""
+    inner chain's op, through autograd inside its own backward kernel. With random inner
+    steps the outer step is random: the outer op restores the generator before recomputing
+    it, so the inner op draws the forward's masks again (the reference draws the same masks:
+    ``fallback_random``)."""
     import memopt.passes.reversible as reversible_pass
 
     torch.manual_seed(0)
-    model = NestedResidual()
+    model = NestedResidual(dropout=dropout)
     reference = copy.deepcopy(model)
     x, context = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     compiled = memopt.compile(model, lowering="eager", strict=True, reversible="convert", reversible_inline=False)
-    compiled(x1, context).sum().backward()
+    torch.manual_seed(1)
+    out = compiled(x1, context)
+    out.sum().backward()
     result = reversible_result(memopt.last_report())
     assert result.rewrites == 2 and any("nested" in note for note in result.notes), result.notes
+    assert sum("random steps keep their RNG state" in note for note in result.notes) == (2 if dropout else 0)
     torch._dynamo.reset()
     monkeypatch.setattr(reversible_pass, "_all_chains", lambda graph, failures: [])
-    memopt.compile(reference, lowering="eager", strict=True, reversible="convert")(x2, context).sum().backward()
+    torch.manual_seed(1)
+    ref = memopt.compile(reference, lowering="eager", strict=True, reversible="convert")(x2, context)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert_close_grads(model, reference, x1, x2)
 
 

@@ -337,6 +337,17 @@ def _chain(key: str) -> Chain:
         ) from None
 
 
+def chain_draws_random(node: torch.fx.Node) -> bool:
+    """Whether ``node`` calls ``memopt::reversible_chain`` on a chain with random steps: run
+    again, it draws again (a chain nested in a step of another is recomputed with that step,
+    which must replay its draws)."""
+    return (
+        node.op == "call_function"
+        and node.target in (torch.ops.memopt.reversible_chain.default, torch.ops.memopt.reversible_chain)
+        and _chain(node.args[0]).random_steps > 0
+    )
+
+
 @torch.library.custom_op("memopt::reversible_chain", mutates_args=())
 def reversible_chain(
     key: str, x1: Tensor, x2: Tensor, params: list[Tensor], consts: list[Tensor], sizes: list[int]
