@@ -37,6 +37,12 @@ from memopt.triton_kernels.monarch import project
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 _ADDMM_TARGETS = (torch.addmm,)
+# Calls that take a PyTorch layer's weights and run its linear layers inside, out of the
+# pass's reach: the fused inference fast paths of nn.TransformerEncoderLayer and
+# nn.MultiheadAttention (eval mode, no grad), and the function nn.MultiheadAttention calls
+# otherwise, which Dynamo keeps as one call.
+_FAST_PATHS = ("_transformer_encoder_layer_fwd", "_native_multi_head_attention")
+_OPAQUE_LINEARS = (*_FAST_PATHS, "multi_head_attention_forward")
 
 
 class _Site:
@@ -68,6 +74,17 @@ def _find_sites(gm: torch.fx.GraphModule) -> list[_Site]:
             if isinstance(x, torch.fx.Node) and isinstance(weight, torch.fx.Node):
                 sites.append(_Site(node, x, weight, bias, transposed=True))
     return sites
+
+
+def _opaque_linears(gm: torch.fx.GraphModule) -> list[str]:
+    """The names of the calls that hold linear layers out of reach, one per call."""
+    return [
+        name
+        for node in gm.graph.nodes
+        if node.op == "call_function"
+        for name in [getattr(node.target, "__name__", str(node.target))]
+        if name in _OPAQUE_LINEARS
+    ]
 
 
 def _module_name(node: torch.fx.Node, weight: torch.fx.Node) -> str:
@@ -159,6 +176,18 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         plans.append((site, w1, w2, row))
     if outside_targets:
         result.notes.append(f"{outside_targets} dense layer(s) outside targets {list(options.targets)} left dense")
+    opaque = _opaque_linears(gm)
+    if opaque:
+        result.matched += len(opaque)
+        result.notes.append(
+            f"{len(opaque)} call(s) of {', '.join(sorted(set(opaque)))} run their layers' linear weights inside "
+            "one call (nn.TransformerEncoderLayer, nn.MultiheadAttention): left dense"
+            + (
+                "; torch.backends.mha.set_fastpath_enabled(False) before compiling turns off the fused fast path"
+                if set(opaque) & set(_FAST_PATHS)
+                else ""
+            )
+        )
     if not plans:
         return result
 

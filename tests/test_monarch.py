@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import memopt
 import memopt.ops.monarch as monarch_op
@@ -576,6 +577,37 @@ def test_pass_leaves_layers_under_a_vmap_dense():
     assert result.rewrites == 1 and result.error is None
     assert any("up" in note and "torch.func transform" in note for note in result.notes), result.notes
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fastpath", [True, False], ids=["fast-path", "no-fast-path"])
+def test_pass_names_the_pytorch_layers_whose_linears_it_cannot_reach(fastpath):
+    """nn.TransformerEncoder in eval mode without grad runs each layer as one fused op (and
+    nn.MultiheadAttention's projections always run inside one call): the pass says so and
+    how to turn the fast path off, instead of reporting nothing. With it off, the encoder's
+    MLP layers are plain linears and are rewritten."""
+    torch.manual_seed(11)
+    layer = nn.TransformerEncoderLayer(32, 2, 48, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 7, 32)
+    torch._dynamo.reset()
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+    try:
+        with torch.no_grad():
+            expected = model(x)
+            out = memopt.compile(model, lowering="eager", strict=True, monarch={"nblocks": 4, "min_features": 32})(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    (result,) = monarch_results(memopt.last_report())
+    if fastpath:
+        assert result.rewrites == 0 and result.matched == 2, result.notes
+        (note,) = result.notes
+        assert "2 call(s) of _transformer_encoder_layer_fwd" in note and "set_fastpath_enabled(False)" in note
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert result.rewrites == 4, result.notes  # linear1 and linear2 of both layers
+        assert any("2 call(s) of multi_head_attention_forward" in note for note in result.notes), result.notes
+        assert not any("set_fastpath_enabled" in note for note in result.notes)
 
 
 def test_pass_is_inference_only_and_off_by_default():
