@@ -49,9 +49,10 @@ $py -c "import torch, triton, memopt; print('torch', torch.__version__, 'triton'
 
 # Caps in seconds, each overridable from the environment (CAP_SLICING=300 ...), so that one call
 # can hold several steps when the lease is short; MONARCH_ARGS, IM2WIN_ARGS, REVERSIBLE_ARGS,
-# SLICING_ARGS and PROFILE_ARGS add arguments to those benchmarks (REVERSIBLE_ARGS="--dropout 0.1",
-# PROFILE_ARGS="--parts reversible --dropout 0.1": chains whose dropout draws from Inductor's
-# seeds), TEST_FILES picks the tests.
+# REVERSIBLE_UNET_ARGS, SLICING_ARGS and PROFILE_ARGS add arguments to those benchmarks
+# (REVERSIBLE_ARGS="--dropout 0.1", PROFILE_ARGS="--parts reversible --dropout 0.1": chains whose
+# dropout draws from Inductor's seeds; REVERSIBLE_UNET_ARGS="--dropout 0.1": nested chains with
+# random steps), TEST_FILES picks the tests.
 cap() { local var=CAP_$1; echo "${!var:-$2}"; }
 for step in "${steps[@]}"; do
   case $step in
@@ -88,7 +89,7 @@ for step in "${steps[@]}"; do
       # Each compiled variant is a cold compile of a training UNet: three by default.
       capped "$(cap REVERSIBLE_UNET 300)" reversible-unet $py benchmarks/reversible_unet.py --channels 64,128,128 \
         --frames 16 --size 32 --variants "${REVERSIBLE_UNET_VARIANTS:-inductor,eager,memopt-convert}" \
-        --output "$out/reversible-unet-$date-cuda.md" ;;
+        --output "$out/reversible-unet-$date-cuda.md" ${REVERSIBLE_UNET_ARGS:-} ;;
     profile)
       # Host vs GPU time and kernels per call: the Monarch op against its kernels, memopt's
       # reversible training step against eager's (benchmarks/gpu_profile.py).
