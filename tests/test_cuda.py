@@ -391,3 +391,34 @@ def test_im2win_and_monarch_under_cuda_autocast():
     assert rel_error(out, expected) <= RTOL[torch.bfloat16]
     assert monarch_out.dtype == torch.bfloat16
     assert rel_error(monarch_out, tokens @ layer.to_dense().T + layer.bias) <= RTOL[torch.bfloat16]
+
+
+def test_nested_chain_with_dropout_replays_its_draws_on_cuda(monkeypatch):
+    """A converted block whose transformer stack has dropout: the inner chain nests as an op
+    with random steps, and the outer step's recomputation replays its CUDA draws through
+    the RNG-state operators. Gradients equal the same converted model without chains, which
+    draws the same masks (dropout undecomposed: ``fallback_random``)."""
+    import memopt.passes.reversible as reversible_pass
+    from test_reversible import NestedResidual
+
+    torch.manual_seed(12)
+    model = NestedResidual(width=64, context_width=32, dropout=0.2).cuda()
+    reference = copy.deepcopy(model)
+    x, context = torch.randn(4, 33, 64, device="cuda"), torch.randn(4, 7, 32, device="cuda")
+    grads = {}
+    for name, net in (("memopt", model), ("reference", reference)):
+        torch._dynamo.reset()
+        if name == "reference":
+            monkeypatch.setattr(reversible_pass, "_all_chains", lambda graph, failures: [])
+        compiled = memopt.compile(net, strict=True, reversible="convert")
+        inp = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        with torch._inductor.config.patch(fallback_random=True):
+            out = compiled(inp, context)
+            out.square().mean().backward()
+        grads[name] = [out.detach(), inp.grad, *(p.grad for p in net.parameters())]
+        if name == "memopt":
+            result = pass_result(memopt.last_report(), "reversible")
+            assert result.rewrites == 2 and any("nested" in note for note in result.notes), result.notes
+    for mine, theirs in zip(grads["memopt"], grads["reference"], strict=True):
+        assert rel_error(mine, theirs) <= 1e-4
