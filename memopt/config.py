@@ -179,6 +179,7 @@ class Config:
                 "memopt option 'inductor_config' must be a dict of Inductor config names to values, "
                 f"got {self.inductor_config!r}"
             )
+        _check_inductor_config_names(self.inductor_config)
         object.__setattr__(self, "inductor_config", dict(self.inductor_config))
 
     @classmethod
@@ -418,3 +419,23 @@ class MonarchOptions:
             "memopt option 'monarch' must be False, True or a dict with keys nblocks, min_features, "
             f"targets, max_rel_error; got {value!r}"
         )
+
+
+def _check_inductor_config_names(options: Mapping[str, Any]) -> None:
+    """Raise on a name ``torch._inductor.config`` does not have (``"triton.cudagraphs"``
+    style for nested ones), with the closest names: a typo fails here, not at the first
+    call's compile."""
+    if not options:
+        return
+    import difflib
+
+    from torch._inductor import config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=3)
+            raise ValueError(
+                f"memopt option 'inductor_config': torch._inductor.config has no option {name!r}"
+                + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
+            )

@@ -31,6 +31,12 @@ def run_passes(
     results: list[PassResult] = []
     for graph_pass in PASSES if passes is None else passes:
         if not graph_pass.enabled(ctx.config, ctx.training):
+            if graph_pass.changes_results and graph_pass.requested(ctx.config):
+                # Opt-in, asked for, but not for this kind of graph: say so rather than nothing.
+                kind = "a training" if ctx.training else "an inference"
+                skipped = PassResult(graph_pass.name)
+                skipped.notes.append(f"not run: it applies to {graph_pass.applies_to} graphs, and this is {kind} graph")
+                results.append(skipped)
             continue
         ctx.option = getattr(ctx.config, graph_pass.config_field)
         candidate = _copy_module(gm)

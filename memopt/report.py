@@ -108,7 +108,7 @@ def format_report(report: dict[str, Any], ops: bool = False, details: bool = Fal
         lines.append(
             f"  pass {result['name']}: {result['matched']} matched, {status}, "
             f"~{format_bytes(result['bytes_saved'])} saved"
-            + (" [changes results]" if result["changes_results"] else "")
+            + (" [changes results]" if result["changes_results"] and result["rewrites"] else "")
         )
         if result["error"]:
             lines.append(f"    error: {result['error']}")

@@ -42,15 +42,13 @@ class GraphPass:
     applies_to: str = "both"
     """``"inference"``, ``"training"`` or ``"both"``: graphs the pass is run on."""
 
-    def enabled(self, config: Config, training: bool) -> bool:
+    def requested(self, config: Config) -> bool:
+        """Whether ``config`` switches the pass on, for whichever graphs it applies to."""
         value = getattr(config, self.config_field)
-        if value is False or value is None:
-            return False
-        if self.applies_to == "inference" and training:
-            return False
-        if self.applies_to == "training" and not training:
-            return False
-        return True
+        return value is not False and value is not None
+
+    def enabled(self, config: Config, training: bool) -> bool:
+        return self.requested(config) and self.applies_to in ("both", "training" if training else "inference")
 
 
 def transformed_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:

@@ -109,7 +109,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult("monarch")
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     real_value = dict(zip(placeholders, ctx.example_inputs)) if len(placeholders) == len(ctx.example_inputs) else {}
-    outside_targets = 0
+    outside_targets = not_parameters = 0
     plans = []
     transformed = transformed_nodes(gm.graph)
     for site in _find_sites(gm):
@@ -120,7 +120,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if site.weight_node.op == "get_attr":
             weight = _attribute(gm, site.weight_node.target)
         if not isinstance(weight, torch.nn.Parameter) or fake_tensor_mode(weight) is not None:
-            continue  # activations times activations, or a weight computed in the graph: not a layer
+            not_parameters += 1  # a weight computed in the graph, or an input: not a layer's parameter
+            continue
         result.matched += 1
         targets = options.targets
         if targets is not None and not any(fnmatch.fnmatchcase(site.name, pattern) for pattern in targets):
@@ -176,6 +177,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         plans.append((site, w1, w2, row))
     if outside_targets:
         result.notes.append(f"{outside_targets} dense layer(s) outside targets {list(options.targets)} left dense")
+    if not_parameters:
+        result.notes.append(
+            f"{not_parameters} linear call(s) whose weight is not a parameter seen at compile time (computed in the "
+            "graph, a graph input, or fake example inputs) left dense"
+        )
     opaque = _opaque_linears(gm)
     if opaque:
         result.matched += len(opaque)

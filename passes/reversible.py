@@ -1337,8 +1337,8 @@ def _merge_streams(gm: torch.fx.GraphModule, first: Node, second: Node, anchor: 
 class _ConvertPass(GraphPass):
     """``reversible-convert`` runs only when ``reversible="convert"`` is named."""
 
-    def enabled(self, config, training: bool) -> bool:
-        return super().enabled(config, training) and getattr(config, self.config_field) == "convert"
+    def requested(self, config) -> bool:
+        return getattr(config, self.config_field) == "convert"
 
 
 REVERSIBLE_CONVERT = _ConvertPass(

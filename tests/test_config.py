@@ -47,6 +47,7 @@ def test_unknown_option_names_valid_ones():
         ({"reversible_inline": "yes"}, "'reversible_inline' must be True or False"),
         ({"reversible_nested": 0}, "'reversible_nested' must be True or False"),
         ({"inductor_config": ["max_autotune"]}, "dict"),
+        ({"inductor_config": {"max_autotunee": True}}, "no option 'max_autotunee'; did you mean 'max_autotune'"),
         ({"reversible_deterministic_ops": 3}, "'mylib', 'mylib::fused_mlp' or 'mylib::fused_mlp.default'"),
         ({"reversible_deterministic_ops": ["mylib::"]}, "operator namespaces or names"),
         ({"reversible_deterministic_ops": ["my lib"]}, "operator namespaces or names"),

@@ -102,6 +102,18 @@ def test_disabled_and_inapplicable_passes_do_not_run(monkeypatch):
     assert [r.name for r in memopt.last_report().passes] == ["inference-only"]
 
 
+def test_an_opt_in_pass_asked_for_on_the_wrong_kind_of_graph_says_so(monkeypatch):
+    """An opt-in pass (one that changes results) the user named, on a graph it does not
+    apply to: the report says why nothing happened instead of leaving it out."""
+    opt_in = GraphPass("opt-in", "lowering", relu_to_clamp, changes_results=True, applies_to="inference")
+    monkeypatch.setattr(memopt.driver, "PASSES", (opt_in,))
+    memopt.compile(model(), lowering="eager")(torch.randn(5, 6)).sum().backward()
+    (result,) = memopt.last_report().passes
+    assert (result.name, result.rewrites, result.changes_results) == ("opt-in", 0, False)
+    assert result.notes == ["not run: it applies to inference graphs, and this is a training graph"]
+    assert "[changes results]" not in memopt.last_report().summary()
+
+
 def test_pass_runs_on_training_graphs_and_gradients_stay_exact(monkeypatch):
     torch.manual_seed(0)
     net = model()

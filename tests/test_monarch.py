@@ -579,6 +579,28 @@ def test_pass_leaves_layers_under_a_vmap_dense():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+class _ComputedWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 48))
+
+    def forward(self, x):
+        return F.linear(x, self.w * 2.0)
+
+
+def test_pass_notes_linears_whose_weight_is_not_a_parameter():
+    """A weight computed in the graph is no layer's parameter: left dense, with a note."""
+    model = _ComputedWeight()
+    x = torch.randn(4, 48)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = memopt.compile(model, lowering="eager", strict=True, monarch={"min_features": 8})(x)
+    (result,) = monarch_results(memopt.last_report())
+    assert result.rewrites == 0
+    assert any(note.startswith("1 linear call(s) whose weight is not a parameter") for note in result.notes), result.notes
+    torch.testing.assert_close(out, model(x))
+
+
 @pytest.mark.parametrize("fastpath", [True, False], ids=["fast-path", "no-fast-path"])
 def test_pass_names_the_pytorch_layers_whose_linears_it_cannot_reach(fastpath):
     """nn.TransformerEncoder in eval mode without grad runs each layer as one fused op (and
@@ -616,7 +638,9 @@ def test_pass_is_inference_only_and_off_by_default():
     x = torch.randn(4, 48)
     memopt.compile(model, lowering="eager", monarch={"min_features": 8})(x).sum().backward()
     report = memopt.last_report()
-    assert report.training and monarch_results(report) == []
+    (result,) = monarch_results(report)  # asked for, so the report says why nothing happened
+    assert report.training and result.rewrites == 0 and result.matched == 0
+    assert result.notes == ["not run: it applies to inference graphs, and this is a training graph"]
     torch._dynamo.reset()  # the same model again, now for inference
     with torch.no_grad():
         memopt.compile(model, lowering="eager")(x)
