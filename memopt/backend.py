@@ -21,6 +21,7 @@ from memopt.config import Config
 from memopt.driver import run_passes
 from memopt.estimate import estimate
 from memopt.passes import PassContext
+from memopt.passes.base import BEFORE_CALL
 from memopt.report import Report, discard, record
 
 log = logging.getLogger("memopt")
@@ -82,9 +83,31 @@ def memopt_backend(
                 result.notes.append(f"{result.rewrites} rewrite(s) dropped: the rewritten graph failed to lower")
                 result.rewrites, result.bytes_saved = 0, 0
         _set_after(report, original)
-        compiled = lower(original, example_inputs, config, report)
+        return _logged(lower(original, example_inputs, config, report), report)
+    return _logged(_with_hooks(compiled, gm.meta.get(BEFORE_CALL, ())), report)
+
+
+def _logged(compiled: Callable[..., Any], report: Report) -> Callable[..., Any]:
     log.info("%s", report.summary())
     return compiled
+
+
+def _with_hooks(compiled: Callable[..., Any], hooks: Sequence[Callable[[Sequence[Any]], None]]) -> Callable[..., Any]:
+    """``compiled``, running each pass's ``BEFORE_CALL`` hook on a call's inputs first. Dynamo
+    calls it with the inputs as arguments; a caller that knows it as a boxed function (its
+    ``_boxed_call``, which the wrapper keeps) passes them as one list."""
+    if not hooks:
+        return compiled
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def run(*args: Any) -> Any:
+        inputs = args[0] if boxed and len(args) == 1 and isinstance(args[0], list) else args
+        for hook in hooks:
+            hook(inputs)
+        return compiled(*args)
+
+    run._boxed_call = boxed  # type: ignore[attr-defined]
+    return run
 
 
 # Not failures but Dynamo's requests to trace the frame again (with a scalar specialized,

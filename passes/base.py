@@ -13,6 +13,12 @@ from memopt.config import Config
 from memopt.report import PassResult
 
 
+# ``gm.meta[BEFORE_CALL]``: callables a pass registers to run on each call's inputs before
+# the compiled graph does (the backend wraps the compiled function when any are there). The
+# monarch pass keeps its frozen factors the projection of the weights the call passes.
+BEFORE_CALL = "memopt_before_call"
+
+
 @dataclasses.dataclass
 class PassContext:
     """What a pass may know about the graph it rewrites."""

@@ -21,6 +21,8 @@ import contextlib
 import fnmatch
 import operator
 import re
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ import memopt.ops.monarch  # noqa: F401  (registers torch.ops.memopt.monarch_mat
 from memopt._torch_compat import fake_tensor_mode
 from memopt.config import MonarchOptions
 from memopt.nn.monarch import monarch_block_rank
-from memopt.passes.base import GraphPass, PassContext, transformed_nodes
+from memopt.passes.base import BEFORE_CALL, GraphPass, PassContext, transformed_nodes
 from memopt.report import PassResult, format_bytes
 from memopt.triton_kernels.monarch import project
 
@@ -174,7 +176,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             )
             result.details.append(row)
             continue
-        plans.append((site, w1, w2, row))
+        plans.append((site, w1, w2, row, weight, rank))
     if outside_targets:
         result.notes.append(f"{outside_targets} dense layer(s) outside targets {list(options.targets)} left dense")
     if not_parameters:
@@ -199,13 +201,16 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
     recorded = _record_dense_run(gm, ctx, [site for site, *_ in plans], result)
     fake_mode = _fake_mode(gm)
-    for index, (site, w1, w2, row) in enumerate(plans):
-        _rewrite(gm, site, w1, w2, index, fake_mode)
+    hooks = gm.meta.setdefault(BEFORE_CALL, [])
+    for index, (site, w1, w2, row, weight, rank) in enumerate(plans):
+        w1_buffer, w2_buffer = _rewrite(gm, site, w1, w2, index, fake_mode)
         row["rewritten"] = True
         result.rewrites += 1
         result.details.append(row)
         if recorded is not None and site.node in recorded:
             row["output_rel_error"] = _output_error(*recorded[site.node], w1, w2, row["out_features"])
+        position = placeholders.index(site.weight_node) if site.weight_node in placeholders else None
+        hooks.append(_Reproject(position, weight, site.transposed, rank, w1_buffer, w2_buffer, row, result))
     gm.recompile()
 
     saved_bytes = sum(row["weight_bytes_saved"] for row in result.details if row["rewritten"])
@@ -251,10 +256,65 @@ def _fake_mode(gm: torch.fx.GraphModule) -> Any:
     return None
 
 
+class _Reproject:
+    """Keeps one rewritten layer's Monarch factors the projection of its current weight.
+
+    The factors are buffers of the compiled graph, projected at compile time. A weight
+    changed in place afterwards (``load_state_dict``, an EMA update, ``weight.mul_``), or
+    replaced by another tensor that Dynamo's guards let through, would otherwise leave the
+    compiled model computing with the old one, silently. Before each call (the backend
+    runs every ``BEFORE_CALL`` hook on the call's inputs) this compares the weight the call
+    passes with the one projected (identity, storage and version counter) and, if it
+    changed, projects it again into the same buffers and updates the report's row."""
+
+    def __init__(
+        self,
+        position: int | None,
+        weight: torch.Tensor,
+        transposed: bool,
+        rank: int,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        row: dict[str, Any],
+        result: PassResult,
+    ) -> None:
+        self.position = position
+        self.weight = weakref.ref(weight)  # a get_attr weight (not a graph input)
+        self.transposed, self.rank = transposed, rank
+        self.w1, self.w2 = w1, w2
+        self.row, self.result = row, result
+        self.seen = self._key(weight)
+
+    @staticmethod
+    def _key(weight: torch.Tensor) -> tuple[int, int, int]:
+        return id(weight), weight.data_ptr(), weight._version
+
+    def __call__(self, inputs: Sequence[Any]) -> None:
+        weight = inputs[self.position] if self.position is not None else self.weight()
+        if not isinstance(weight, torch.Tensor) or self._key(weight) == self.seen:
+            return
+        with torch.no_grad():
+            dense = weight.detach().t() if self.transposed else weight.detach()
+            w1, w2, error = project(dense, self.w1.shape[0], self.rank)
+            self.w1.copy_(w1)
+            self.w2.copy_(w2)
+        self.seen = self._key(weight)
+        first = not self.row.get("reprojections")
+        self.row["reprojections"] = self.row.get("reprojections", 0) + 1
+        self.row["rel_error"] = error
+        self.row["output_rel_error"] = None  # measured on the old weight
+        if first:
+            self.result.notes.append(
+                f"{self.row['layer']}: weight changed after compile; projected again before the call "
+                f"(weight rel. error now {error:.3g}; the row keeps the latest)"
+            )
+
+
 def _rewrite(
     gm: torch.fx.GraphModule, site: _Site, w1: torch.Tensor, w2: torch.Tensor, index: int, fake_mode: Any
-) -> None:
-    """Replace ``site.node`` by ``[pad] -> monarch_matmul -> [slice] -> [+ bias] [-> contiguous]``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace ``site.node`` by ``[pad] -> monarch_matmul -> [slice] -> [+ bias] [-> contiguous]``;
+    returns the two factor buffers."""
     graph = gm.graph
     stem = re.sub(r"\W", "_", site.name)
     w1_name, w2_name = f"monarch_{index}_{stem}_w1", f"monarch_{index}_{stem}_w2"
@@ -304,6 +364,7 @@ def _rewrite(
             y_node = emit("call_function", torch.Tensor.contiguous, (y_node,), y_val)
     site.node.replace_all_uses_with(y_node)
     graph.erase_node(site.node)
+    return gm.get_buffer(w1_name), gm.get_buffer(w2_name)
 
 
 def _record_dense_run(

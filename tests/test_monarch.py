@@ -579,6 +579,41 @@ def test_pass_leaves_layers_under_a_vmap_dense():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_pass_follows_weights_changed_after_compile(lowering):
+    """The factors are projected at compile time; a weight changed afterwards (in place, or
+    by ``load_state_dict``) is projected again before the next call of the same compiled
+    graph (no recompile), so it computes what the model's Monarch projection computes now
+    (``monarchize`` of a copy, eager), and the report's rows say so."""
+    torch.manual_seed(13)
+    model = _MLP().eval()
+    x = torch.randn(4, 48)
+
+    def projected() -> torch.Tensor:
+        reference = copy.deepcopy(model)
+        assert len(monarchize(reference, nblocks=4, min_features=8)) == 3
+        return reference(x)
+
+    torch._dynamo.reset()
+    compiled = memopt.compile(model, lowering=lowering, strict=True, monarch={"nblocks": 4, "min_features": 8})
+    with torch.no_grad():
+        before = compiled(x)
+        (result,) = monarch_results(memopt.last_report())
+        torch.testing.assert_close(before, projected(), rtol=1e-5, atol=1e-5)
+        model.down.weight.mul_(2.0)  # in place
+        model.up.bias.zero_()  # dense everywhere: nothing to project
+        after = compiled(x)
+        assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(after, projected(), rtol=1e-5, atol=1e-5)
+        model.load_state_dict(_MLP().state_dict())  # new weights altogether
+        torch.testing.assert_close(compiled(x), projected(), rtol=1e-5, atol=1e-5)
+    assert len(monarch_results(memopt.last_report())) == 1 and memopt.last_report().passes[0] is result  # one compile
+    rows = [row for row in result.details if "rel_error" in row]
+    assert [row["reprojections"] for row in rows] == [1, 2, 1], rows  # up, down, head
+    assert all(row["output_rel_error"] is None for row in rows)
+    assert sum("weight changed after compile" in note for note in result.notes) == 3
+
+
 class _ComputedWeight(torch.nn.Module):
     def __init__(self):
         super().__init__()
