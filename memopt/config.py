@@ -431,10 +431,11 @@ def _check_inductor_config_names(options: Mapping[str, Any]) -> None:
 
     from torch._inductor import config as inductor_config
 
-    known = inductor_config.get_config_copy()
     for name in options:
-        if name not in known:
-            close = difflib.get_close_matches(name, list(known), n=3)
+        if not hasattr(inductor_config, name):
+            # Suggestions from every name the module knows (get_config_copy leaves some out).
+            known = list(getattr(inductor_config, "_config", None) or inductor_config.get_config_copy())
+            close = difflib.get_close_matches(name, known, n=3)
             raise ValueError(
                 f"memopt option 'inductor_config': torch._inductor.config has no option {name!r}"
                 + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")

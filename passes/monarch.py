@@ -92,11 +92,12 @@ def _opaque_linears(gm: torch.fx.GraphModule) -> list[str]:
 def _module_name(node: torch.fx.Node, weight: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
-        path = list(stack.values())[-1][0]
+        path, module_type = list(stack.values())[-1][:2]
         path = re.sub(r"^L\['[^']*'\]", "", path)
         path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
         path = re.sub(r"\[['\"]?([^]'\"]*)['\"]?\]", r".\1", path)
-        return path.strip(".") or weight.name
+        # The compiled module itself (torch.compile(nn.Linear(...))) has no path: its class.
+        return path.strip(".") or f"<{getattr(module_type, '__name__', weight.name)}>"
     return weight.name
 
 
