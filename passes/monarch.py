@@ -213,6 +213,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         position = placeholders.index(site.weight_node) if site.weight_node in placeholders else None
         hooks.append(_Reproject(position, weight, site.transposed, rank, w1_buffer, w2_buffer, row, result))
     gm.recompile()
+    untracked = [row["layer"] for _, _, _, row, weight, _ in plans if weight.is_inference()]
+    if untracked:
+        result.notes.append(
+            f"{len(untracked)} projected weight(s) are inference tensors (made under torch.inference_mode), which "
+            "count no in-place writes: a weight changed in place after compile is not projected again (a "
+            "replaced one is); compile again after changing them"
+        )
 
     saved_bytes = sum(row["weight_bytes_saved"] for row in result.details if row["rewritten"])
     saved_flops = sum(
@@ -288,7 +295,9 @@ class _Reproject:
 
     @staticmethod
     def _key(weight: torch.Tensor) -> tuple[int, int, int]:
-        return id(weight), weight.data_ptr(), weight._version
+        # Inference tensors (made under torch.inference_mode) have no version counter: only
+        # a replaced tensor or storage shows there (the pass notes it).
+        return id(weight), weight.data_ptr(), -1 if weight.is_inference() else weight._version
 
     def __call__(self, inputs: Sequence[Any]) -> None:
         weight = inputs[self.position] if self.position is not None else self.weight()

@@ -614,6 +614,24 @@ def test_pass_follows_weights_changed_after_compile(lowering):
     assert sum("weight changed after compile" in note for note in result.notes) == 3
 
 
+def test_pass_on_weights_made_under_inference_mode():
+    """Inference tensors count no in-place writes: the pass still rewrites (equal to the
+    projection) and says that in-place changes after compile go unseen."""
+    with torch.inference_mode():
+        torch.manual_seed(14)
+        model = _MLP().eval()
+        x = torch.randn(4, 48)
+        torch._dynamo.reset()
+        out = memopt.compile(model, lowering="eager", strict=True, monarch={"nblocks": 4, "min_features": 8})(x)
+        (result,) = monarch_results(memopt.last_report())
+    reference = copy.deepcopy(model)
+    monarchize(reference, nblocks=4, min_features=8)
+    with torch.inference_mode():
+        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+    assert result.rewrites == 3
+    assert any(note.startswith("3 projected weight(s) are inference tensors") for note in result.notes), result.notes
+
+
 class _ComputedWeight(torch.nn.Module):
     def __init__(self):
         super().__init__()
