@@ -632,6 +632,16 @@ def test_pass_on_weights_made_under_inference_mode():
     assert any(note.startswith("3 projected weight(s) are inference tensors") for note in result.notes), result.notes
 
 
+def test_pass_names_a_compiled_linear_by_its_class():
+    """``torch.compile(nn.Linear(...))``: the layer is the compiled module itself, which has
+    no path; the notes name it by its class, not by Dynamo's placeholder."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        memopt.compile(torch.nn.Linear(64, 64), lowering="eager", monarch={"min_features": 8})(torch.randn(3, 64))
+    (result,) = monarch_results(memopt.last_report())
+    assert result.rewrites == 1 and result.notes[0].startswith("<Linear>: Monarch nblocks=4"), result.notes
+
+
 class _ComputedWeight(torch.nn.Module):
     def __init__(self):
         super().__init__()
