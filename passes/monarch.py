@@ -312,7 +312,9 @@ class _Reproject:
         first = not self.row.get("reprojections")
         self.row["reprojections"] = self.row.get("reprojections", 0) + 1
         self.row["rel_error"] = error
-        self.row["output_rel_error"] = None  # measured on the old weight
+        # Measured on the old weight: so was the graph outputs' error.
+        for row in [self.row, *(row for row in self.result.details if row.get("layer") == "<graph outputs>")]:
+            row["output_rel_error"] = None
         if first:
             self.result.notes.append(
                 f"{self.row['layer']}: weight changed after compile; projected again before the call "

@@ -463,9 +463,9 @@ def _outermost(chains: list[_Chain], failures: dict[str, str]) -> list[_Chain]:
     A converted UNet nests them: a down block's residual chain (ResNet, transformer) has a
     step whose ``H`` is the whole transformer, itself a chain of residual sublayers. Those
     that can, became ops inside the outer step first (:func:`run_reversible`); one left
-    here updates buffers (or ``reversible_nested`` is off). The outer step carries its nodes into its module and
-    recomputes them in the backward, so its activations are not kept either way; rewriting
-    both would erase nodes the other one still reads.
+    here updates buffers (or ``reversible_nested`` is off). The outer step carries its
+    nodes into its module and recomputes them in the backward, so its activations are not
+    kept either way; rewriting both would erase nodes the other one still reads.
     """
     kept = []
     for chain in chains:

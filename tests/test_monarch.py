@@ -611,6 +611,8 @@ def test_pass_follows_weights_changed_after_compile(lowering):
     rows = [row for row in result.details if "rel_error" in row]
     assert [row["reprojections"] for row in rows] == [1, 2, 1], rows  # up, down, head
     assert all(row["output_rel_error"] is None for row in rows)
+    (graph_row,) = [row for row in result.details if row["layer"] == "<graph outputs>"]
+    assert graph_row["output_rel_error"] is None  # it was measured on the old weights
     assert sum("weight changed after compile" in note for note in result.notes) == 3
 
 
