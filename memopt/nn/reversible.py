@@ -14,6 +14,8 @@ updated once: the recomputation runs on copies of the buffers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -127,18 +129,8 @@ class ReversibleSequential(nn.Module):
         return Chain(steps, list(range(len(consts))), rng_state_bytes(device)), params, consts
 
     def _step(self, branch: nn.Module, scale: float, params: list, consts: list) -> Step:
-        param_names, param_index = [], []
-        for name, param in branch.named_parameters():
-            if not any(param is p for p in params):
-                params.append(param)
-            param_names.append(name)
-            param_index.append(next(i for i, p in enumerate(params) if p is param))
-        buffer_names, const_index = [], []
-        for name, buffer in branch.named_buffers():
-            if not any(buffer is c for c in consts):
-                consts.append(buffer)
-            buffer_names.append(name)
-            const_index.append(next(i for i, c in enumerate(consts) if c is buffer))
+        param_names, param_index = _pooled(branch.named_parameters(), params)
+        buffer_names, const_index = _pooled(branch.named_buffers(), consts)
 
         def fn(x, step_params, step_consts, _sizes=()):
             state = dict(zip(param_names, step_params))
@@ -147,6 +139,20 @@ class ReversibleSequential(nn.Module):
 
         random = self.preserve_rng_state and branch.training
         return Step(fn, scale, param_index, const_index, random)
+
+
+def _pooled(named: Iterable[tuple[str, torch.Tensor]], pool: list) -> tuple[list[str], list[int]]:
+    """The names of ``named``'s tensors and their positions in ``pool``, appending those not
+    in it yet (by identity: F and G may share a tensor)."""
+    names, indices = [], []
+    for name, tensor in named:
+        index = next((i for i, pooled in enumerate(pool) if pooled is tensor), None)
+        if index is None:
+            index = len(pool)
+            pool.append(tensor)
+        names.append(name)
+        indices.append(index)
+    return names, indices
 
 
 def _mbconv_branch(conv: type, norm: type, channels: int, expansion: int, kernel_size: int, dropout: float) -> nn.Module:
