@@ -23,10 +23,12 @@ __all__ = [
     "vjp_unchecked",
     "cast_like_autocast",
     "compile_fx",
+    "custom_graph_pass_base",
     "custom_partitioner_base",
     "hash_of_files",
     "inductor_decompositions",
     "detect_fake_mode",
+    "donated_buffer_indices",
     "dynamo_explain",
     "fake_tensor_mode",
     "make_boxed_func",
@@ -106,6 +108,26 @@ def custom_partitioner_base() -> type:
     from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
     return CustomPartitionerFn
+
+
+def custom_graph_pass_base() -> type:
+    """Inductor's base class for a custom FX graph pass whose ``uuid()`` joins its cache key."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+def donated_buffer_indices() -> tuple[int, ...] | None:
+    """The inputs of the graph Inductor is compiling that it may overwrite in place: the saved
+    tensors AOTAutograd donates to a backward it expects to run once (``bw_donated_idxs``;
+    empty when the backward is compiled under ``retain_graph=True``). ``None`` outside a
+    compile or where this PyTorch has no donated buffers."""
+    try:
+        from torch._inductor.utils import get_donated_idxs
+    except ImportError:
+        return None
+    indices = get_donated_idxs()
+    return None if indices is None else tuple(indices)
 
 
 def hash_of_files(*paths: str) -> bytes:

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt._torch_compat import aot_autograd, compile_fx, inductor_decompositions, make_boxed_func
+from memopt._torch_compat import (
+    aot_autograd,
+    compile_fx,
+    custom_graph_pass_base,
+    donated_buffer_indices,
+    inductor_decompositions,
+    make_boxed_func,
+)
 from memopt.config import Config
 from memopt.partition import InductorPartitioner, partition
 from memopt.report import Report
@@ -29,10 +36,46 @@ def lower(
     if config.lowering == "inductor":
         patches = {"custom_partitioner_fn": InductorPartitioner(config, report)}
         patches.update(config.inductor_config)
+        patches[_KEYED_SLOT] = DonationKey(patches.get(_KEYED_SLOT))
         return compile_fx(gm, list(example_inputs), config_patches=patches)
     if config.lowering == "eager":
         return _eager_backend(config, report)(gm, list(example_inputs))
     raise AssertionError(f"unvalidated lowering {config.lowering!r}")
+
+
+# The Inductor config entry that carries DonationKey (its pass runs after the user's own).
+_KEYED_SLOT = "post_grad_custom_pre_pass"
+
+
+class DonationKey(custom_graph_pass_base()):
+    """A post-grad pass that changes nothing but puts into Inductor's FX graph cache key which
+    saved tensors the graph's code may overwrite in place (AOTAutograd's donated buffers).
+
+    The key lacks them. A backward is compiled at its first call: one that runs once
+    donates the saved tensors it reads last, so Inductor may reuse their memory; one first
+    called with ``retain_graph=True`` donates none, since a second backward reads them again.
+    With the same graph and key, a backward compiled under ``retain_graph=True`` was given the
+    cached code of the other kind (from an earlier training step, in this process or an earlier
+    one), and the second backward read saved tensors the first had overwritten: silently wrong
+    gradients. Stock ``torch.compile`` is spared by AOTAutograd's own cache, which memopt turns
+    off (:func:`memopt._torch_compat.compile_fx`).
+
+    ``inner`` is the user's own pass for the same config entry (``inductor_config``), run
+    first; a pass Inductor cannot key (no ``uuid()``) keeps Inductor's cache off, as it would
+    alone."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = tuple(inner) if isinstance(inner, (list, tuple)) else (inner,) if inner else ()
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for user_pass in self.inner:
+            user_pass(graph)
+
+    def uuid(self) -> Any:
+        inner = tuple(p.uuid() if isinstance(p, custom_graph_pass_base()) else None for p in self.inner)
+        if not all(inner):
+            return None  # Inductor bypasses its cache: an unkeyed pass could change the code
+        return ("memopt donated buffers", donated_buffer_indices(), inner)
 
 
 def _run_eagerly(gm: torch.fx.GraphModule, _example_inputs: Any) -> Callable[..., Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import uuid
 
 import pytest
 import torch
@@ -98,6 +99,59 @@ def test_input_gradients_match_eager():
     (model(x_eager) * weight).sum().backward()
     (memopt.compile(model, lowering="eager")(x_compiled) * weight).sum().backward()
     assert_close(x_compiled.grad, x_eager.grad, what="input grad")
+
+
+def _conv_bn_net() -> torch.nn.Module:
+    conv = lambda cin: torch.nn.Conv2d(cin, 8, 3, padding=1)  # noqa: E731
+    return torch.nn.Sequential(
+        conv(3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), conv(8), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 4),
+    )
+
+
+def test_backward_twice_with_retain_graph_after_a_cached_compile():
+    """An ordinary step caches a backward that overwrites saved tensors it reads last
+    (AOTAutograd's donated buffers). The same graph's backward, compiled again under
+    ``retain_graph=True``, must not get that code from Inductor's cache: the second backward
+    would read overwritten activations (silently wrong gradients before memopt keyed the cache
+    on donated buffers)."""
+    torch.manual_seed(0)
+    model = _conv_bn_net()
+    x, weight = torch.randn(2, 3, 8, 8), torch.randn(2, 4)
+    (memopt.compile(copy.deepcopy(model))(x) * weight).sum().backward()  # fills the cache
+    torch._dynamo.reset()
+    hits = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+    reference, compiled = copy.deepcopy(model), copy.deepcopy(model)
+    losses = [(reference(x) * weight).sum(), (memopt.compile(compiled)(x) * weight).sum()]
+    assert torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"] > hits, "the forward came from the cache"
+    for retain in (True, False):
+        for loss in losses:
+            loss.backward(retain_graph=retain)
+        for (name, expected), actual in zip(reference.named_parameters(), compiled.parameters()):
+            assert_close(actual.grad, expected.grad, what=f"{name}.grad after backward(retain_graph={retain})")
+
+
+class _CountingPass(torch._inductor.custom_graph_pass.CustomGraphPass):
+    def __init__(self) -> None:
+        self.calls = 0
+        self.key = f"test counting pass {uuid.uuid4()}"  # a cache hit would skip the pass
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.calls += 1
+
+    def uuid(self) -> str:
+        return self.key
+
+
+def test_users_own_post_grad_pass_still_runs():
+    """memopt's cache-key pass shares ``post_grad_custom_pre_pass`` with the user's."""
+    user_pass = _CountingPass()
+    model = _conv_bn_net()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = memopt.compile(copy.deepcopy(model), inductor_config={"post_grad_custom_pre_pass": user_pass})
+    compiled(x).sum().backward()
+    assert user_pass.calls == 2  # the forward graph and the backward graph
+    assert_close(compiled(x), model(x))
 
 
 class CountingBackend:
