@@ -440,3 +440,53 @@ def _check_inductor_config_names(options: Mapping[str, Any]) -> None:
                 f"memopt option 'inductor_config': torch._inductor.config has no option {name!r}"
                 + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
             )
+        expected = _inductor_value_mismatch(getattr(inductor_config, "_config", {}).get(name), options[name])
+        if expected:
+            raise ValueError(
+                f"memopt option 'inductor_config': {name!r} must be {expected}; got {options[name]!r}"
+            )
+
+
+def _inductor_value_mismatch(entry: Any, value: Any) -> str | None:
+    """What an Inductor config entry takes, when its declared type is a plain one (bool,
+    int, float, str, a ``Literal``, or one of those or ``None``) that ``value`` is not;
+    ``None`` when it fits or the type is one this does not check. A string ``"false"``
+    would be true to Inductor."""
+    import types
+    import typing
+
+    declared = getattr(entry, "value_type", None)
+    if declared is None:
+        return None
+    choices = typing.get_args(declared) if isinstance(declared, types.UnionType) else (declared,)
+    optional = type(None) in choices
+    choices = tuple(choice for choice in choices if choice is not type(None))
+    if optional and value is None:
+        return None
+    descriptions = []
+    for choice in choices:
+        if typing.get_origin(choice) is typing.Literal:
+            if value in typing.get_args(choice):
+                return None
+            descriptions.append("one of " + ", ".join(map(repr, typing.get_args(choice))))
+        elif choice is bool:
+            if isinstance(value, bool):
+                return None
+            descriptions.append("True or False")
+        elif choice is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return None
+            descriptions.append("an int")
+        elif choice is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return None
+            descriptions.append("a number")
+        elif choice is str:
+            if isinstance(value, str):
+                return None
+            descriptions.append("a string")
+        else:
+            return None  # a type this does not check
+    if optional:
+        descriptions.append("None")
+    return " or ".join(descriptions) or None

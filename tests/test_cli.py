@@ -79,7 +79,11 @@ def test_inspect_module_target_with_integer_inputs(capsys):
         (["inspect", f"{ZOO}:mlp", "--input", "2x17", "--options", "{bad json"], "not valid JSON"),
         (["inspect", f"{ZOO}:mlp", "--input", "2x17", "--options", "[1]"], "JSON object"),
         (["inspect", f"{ZOO}:mlp", "--input", "2x17", "--options", '{"fast": 1}'], "valid options are"),
-        (["inspect", f"{ZOO}:mlp", "--input", "2x5"], "running"),
+        (["inspect", f"{ZOO}:mlp", "--input", "2x5"], "does not run on these inputs: RuntimeError: mat1 and mat2"),
+        (["inspect", f"{ZOO}:mlp", "--input", "2x17", "--options", '{"step_rehash": {"interval": 3}}'],
+         "option 'step_rehash' wraps a denoiser's calls"),
+        (["inspect", f"{ZOO}:mlp", "--input", "2x17", "--plot", "/no_such_memopt_folder/live.png"],
+         "cannot write the plot '/no_such_memopt_folder/live.png': folder '/no_such_memopt_folder' does not exist"),
         (["inspect", f"{ZOO}:mlp_inputs", "--input", "2x17"], "not an nn.Module"),
     ],
 )
@@ -90,6 +94,49 @@ def test_bad_input_is_a_one_line_error(capsys, argv, message):
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
     assert "Traceback" not in err
+
+
+MODELS_HERE = """
+import torch.nn as nn
+
+def emb():
+    return nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 4))
+"""
+
+
+def test_module_target_in_the_working_directory(capsys, tmp_path, monkeypatch):
+    """``module:factory`` finds the working directory's modules, as ``python -m`` would; float
+    inputs into an embedding get a hint about integer inputs."""
+    (tmp_path / "memopt_test_models_here.py").write_text(MODELS_HERE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI may add the folder: undone after the test
+    code, out, _ = run_cli(capsys, "inspect", "memopt_test_models_here:emb", "--input", "2x5:int64")
+    assert code == 0
+    assert "embedding x1" in out
+    code, out, err = run_cli(capsys, "inspect", "memopt_test_models_here:emb", "--input", "2x5")
+    assert code == 2 and out == ""
+    assert "'indices'" in err and "--input 8x128:int64" in err
+    code, _, err = run_cli(capsys, "inspect", "memopt_test_models_here_absent:emb", "--input", "2x5")
+    assert code == 2 and "No module named 'memopt_test_models_here_absent'" in err
+
+
+def test_compile_errors_name_their_innermost_cause():
+    from memopt.cli.main import _root_cause
+
+    try:
+        try:
+            raise ValueError("memopt option 'x' must be ...\nmore")
+        except ValueError as inner:
+            raise RuntimeError("backend='memopt' raised:\n") from inner
+    except RuntimeError as error:
+        assert _root_cause(error) == "ValueError: memopt option 'x' must be ..."
+
+
+def test_demo_repeat_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--repeat", "0"])
+    assert exit_info.value.code == 2
+    assert "--repeat: must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

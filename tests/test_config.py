@@ -48,6 +48,9 @@ def test_unknown_option_names_valid_ones():
         ({"reversible_nested": 0}, "'reversible_nested' must be True or False"),
         ({"inductor_config": ["max_autotune"]}, "dict"),
         ({"inductor_config": {"max_autotunee": True}}, "no option 'max_autotunee'; did you mean 'max_autotune'"),
+        ({"inductor_config": {"max_autotune": "false"}}, "'max_autotune' must be True or False; got 'false'"),
+        ({"inductor_config": {"compile_threads": 1.5}}, "'compile_threads' must be an int or None"),
+        ({"inductor_config": {"triton.descriptive_names": "aten"}}, "one of 'torch', 'original_aten', 'inductor_node'"),
         ({"reversible_deterministic_ops": 3}, "'mylib', 'mylib::fused_mlp' or 'mylib::fused_mlp.default'"),
         ({"reversible_deterministic_ops": ["mylib::"]}, "operator namespaces or names"),
         ({"reversible_deterministic_ops": ["my lib"]}, "operator namespaces or names"),
@@ -64,6 +67,11 @@ def test_deterministic_ops_become_a_tuple():
     assert Config(reversible_deterministic_ops="torchao").reversible_deterministic_ops == ("torchao",)
     names = ["mylib::fused_mlp", "mylib::fused_mlp.default"]
     assert Config(reversible_deterministic_ops=names).reversible_deterministic_ops == tuple(names)
+
+
+def test_inductor_config_values_of_the_declared_types_pass():
+    values = {"max_autotune": True, "compile_threads": None, "triton.descriptive_names": "torch", "epilogue_fusion": False}
+    assert Config.from_options({"inductor_config": values}).inductor_config == values
 
 
 def test_memory_budget_accepts_int_one():

@@ -31,6 +31,12 @@ def inspect_model(
     # The passes decide the same whatever the lowering; eager keeps inspection quick.
     options.setdefault("lowering", "eager")
     config = Config.from_options(options)
+    if config.step_rehash is not None:
+        raise ValueError(
+            "option 'step_rehash' wraps a denoiser's calls across steps, which one inspected call does "
+            "not show: inspect without it (memopt.compile(unet, step_rehash=...) applies it)"
+        )
+    _run_eagerly_once(model, inputs)
     model.train(train)
 
     torch._dynamo.reset()
@@ -68,6 +74,29 @@ def inspect_model(
             sum(r.saved_activation_bytes or 0 for r in reports) if train else None
         ),
     }
+
+
+class InputError(ValueError):
+    """The model does not run on the given inputs, eagerly: the inputs' fault, not memopt's."""
+
+
+def _run_eagerly_once(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    """Run ``model`` on ``inputs`` eagerly (evaluation mode, no autograd) so that inputs it
+    cannot take fail with PyTorch's own message, not a compiler's wrapping of it."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        message = f"the model does not run on these inputs: {type(error).__name__}: {lines[0] if lines else ''}"
+        floats = any(tensor.dtype.is_floating_point for tensor in inputs)
+        if floats and any(word in str(error) for word in ("indices", "Long", "Int")):
+            message += " (integer inputs such as token ids: give a dtype, e.g. --input 8x128:int64)"
+        raise InputError(message) from error
+    finally:
+        model.train(training)
 
 
 def _differentiable(value: Any) -> bool:

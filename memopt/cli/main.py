@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         help="compare eager, Inductor and memopt on a built-in model (memory, time, accuracy)",
     )
     demo.add_argument("--json", action="store_true", help="print the table as JSON")
-    demo.add_argument("--repeat", type=int, default=3, help="timed runs per measurement")
+    demo.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per measurement (>= 1)")
     demo.set_defaults(run=_run_demo)
     return parser
 
@@ -76,16 +77,21 @@ def _run_inspect(args: argparse.Namespace) -> int:
     model = build_model(args.target).to(dtype)
     generator = torch.Generator().manual_seed(args.seed)
     inputs = [make_input(shape, input_dtype, generator) for shape, input_dtype in shapes]
+    if args.plot:
+        _check_writable(args.plot)  # before the inspection, which can take minutes
     try:
         result = inspect_model(model, inputs, options, train=args.train)
     except (TargetError, ValueError):
         raise
     except Exception as error:
-        raise TargetError(f"running {args.target!r} failed: {type(error).__name__}: {str(error).splitlines()[0]}") from error
+        raise TargetError(f"inspecting {args.target!r} failed: {_root_cause(error)}") from error
     result["target"] = args.target
     result["inputs"] = args.input
     if args.plot:
-        plot_timelines(result, args.plot, args.target)
+        try:
+            plot_timelines(result, args.plot, args.target)
+        except OSError as error:
+            raise TargetError(f"cannot write the plot {args.plot!r}: {error.strerror or error}") from error
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -93,6 +99,38 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"\nplot written to {args.plot}")
     return 0
+
+
+def _root_cause(error: BaseException) -> str:
+    """``Type: first line`` of the innermost cause: Dynamo wraps what a backend or a traced
+    op raised (``BackendCompilerFailed``, ``TorchRuntimeError``) in messages of its own."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "inner_exception", None) or error.__cause__
+        if inner is None:
+            break
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise TargetError(f"cannot write the plot {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise TargetError(f"cannot write the plot {path!r}: folder {folder!r} is not writable")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,15 +52,37 @@ def load_factory(target: str) -> Callable[[], torch.nn.Module]:
             raise TargetError(f"importing {module_part!r} failed: {type(error).__name__}: {error}") from error
     else:
         try:
-            module = importlib.import_module(module_part)
+            module = _import_from_here(module_part)
         except ImportError as error:
             raise TargetError(f"cannot import module {module_part!r}: {error}") from error
+        except Exception as error:  # the module's own code raised (a SyntaxError, say)
+            raise TargetError(f"importing {module_part!r} failed: {type(error).__name__}: {error}") from error
     factory = getattr(module, attribute, None)
     if factory is None:
         raise TargetError(f"module {module_part!r} has no attribute {attribute!r}")
     if not callable(factory):
         raise TargetError(f"{target!r} is not callable; it must be a factory returning an nn.Module")
     return factory
+
+
+def _import_from_here(name: str) -> Any:
+    """Import ``name`` as ``python -m`` would: the working directory's modules are found too
+    (the ``memopt`` console script, unlike ``python``, does not put it on ``sys.path``). An
+    installed module of the same name wins."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        here = os.getcwd()
+        if error.name != name.partition(".")[0] or here in sys.path:
+            raise
+        sys.path.append(here)  # kept once the import works: the module may import its neighbours later
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as retry:
+            sys.path.remove(here)
+            if retry.name == error.name:
+                raise error from None  # not here either: the first error says it
+            raise
 
 
 def build_model(target: str) -> torch.nn.Module:
