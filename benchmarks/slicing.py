@@ -158,7 +158,7 @@ def step_row(kind, args, device, dtype):
     return rows
 
 
-REHASH_MODELS = ("unet3d", "animatediff")  # SVD's sampler loop (image latents concatenated) differs
+REHASH_MODELS = ("unet3d", "animatediff", "svd")
 COMPILED_FULL = "compiled: full"
 
 
@@ -172,14 +172,22 @@ def rehash_row(kind, args, device, dtype):
     channels = tuple(int(c) for c in args.rehash_channels.split(","))
     torch.manual_seed(0)
     unet = build(kind, channels, args.frames).eval().to(device, dtype)
-    (latents, _, context), _ = inputs(kind, args.frames, args.size, channels[0], device, dtype)
+    (sample, _, context), extra = inputs(kind, args.frames, args.size, channels[0], device, dtype)
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(args.steps)
+    # SVD denoises 4 latent channels and feeds the UNet the conditioning image's latents beside
+    # them (``[batch, frames, 4 + 4, h, w]``), as its pipeline does; DDIM stands in for its
+    # Euler sampler (the same UNet calls per step).
+    latents, image = (sample[:, :, :4], sample[:, :, 4:]) if kind == "svd" else (sample, None)
+
+    def denoise(model, x, t):
+        x_in = x if image is None else torch.cat([x, image], dim=2)
+        return model(x_in, t, encoder_hidden_states=context, **extra).sample
 
     def loop(model, timesteps=None):
         x = latents.clone()
         for t in scheduler.timesteps if timesteps is None else timesteps:
-            x = scheduler.step(model(x, t, encoder_hidden_states=context).sample, t, x).prev_sample
+            x = scheduler.step(denoise(model, x, t), t, x).prev_sample
         return x
 
     # Whole outer block pair (layers=None) and the finer cut at a skip connection inside it.
@@ -207,7 +215,7 @@ def rehash_row(kind, args, device, dtype):
     # pass: StepRehash._shrink_cache). The fastest run is the steady state.
     models = {name: make() for name, make in loops}
     with torch.no_grad():
-        unet(latents, scheduler.timesteps[0], encoder_hidden_states=context)  # warm-up: first-call costs
+        denoise(unet, latents, scheduler.timesteps[0])  # warm-up: first-call costs
         for name, model in models.items():
             if name.startswith("compiled"):
                 # Compile outside the timed runs: a short generation reaches a full step, the
