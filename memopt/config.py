@@ -8,6 +8,7 @@ with a ``ValueError`` naming the valid keys or values, before anything is compil
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -36,8 +37,8 @@ class Im2winOptions:
         if self.cache_path is not None and not isinstance(self.cache_path, str):
             raise ValueError(f"memopt option 'im2win.cache_path' must be a path string or None, got {self.cache_path!r}")
         speedup = self.min_speedup
-        if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not speedup >= 1:
-            raise ValueError(f"memopt option 'im2win.min_speedup' must be a number >= 1, got {speedup!r}")
+        if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 1 <= speedup < math.inf:
+            raise ValueError(f"memopt option 'im2win.min_speedup' must be a finite number >= 1, got {speedup!r}")
         object.__setattr__(self, "min_speedup", float(speedup))
 
     @classmethod
@@ -391,9 +392,10 @@ class MonarchOptions:
         if targets is not None:
             if isinstance(targets, str):
                 targets = (targets,)
-            if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
                 raise ValueError(
-                    f"memopt option 'monarch': 'targets' must be None or a list of name patterns, got {targets!r}"
+                    "memopt option 'monarch': 'targets' must be None (every layer) or a non-empty list of name "
+                    f"patterns, got {targets!r}"
                 )
             object.__setattr__(self, "targets", tuple(targets))
         limit = self.max_rel_error

@@ -651,6 +651,8 @@ def test_config_validation():
         Config(im2win={"mode": "auto", "cache": "x.json"})
     with pytest.raises(ValueError, match="min_speedup"):
         Config(im2win={"min_speedup": 0.5})
+    with pytest.raises(ValueError, match="finite number >= 1"):
+        Config(im2win={"min_speedup": float("inf")})
     options = Config(im2win={"cache_path": "/tmp/x.json"}).im2win
     assert options == Im2winOptions(mode="auto", cache_path="/tmp/x.json")
     assert Config(im2win={"mode": False}).im2win is False

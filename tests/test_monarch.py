@@ -172,6 +172,8 @@ def test_monarchize_replaces_matching_layers():
     assert monarchize(model, nblocks=4, min_features=65) == []
     with pytest.raises(ValueError, match="nblocks"):
         monarchize(model, nblocks=1)
+    with pytest.raises(ValueError, match="non-empty list of name patterns"):
+        monarchize(model, targets=[])
 
 
 # ----------------------------------------------------------------------------------- the op
@@ -454,6 +456,7 @@ def test_config_monarch_option():
         ({"nblocks": 1}, "nblocks"),
         ({"min_features": 0}, "min_features"),
         ({"targets": [3]}, "targets"),
+        ({"targets": []}, r"None \(every layer\) or a non-empty list"),
         ({"max_rel_error": 0}, "max_rel_error"),
         ("yes", "must be False, True or a dict"),
     ]:

@@ -177,6 +177,10 @@ def monarchize(
         raise ValueError(f"monarchize: nblocks must be an int >= 2, got {nblocks!r}")
     if isinstance(targets, str):
         targets = [targets]
+    if targets is not None and (not targets or not all(isinstance(pattern, str) for pattern in targets)):
+        raise ValueError(
+            f"monarchize: targets must be None (every layer) or a non-empty list of name patterns, got {targets!r}"
+        )
     replaced: list[MonarchReplacement] = []
     for name, module in list(model.named_modules()):
         if not _is_dense(module) or isinstance(module, MonarchLinear):
