@@ -37,6 +37,8 @@ __all__ = [
     "profiler_allocations",
     "rng_state_operators",
     "size_hint",
+    "takes_is_inference",
+    "keyed_graph_pass",
     "known_contiguous",
     "known_equal",
     "trace_functional",
@@ -111,10 +113,26 @@ def custom_partitioner_base() -> type:
 
 
 def custom_graph_pass_base() -> type:
-    """Inductor's base class for a custom FX graph pass whose ``uuid()`` joins its cache key."""
+    """Inductor's base class for a custom FX graph pass whose ``uuid()`` joins its cache key:
+    the one called with ``is_inference`` too, where this PyTorch has it."""
+    from torch._inductor import custom_graph_pass
+
+    return getattr(custom_graph_pass, "CustomInferenceAwareGraphPass", custom_graph_pass.CustomGraphPass)
+
+
+def keyed_graph_pass(graph_pass: Any) -> bool:
+    """Whether Inductor can key its cache on ``graph_pass`` (a ``CustomGraphPass``)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    return CustomGraphPass
+    return isinstance(graph_pass, CustomGraphPass)
+
+
+def takes_is_inference(graph_pass: Any) -> bool:
+    """Whether Inductor calls ``graph_pass`` as ``graph_pass(graph, is_inference)``."""
+    from torch._inductor import custom_graph_pass
+
+    aware = getattr(custom_graph_pass, "CustomInferenceAwareGraphPass", None)
+    return aware is not None and isinstance(graph_pass, aware)
 
 
 def donated_buffer_indices() -> tuple[int, ...] | None:

@@ -19,7 +19,9 @@ from memopt._torch_compat import (
     custom_graph_pass_base,
     donated_buffer_indices,
     inductor_decompositions,
+    keyed_graph_pass,
     make_boxed_func,
+    takes_is_inference,
 )
 from memopt.config import Config
 from memopt.partition import InductorPartitioner, partition
@@ -67,12 +69,15 @@ class DonationKey(custom_graph_pass_base()):
     def __init__(self, inner: Any = None) -> None:
         self.inner = tuple(inner) if isinstance(inner, (list, tuple)) else (inner,) if inner else ()
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
+    def __call__(self, graph: torch.fx.Graph, is_inference: bool = False) -> None:
         for user_pass in self.inner:
-            user_pass(graph)
+            if takes_is_inference(user_pass):
+                user_pass(graph, is_inference)
+            else:
+                user_pass(graph)
 
     def uuid(self) -> Any:
-        inner = tuple(p.uuid() if isinstance(p, custom_graph_pass_base()) else None for p in self.inner)
+        inner = tuple(p.uuid() if keyed_graph_pass(p) else None for p in self.inner)
         if not all(inner):
             return None  # Inductor bypasses its cache: an unkeyed pass could change the code
         return ("memopt donated buffers", donated_buffer_indices(), inner)

@@ -131,27 +131,30 @@ def test_backward_twice_with_retain_graph_after_a_cached_compile():
             assert_close(actual.grad, expected.grad, what=f"{name}.grad after backward(retain_graph={retain})")
 
 
-class _CountingPass(torch._inductor.custom_graph_pass.CustomGraphPass):
+class _RecordingPass(torch._inductor.custom_graph_pass.CustomInferenceAwareGraphPass):
     def __init__(self) -> None:
-        self.calls = 0
-        self.key = f"test counting pass {uuid.uuid4()}"  # a cache hit would skip the pass
+        self.calls: list[bool] = []
+        self.key = f"test recording pass {uuid.uuid4()}"  # a cache hit would skip the pass
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        self.calls += 1
+    def __call__(self, graph: torch.fx.Graph, is_inference: bool) -> None:
+        self.calls.append(is_inference)
 
     def uuid(self) -> str:
         return self.key
 
 
 def test_users_own_post_grad_pass_still_runs():
-    """memopt's cache-key pass shares ``post_grad_custom_pre_pass`` with the user's."""
-    user_pass = _CountingPass()
+    """memopt's cache-key pass shares ``post_grad_custom_pre_pass`` with the user's, which
+    is still called as Inductor would call it."""
+    user_pass = _RecordingPass()
     model = _conv_bn_net()
     x = torch.randn(2, 3, 8, 8)
     compiled = memopt.compile(copy.deepcopy(model), inductor_config={"post_grad_custom_pre_pass": user_pass})
     compiled(x).sum().backward()
-    assert user_pass.calls == 2  # the forward graph and the backward graph
-    assert_close(compiled(x), model(x))
+    assert user_pass.calls == [False, False]  # the forward graph and the backward graph
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+    assert user_pass.calls == [False, False, True]  # the inference graph
 
 
 class CountingBackend:
