@@ -59,8 +59,9 @@ class DonationKey(custom_graph_pass_base()):
     With the same graph and key, a backward compiled under ``retain_graph=True`` was given the
     cached code of the other kind (from an earlier training step, in this process or an earlier
     one), and the second backward read saved tensors the first had overwritten: silently wrong
-    gradients. Stock ``torch.compile`` is spared by AOTAutograd's own cache, which memopt turns
-    off (:func:`memopt._torch_compat.compile_fx`).
+    gradients. Stock ``torch.compile`` raises a clear error there instead: AOTAutograd's own
+    cache, which memopt turns off (:func:`memopt._torch_compat.compile_fx`), hands back the
+    donating backward with its check that refuses ``retain_graph``.
 
     ``inner`` is the user's own pass for the same config entry (``inductor_config``), run
     first; a pass Inductor cannot key (no ``uuid()``) keeps Inductor's cache off, as it would
