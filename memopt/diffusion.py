@@ -161,8 +161,10 @@ class StepRehash(nn.Module):
         self._compiled: dict[str, Callable[..., Any]] = {}
         if compile_options is not None:
             from memopt.backend import memopt_backend
+            from memopt.config import Config
 
-            options = dict(compile_options) or None
+            # Checked now, not at the first call from inside a UNet block (the backend's check).
+            options = Config.from_options(dict(compile_options)) if compile_options else None
             for _, _, name, module, _ in self._plan():
                 self._compiled[name] = torch.compile(module, backend=memopt_backend, options=options)
         self.history: list[StepRecord] = []
@@ -346,11 +348,14 @@ class StepRehash(nn.Module):
             return
         self._decided = True
         cached = self._features.get(self._call_in_step)
-        if not self._caches.get(self._call_in_step):
+        reshaped = isinstance(features, torch.Tensor) and cached is not None and features.shape != cached.shape
+        if not self._caches.get(self._call_in_step) or reshaped:
+            # Nothing cached, or cached for inputs of another shape (a pipeline that stops
+            # classifier-free guidance halves its batch): only a full step fits.
             rehash = False
         elif self.options.interval is not None:
             rehash = self._step % self.options.interval != 0
-        elif cached is None or not isinstance(features, torch.Tensor) or features.shape != cached.shape:
+        elif cached is None or not isinstance(features, torch.Tensor):
             rehash = False
         else:
             diff = torch.linalg.vector_norm((features - cached).float())

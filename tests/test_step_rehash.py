@@ -122,6 +122,27 @@ def test_interval_skips_the_deep_part_and_resets_between_generations():
     assert rehash.config.in_channels == 3
 
 
+def test_a_batch_that_changes_gets_a_full_step():
+    """A pipeline that stops classifier-free guidance part way halves its batch: the deep
+    features cached for the larger batch cannot serve it, whatever the interval says."""
+    torch.manual_seed(0)
+    unet = ToyUNet().eval()
+    rehash = StepRehash(unet, interval=3)
+    latents = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        rehash(latents, TIMESTEPS[0])
+        halved = rehash(latents[:1], TIMESTEPS[1], return_dict=False)[0]
+        assert [record.full for record in rehash.history] == [True, True]
+        torch.testing.assert_close(halved, unet(latents[:1], TIMESTEPS[1], return_dict=False)[0], rtol=0, atol=0)
+        rehash(latents[:1], TIMESTEPS[2])
+    assert [record.full for record in rehash.history] == [True, True, False]  # the interval resumes
+
+
+def test_compile_options_are_validated_at_construction():
+    with pytest.raises(ValueError, match="unknown memopt option.*'lowring'"):
+        StepRehash(ToyUNet(), interval=2, compile_options={"lowring": "eager"})
+
+
 def test_threshold_rehashes_only_close_features():
     torch.manual_seed(1)
     unet = ToyUNet().eval()
