@@ -1161,6 +1161,33 @@ def test_coupling_inverse_rebuilds_inputs():
         mnn.RevCoupling(nn.Identity(), nn.Identity(), 0.0)
 
 
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: mnn.RevCoupling(nn.Identity(), nn.Identity(), float("nan")), "finite nonzero numbers"),
+        (lambda: mnn.RevCoupling(nn.Identity(), nn.Identity(), 1.0, float("inf")), "finite nonzero numbers"),
+        (lambda: mnn.ReversibleSequential(segment_length=1.5), "segment_length must be a positive number"),
+        (lambda: mnn.ReversibleMBConv2d(5), "even, positive number of channels, got 5"),
+        (lambda: mnn.ReversibleMBConv2d(0), "even, positive number of channels, got 0"),
+        (lambda: mnn.ReversibleMBConv2d(4, depth=0), "depth must be an int >= 1, got 0"),
+        (lambda: mnn.ReversibleMBConv2d(4, expansion=0), "expansion must be an int >= 1, got 0"),
+        (lambda: mnn.ReversibleMBConv2d(4, kernel_size=2), "kernel_size must be odd"),
+        (lambda: mnn.ReversibleMBConv3d(4, dropout=1.0), "dropout must be a probability in [0, 1)"),
+    ],
+)
+def test_building_blocks_refuse_bad_arguments(build, message):
+    with pytest.raises(ValueError) as error:
+        build()
+    assert message in str(error.value)
+
+
+def test_mbconv_names_the_layout_it_takes():
+    with pytest.raises(ValueError) as error:
+        mnn.ReversibleMBConv3d(4)(torch.randn(1, 4, 3, 3))  # unbatched to Conv3d: misread, not refused
+    assert "ReversibleMBConv3d takes [N, C, D, H, W] inputs, got shape [1, 4, 3, 3]" in str(error.value)
+    assert mnn.ReversibleMBConv2d(4, kernel_size=5)(torch.randn(1, 4, 5, 7)).shape == (1, 4, 5, 7)
+
+
 # --- Conversion -------------------------------------------------------------------------
 
 

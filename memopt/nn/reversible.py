@@ -14,6 +14,7 @@ updated once: the recomputation runs on copies of the buffers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -31,8 +32,9 @@ class RevCoupling(nn.Module):
 
     def __init__(self, f: nn.Module, g: nn.Module, scale_x1: float = 1.0, scale_x2: float = 1.0) -> None:
         super().__init__()
-        if scale_x1 == 0 or scale_x2 == 0:
-            raise ValueError(f"RevCoupling scales must be nonzero, got {scale_x1} and {scale_x2}")
+        for scale in (scale_x1, scale_x2):
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+                raise ValueError(f"RevCoupling scales must be finite nonzero numbers, got {scale_x1} and {scale_x2}")
         self.f, self.g = f, g
         self.scale_x1, self.scale_x2 = float(scale_x1), float(scale_x2)
 
@@ -75,8 +77,8 @@ class ReversibleSequential(nn.Module):
         segment_length: int | None = None,
     ) -> None:
         super().__init__()
-        if segment_length is not None and segment_length < 1:
-            raise ValueError(f"segment_length must be a positive number of couplings or None, got {segment_length}")
+        if segment_length is not None and not _positive_int(segment_length):
+            raise ValueError(f"segment_length must be a positive number of couplings or None, got {segment_length!r}")
         self.segment_length = segment_length
         for coupling in couplings:
             if not isinstance(coupling, RevCoupling):
@@ -182,6 +184,7 @@ class ReversibleMBConv2d(ReversibleSequential):
 
     _conv: type = nn.Conv2d
     _norm: type = nn.BatchNorm2d
+    _layout = ("N", "C", "H", "W")
 
     def __init__(
         self,
@@ -192,8 +195,18 @@ class ReversibleMBConv2d(ReversibleSequential):
         dropout: float = 0.0,
         segment_length: int | None = None,
     ) -> None:
-        if channels % 2:
-            raise ValueError(f"{type(self).__name__} needs an even number of channels, got {channels}")
+        name = type(self).__name__
+        if not _positive_int(channels) or channels % 2:
+            raise ValueError(f"{name} needs an even, positive number of channels, got {channels!r}")
+        for argument, value in (("depth", depth), ("expansion", expansion)):
+            if not _positive_int(value):
+                raise ValueError(f"{name} {argument} must be an int >= 1, got {value!r}")
+        if not _positive_int(kernel_size) or kernel_size % 2 == 0:
+            raise ValueError(
+                f"{name} kernel_size must be odd (the depthwise convolution keeps the size), got {kernel_size!r}"
+            )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"{name} dropout must be a probability in [0, 1), got {dropout!r}")
         half = channels // 2
         couplings = [
             RevCoupling(
@@ -204,9 +217,19 @@ class ReversibleMBConv2d(ReversibleSequential):
         ]
         super().__init__(*couplings, dim=1, segment_length=segment_length)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != len(self._layout):  # an unbatched input would pass the convolutions, misread
+            raise ValueError(f"{type(self).__name__} takes [{', '.join(self._layout)}] inputs, got shape {list(x.shape)}")
+        return super().forward(x)
+
 
 class ReversibleMBConv3d(ReversibleMBConv2d):
     """:class:`ReversibleMBConv2d` for 3-D (volumetric) feature maps."""
 
     _conv = nn.Conv3d
     _norm = nn.BatchNorm3d
+    _layout = ("N", "C", "D", "H", "W")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
