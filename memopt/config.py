@@ -460,7 +460,8 @@ def _inductor_value_mismatch(entry: Any, value: Any) -> str | None:
     declared = getattr(entry, "value_type", None)
     if declared is None:
         return None
-    choices = typing.get_args(declared) if isinstance(declared, types.UnionType) else (declared,)
+    union = typing.get_origin(declared) in (typing.Union, types.UnionType)  # X | None, Optional[X]
+    choices = typing.get_args(declared) if union else (declared,)
     optional = type(None) in choices
     choices = tuple(choice for choice in choices if choice is not type(None))
     if optional and value is None:
