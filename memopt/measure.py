@@ -7,10 +7,14 @@ Inductor-compiled code. Benchmarks and ``memopt demo`` use this, so their number
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -87,10 +91,16 @@ def _measure_cuda(fn: Callable[..., Any], args: tuple, kwargs: dict, repeat: int
 
 def _measure_cpu(fn: Callable[..., Any], args: tuple, kwargs: dict, repeat: int) -> Measurement:
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+    prof = torch.profiler.profile(activities=activities, profile_memory=True)
+    with _stderr_without(_KINETO_NOTICE):
+        prof.start()
+    try:
         begin = time.perf_counter()
         result = fn(*args, **kwargs)
         profiled_time = time.perf_counter() - begin
+    finally:
+        with _stderr_without(_KINETO_NOTICE):
+            prof.stop()
     peak = peak_from_profile(prof)
     times = []
     for _ in range(repeat - 1):
@@ -98,6 +108,36 @@ def _measure_cpu(fn: Callable[..., Any], args: tuple, kwargs: dict, repeat: int)
         result = fn(*args, **kwargs)
         times.append(time.perf_counter() - begin)
     return Measurement(peak, statistics.median(times or [profiled_time]), times or [profiled_time], "cpu", result)
+
+
+# Kineto writes "USDT:<time> ... profiler_start" (and profiler_stop) to stderr, from C++, each
+# time a profiler starts or stops: two lines per CPU measurement in a user's terminal.
+_KINETO_NOTICE = "USDT:"
+
+
+@contextlib.contextmanager
+def _stderr_without(prefix: str) -> Iterator[None]:
+    """Hold back lines starting with ``prefix`` that anything (C++ included: file descriptor
+    2 is redirected) writes to stderr inside the block; every other line is passed on after it."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no descriptor 2 (an embedded interpreter)
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            kept = [line for line in lines if not line.startswith(prefix)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def peak_from_profile(prof: torch.profiler.profile) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -56,3 +58,14 @@ def test_bad_arguments():
         memopt.measure(lambda: None, repeat=0)
     with pytest.raises(ValueError, match="cpu, cuda"):
         memopt.measure(lambda: None, device="tpu")
+
+
+def test_cpu_measurements_keep_the_profilers_notices_off_stderr(capfd):
+    """Kineto writes a line to stderr (from C++) each time the profiler starts or stops."""
+    from memopt.measure import _stderr_without
+
+    memopt.measure(lambda x: x * 2, torch.randn(100), repeat=1)
+    assert "USDT:" not in capfd.readouterr().err
+    with _stderr_without("NOTICE:"):
+        os.write(2, b"NOTICE: held back\nan error a user must see\n")
+    assert capfd.readouterr().err == "an error a user must see\n"
