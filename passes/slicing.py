@@ -660,15 +660,50 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.permute, torch.transpo
 _SIZED_METHODS = {"view", "reshape", "expand", "broadcast_to"}
 
 
+# Functions that take ``inplace``, at this position. In place, the op writes its input: a
+# value the group may also hand out whole, or that ops outside it read before the write.
+# That is safe only where the op is the value's one reader (``nn.ReLU(inplace=True)`` right
+# after a convolution): nothing else sees the value, before or after.
+_INPLACE_POSITION = {F.relu: 1, F.silu: 1, F.mish: 1, F.dropout: 3}
+
+
 def _rule(node: torch.fx.Node) -> Callable[[torch.fx.Node, _Slicing], RuleResult | None] | None:
     if node.op == "call_method":
-        return _METHOD_RULES.get(node.target)
+        return _METHOD_RULES.get(node.target)  # in-place methods (relu_, add_) have no rule
     if node.op == "call_function":
         try:
-            return _FUNCTION_RULES.get(node.target)
+            rule = _FUNCTION_RULES.get(node.target)
+            position = _INPLACE_POSITION.get(node.target)
         except TypeError:  # unhashable target
             return None
+        in_place = _arg(node, position, "inplace", False) if position is not None else node.kwargs.get("inplace")
+        if node.kwargs.get("out") is not None or (in_place and not _sole_reader(node)):
+            return None
+        return rule
     return None
+
+
+def _sole_reader(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is the only reader of its first argument, an intermediate value that
+    is not a view (writing a view writes its base, which others may read)."""
+    written = node.args[0] if node.args else node.kwargs.get("input")
+    if not (
+        isinstance(written, torch.fx.Node)
+        and written.op in ("call_function", "call_method", "call_module")
+        and list(written.users) == [node]
+    ):
+        return False
+    value = _tensor(written)
+    if value is None:
+        return False
+    try:
+        storage = StorageWeakRef(value.untyped_storage())
+        sources = [_tensor(source) for source in written.all_input_nodes]
+        return not any(
+            source is not None and StorageWeakRef(source.untyped_storage()) == storage for source in sources
+        )
+    except (NotImplementedError, RuntimeError):
+        return False
 
 
 def _op_name(node: torch.fx.Node) -> str:

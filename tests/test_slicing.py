@@ -414,6 +414,39 @@ def test_ops_under_a_vmap_join_no_group():
         assert_close_rel(out, model(x))
 
 
+class ReadBeforeInPlace(nn.Module):
+    """An in-place ReLU on a value also read before it: sliced with the value's producer,
+    the write would reach the whole value the earlier reader gets."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        h = self.up(x)
+        before = h.sum(-1)
+        return self.down(F.relu(h, inplace=True)), before
+
+
+def test_in_place_activations_slice_only_where_nothing_else_reads_the_value():
+    torch.manual_seed(23)
+    forced = {"min_group_bytes": 0, "max_slice_bytes": 1024}
+    model, x = ReadBeforeInPlace().eval(), torch.randn(3, 8, 16)
+    with torch.no_grad():
+        expected = model(x)
+    for lowering in ("eager", "inductor"):
+        _, out, _ = compile_and_run(model, x, lowering=lowering, slicing=forced)
+        assert_close_rel(out[0], expected[0])
+        assert_close_rel(out[1], expected[1])
+    # nn.ReLU(inplace=True) right after a convolution is its value's one reader: still sliced.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    x = torch.randn(4, 3, 20, 20)
+    _, out, result = compile_and_run(model, x, slicing=forced)
+    assert [row["ops"] for row in result.details] == [3]
+    with torch.no_grad():
+        assert_close_rel(out, model(x))
+
+
 def test_unsliceable_graph_is_left_untouched():
     torch.manual_seed(4)
 
