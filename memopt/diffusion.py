@@ -168,11 +168,12 @@ class StepRehash(nn.Module):
             for _, _, name, module, _ in self._plan():
                 self._compiled[name] = torch.compile(module, backend=memopt_backend, options=options)
         self.history: list[StepRecord] = []
-        """One record per call since construction (or :meth:`reset`)."""
+        """One record per call since construction, across generations."""
         self.generations = 0
         self._caches: dict[int, dict[str, Any]] = {}
         self._features: dict[int, torch.Tensor] = {}
         self._last_timestep: float | None = None
+        self._last_sample: Any = None
         self._step = -1
         self._call_in_step = 0
         self._calls: dict[str, int] = {}
@@ -203,7 +204,7 @@ class StepRehash(nn.Module):
         self._caches.clear()
         self._dropped.clear()
         self._features.clear()
-        self._last_timestep = None
+        self._last_timestep = self._last_sample = None
         self._step = -1
 
     @property
@@ -215,7 +216,7 @@ class StepRehash(nn.Module):
         return sum(not record.full for record in self.history)
 
     def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-        self._advance(_as_float(timestep))
+        self._advance(_as_float(timestep), sample)
         self._decided = False
         self._rehashing = False
         self._distance = None
@@ -235,18 +236,26 @@ class StepRehash(nn.Module):
 
     # -- bookkeeping --------------------------------------------------------------------
 
-    def _advance(self, timestep: float) -> None:
+    def _advance(self, timestep: float, sample: torch.Tensor) -> None:
+        """Place this call: the next call of the same step (the same timestep and latents: a
+        pipeline that runs the guidance passes as separate calls), the next step (a lower
+        timestep), or the first call of a new generation (a higher timestep; or the same
+        timestep on other latents: schedules whose every generation starts at the same
+        timestep, after a one-step generation)."""
         last = self._last_timestep
-        if last is None or timestep > last:
+        same_step = timestep == last and _same_tensor(sample, self._last_sample)
+        if last is None or timestep > last or (timestep == last and not same_step):
             self.reset()
             self.generations += 1
             self._step, self._call_in_step = 0, 0
-        elif timestep == last:
+        elif same_step:
             self._call_in_step += 1
         else:
             self._step += 1
             self._call_in_step = 0
         self._last_timestep = timestep
+        # A copy: a pipeline may update its latents in place before the next call.
+        self._last_sample = sample.detach().clone() if isinstance(sample, torch.Tensor) else sample
 
     def _cache(self) -> dict[str, Any]:
         return self._caches.setdefault(self._call_in_step, {})
@@ -496,6 +505,13 @@ def _features(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if isinstance(features, torch.Tensor):
         return features
     return next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    """Whether two calls' latents are equal (shape, dtype, device and values)."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def _as_float(timestep: Any) -> float:

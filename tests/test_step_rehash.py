@@ -138,6 +138,42 @@ def test_a_batch_that_changes_gets_a_full_step():
     assert [record.full for record in rehash.history] == [True, True, False]  # the interval resumes
 
 
+def test_a_generation_starting_at_the_last_ones_timestep_is_new():
+    """Schedules whose every generation starts at the same timestep ("trailing" spacing):
+    after a one-step generation, the next one starts at the timestep the last call had. On
+    other latents that is a new generation, not a second call of the old step (whose deep
+    features the next step would then reuse)."""
+    torch.manual_seed(0)
+    unet = ToyUNet().eval()
+    timesteps = [torch.tensor(t) for t in (999, 666, 333)]
+    first, second = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
+    rehash = StepRehash(unet, interval=3)
+    with torch.no_grad():
+        denoise(rehash, first, timesteps[:1])
+        reused = denoise(rehash, second, timesteps)
+        fresh = denoise(StepRehash(unet, interval=3), second, timesteps)
+    assert rehash.generations == 2
+    assert [record.full for record in rehash.history] == [True, True, False, False]
+    torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+
+
+def test_guidance_passes_as_separate_calls_share_a_step():
+    """Pipelines that call the UNet once per guidance pass: the same timestep and latents
+    are two calls of one step, each with its own cache."""
+    torch.manual_seed(0)
+    unet = ToyUNet().eval()
+    deep_calls = count_calls(unet.mid_block)
+    rehash = StepRehash(unet, interval=2)
+    latents = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        for t in TIMESTEPS[:4]:
+            noise = [rehash(latents, t, return_dict=False)[0] for _ in range(2)]
+            latents = latents - 0.05 * (noise[0] + noise[1])
+    assert rehash.generations == 1
+    assert [record.full for record in rehash.history] == [True, True, False, False] * 2
+    assert deep_calls[0] == 4
+
+
 def test_compile_options_are_validated_at_construction():
     with pytest.raises(ValueError, match="unknown memopt option.*'lowring'"):
         StepRehash(ToyUNet(), interval=2, compile_options={"lowring": "eager"})
