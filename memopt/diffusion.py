@@ -237,13 +237,14 @@ class StepRehash(nn.Module):
     # -- bookkeeping --------------------------------------------------------------------
 
     def _advance(self, timestep: float, sample: torch.Tensor) -> None:
-        """Place this call: the next call of the same step (the same timestep and latents: a
-        pipeline that runs the guidance passes as separate calls), the next step (a lower
-        timestep), or the first call of a new generation (a higher timestep; or the same
-        timestep on other latents: schedules whose every generation starts at the same
-        timestep, after a one-step generation)."""
+        """Place this call: the next call of the same step (the same timestep: a pipeline
+        that runs the guidance passes as separate calls, or a second-order sampler's second
+        evaluation), the next step (a lower timestep), or the first call of a new generation
+        (a higher timestep; or, at a generation's first step, the same timestep on other
+        latents: schedules whose every generation starts at the same timestep, after a
+        one-step generation)."""
         last = self._last_timestep
-        same_step = timestep == last and _same_tensor(sample, self._last_sample)
+        same_step = timestep == last and (self._step > 0 or _same_tensor(sample, self._last_sample))
         if last is None or timestep > last or (timestep == last and not same_step):
             self.reset()
             self.generations += 1
@@ -254,8 +255,10 @@ class StepRehash(nn.Module):
             self._step += 1
             self._call_in_step = 0
         self._last_timestep = timestep
-        # A copy: a pipeline may update its latents in place before the next call.
-        self._last_sample = sample.detach().clone() if isinstance(sample, torch.Tensor) else sample
+        # Only the first step's latents are compared. A copy: a pipeline may update its
+        # latents in place before the next call.
+        first_step = self._step == 0 and isinstance(sample, torch.Tensor)
+        self._last_sample = sample.detach().clone() if first_step else None
 
     def _cache(self) -> dict[str, Any]:
         return self._caches.setdefault(self._call_in_step, {})

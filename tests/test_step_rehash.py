@@ -174,6 +174,17 @@ def test_guidance_passes_as_separate_calls_share_a_step():
     assert deep_calls[0] == 4
 
 
+def test_a_second_order_samplers_repeated_timesteps_stay_in_one_generation():
+    """Heun-style schedules evaluate each timestep after the first twice, on other latents."""
+    unet = ToyUNet().eval()
+    rehash = StepRehash(unet, interval=2)
+    with torch.no_grad():
+        denoise(rehash, torch.randn(1, 3, 16, 16), [TIMESTEPS[0], *[t for t in TIMESTEPS[1:3] for _ in range(2)]])
+    assert rehash.generations == 1
+    # Second evaluations are a step's second call, with a cache of their own: full at first.
+    assert [record.full for record in rehash.history] == [True, False, True, True, True]
+
+
 def test_compile_options_are_validated_at_construction():
     with pytest.raises(ValueError, match="unknown memopt option.*'lowring'"):
         StepRehash(ToyUNet(), interval=2, compile_options={"lowring": "eager"})
