@@ -360,18 +360,25 @@ class _Chooser:
 
     def _load(self) -> dict[str, Any]:
         if self._entries is None:
-            try:
-                with open(self.path) as file:
-                    entries = json.load(file)
-                self._entries = entries if isinstance(entries, dict) else {}
-            except (OSError, ValueError):
-                self._entries = {}
+            self._entries = self._read()
         return self._entries
 
+    def _read(self) -> dict[str, Any]:
+        try:
+            with open(self.path) as file:
+                entries = json.load(file)
+        except (OSError, ValueError):  # missing, unreadable or corrupt: measured again
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
     def _save(self, entries: dict[str, Any]) -> None:
-        # Write-then-rename, so a concurrent reader never sees half a file. A read-only
-        # location only costs re-measuring next time.
+        # Merged into what the file holds now: another process sharing the cache may have
+        # saved its own measurements since this one read it. Write-then-rename, so a
+        # concurrent reader never sees half a file. A read-only location only costs
+        # re-measuring next time.
+        entries.update({key: value for key, value in self._read().items() if key not in entries})
         directory = os.path.dirname(self.path) or "."
+        temporary = None
         try:
             os.makedirs(directory, exist_ok=True)
             fd, temporary = tempfile.mkstemp(dir=directory, prefix=".im2win-", suffix=".json")
@@ -379,7 +386,8 @@ class _Chooser:
                 json.dump(entries, file, indent=1, sort_keys=True)
             os.replace(temporary, self.path)
         except OSError:
-            pass
+            if temporary is not None and os.path.exists(temporary):
+                os.remove(temporary)
 
 
 def _time_candidates(site: _Site, device: torch.device, rounds: int = 7) -> dict[str, float | None]:

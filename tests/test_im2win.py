@@ -588,6 +588,35 @@ def test_pass_auto_measures_and_caches(tmp_path):
     assert [row["decision"] for row in im2win_result(memopt.last_report()).details] == ["cached", "cached"]
 
 
+def test_pass_auto_keeps_what_another_process_saved_meanwhile(tmp_path, monkeypatch):
+    """Processes sharing a cache each read it once, then measure (seconds per shape on a GPU):
+    a save merges into the file as it is then, so neither loses the other's entries."""
+    from memopt.passes import im2win as im2win_pass
+
+    cache = tmp_path / "im2win.json"
+    foreign = {"cuda other-process-shape": {"algorithm": "aten", "times_ms": {"aten": 1.0}}}
+    real = im2win_pass._time_candidates
+
+    def another_process_saves_first(*args, **kwargs):
+        cache.write_text(json.dumps(foreign))  # after this process read the (missing) cache
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(im2win_pass, "_time_candidates", another_process_saves_first)
+    model, x = small_net(), torch.randn(1, 3, 9, 9)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        memopt.compile(model, lowering="eager", im2win={"mode": "auto", "cache_path": str(cache)})(x)
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 3 and entries["cuda other-process-shape"] == foreign["cuda other-process-shape"]
+    # A cache path that cannot be written (here a folder) leaves no temporary file behind.
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        memopt.compile(model, lowering="eager", im2win={"mode": "auto", "cache_path": str(folder)})(x)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-folder", "im2win.json"]
+
+
 def test_pass_auto_follows_cached_choice(tmp_path):
     """A cached choice of im2win is used without measuring (and rewrites the site)."""
     cache = tmp_path / "choices.json"
