@@ -203,8 +203,14 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     recorded = _record_dense_run(gm, ctx, [site for site, *_ in plans], result)
     fake_mode = _fake_mode(gm)
     hooks = gm.meta.setdefault(BEFORE_CALL, [])
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # a rewritten layer's node -> its stand-in
     for index, (site, w1, w2, row, weight, rank) in enumerate(plans):
-        w1_buffer, w2_buffer = _rewrite(gm, site, w1, w2, index, fake_mode)
+        # A layer that reads another's output (Linear after Linear, B(A(x))) reads the
+        # stand-in: the node it was found with is gone.
+        site.x = replaced.get(site.x, site.x)
+        if isinstance(site.bias, torch.fx.Node):
+            site.bias = replaced.get(site.bias, site.bias)
+        w1_buffer, w2_buffer, replaced[site.node] = _rewrite(gm, site, w1, w2, index, fake_mode)
         row["rewritten"] = True
         result.rewrites += 1
         result.details.append(row)
@@ -324,9 +330,9 @@ class _Reproject:
 
 def _rewrite(
     gm: torch.fx.GraphModule, site: _Site, w1: torch.Tensor, w2: torch.Tensor, index: int, fake_mode: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.fx.Node]:
     """Replace ``site.node`` by ``[pad] -> monarch_matmul -> [slice] -> [+ bias] [-> contiguous]``;
-    returns the two factor buffers."""
+    returns the two factor buffers and the node that now stands for the layer's output."""
     graph = gm.graph
     stem = re.sub(r"\W", "_", site.name)
     w1_name, w2_name = f"monarch_{index}_{stem}_w1", f"monarch_{index}_{stem}_w2"
@@ -376,7 +382,7 @@ def _rewrite(
             y_node = emit("call_function", torch.Tensor.contiguous, (y_node,), y_val)
     site.node.replace_all_uses_with(y_node)
     graph.erase_node(site.node)
-    return gm.get_buffer(w1_name), gm.get_buffer(w2_name)
+    return gm.get_buffer(w1_name), gm.get_buffer(w2_name), y_node
 
 
 def _record_dense_run(

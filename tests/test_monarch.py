@@ -619,6 +619,44 @@ def test_pass_follows_weights_changed_after_compile(lowering):
     assert sum("weight changed after compile" in note for note in result.notes) == 3
 
 
+class _Shared(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(40, 40)
+
+    def forward(self, x):
+        return self.lin(self.lin(x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.Linear(48, 48)),
+        lambda: torch.nn.Sequential(torch.nn.Linear(37, 50, bias=False), torch.nn.Linear(50, 23)),  # padded, sliced
+        _Shared,  # one layer applied twice in a row
+    ],
+    ids=["back-to-back", "odd-sizes", "shared"],
+)
+def test_pass_rewrites_layers_that_read_each_others_output(make):
+    """A layer whose input is another rewritten layer's output (low-rank B(A(x)), LoRA, heads)
+    reads the other's stand-in: every layer is projected, the output is the monarchized model's."""
+    torch.manual_seed(17)
+    model = make().eval()
+    x = torch.randn(5, _in_features(model))
+    reference = copy.deepcopy(model)
+    monarchize(reference, nblocks=4, min_features=8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = memopt.compile(model, lowering="eager", strict=True, monarch={"nblocks": 4, "min_features": 8})(x)
+        (result,) = monarch_results(memopt.last_report())
+        assert result.rewrites == 2
+        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+
+
+def _in_features(model: torch.nn.Module) -> int:
+    return next(module for module in model.modules() if isinstance(module, torch.nn.Linear)).in_features
+
+
 def test_pass_on_weights_made_under_inference_mode():
     """Inference tensors count no in-place writes: the pass still rewrites (equal to the
     projection) and says that in-place changes after compile go unseen."""
