@@ -446,6 +446,54 @@ def test_dispatched_op_keys_forward_and_backward_apart_and_rounds_tokens(kernel_
 # ------------------------------------------------------------------------------------ config
 
 
+def test_monarchize_replaces_a_shared_layer_everywhere():
+    shared = torch.nn.Linear(32, 32)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared, torch.nn.ReLU(), shared)
+    (record,) = monarchize(model, nblocks=4, min_features=8)
+    assert (record.name, record.also_named) == ("0", ("2", "4"))
+    assert model[0] is model[2] is model[4] and isinstance(model[0], MonarchLinear)
+
+
+def test_monarchize_leaves_layers_read_directly_or_tied_dense():
+    """PyTorch's attention and encoder layers hand some children's weights to fused kernels,
+    and an output layer tied to an embedding would be untied: all stay dense, with a warning
+    naming them."""
+    torch.manual_seed(19)
+
+    class AttentionAndMLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+            self.mlp = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.mlp(self.encoder(self.attention(x, x, x, need_weights=False)[0]))
+
+    model = AttentionAndMLP().eval()
+    with pytest.warns(UserWarning) as warned:
+        records = monarchize(model, nblocks=4, min_features=8)
+    assert [record.name for record in records] == ["mlp"]
+    (message,) = [str(warning.message) for warning in warned]
+    for name in ("attention.out_proj", "encoder.self_attn.out_proj", "encoder.linear1", "encoder.linear2"):
+        assert name in message
+    assert model(torch.randn(2, 5, 32)).shape == (2, 5, 32)  # the encoder's fast path (eval) reads the weights
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    model = TiedLM()
+    with pytest.warns(UserWarning, match="head \\(its weight is tied to embed's"):
+        assert monarchize(model, nblocks=4, min_features=8) == []
+    assert model.head.weight is model.embed.weight
+
+
 def test_config_monarch_option():
     assert Config().monarch is False
     assert Config(monarch=True).monarch == MonarchOptions()

@@ -14,6 +14,7 @@ import dataclasses
 import fnmatch
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -154,6 +155,9 @@ class MonarchReplacement:
     """Relative Frobenius error ``||W - M|| / ||W||`` of the projected weight."""
     dense_params: int
     monarch_params: int
+    also_named: tuple[str, ...] = ()
+    """Other names of the same module (one layer registered in several places, as ALBERT-style
+    weight sharing does): every one now holds the same Monarch layer."""
 
 
 def monarchize(
@@ -171,6 +175,12 @@ def monarchize(
     optimal projection of the old weights (so a trained model keeps what it learned, up to
     the reported error), on the same device and dtype, and trains like any module.
 
+    A layer registered under several names is one layer: replaced everywhere when any of its
+    names matches. Left dense, with a warning naming them: ``nn.MultiheadAttention``'s
+    ``out_proj`` and ``nn.TransformerEncoderLayer``'s ``linear1``/``linear2`` (those layers
+    hand the weights to fused kernels themselves), and layers whose weight is tied to another
+    module's (a language model's output layer and its token embedding).
+
     Returns one :class:`MonarchReplacement` per replaced layer, in module order.
     """
     if not isinstance(nblocks, int) or isinstance(nblocks, bool) or nblocks < 2:
@@ -181,15 +191,26 @@ def monarchize(
         raise ValueError(
             f"monarchize: targets must be None (every layer) or a non-empty list of name patterns, got {targets!r}"
         )
+    names: dict[int, list[str]] = {}  # a module registered in several places: all its names
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if _is_dense(module) and not isinstance(module, MonarchLinear):
+            names.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
+    unsafe = _unsafe_to_replace(model)
     replaced: list[MonarchReplacement] = []
-    for name, module in list(model.named_modules()):
-        if not _is_dense(module) or isinstance(module, MonarchLinear):
-            continue
-        if targets is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in targets):
+    left_dense: list[str] = []
+    for key, module in modules.items():
+        aliases = names[key]
+        if targets is not None and not any(fnmatch.fnmatchcase(n, p) for n in aliases for p in targets):
             continue
         weight, _ = _dense_weight(module, None)
         out_features, in_features = weight.shape
         if min(in_features, out_features) < min_features:
+            continue
+        reason = next((unsafe[n] for n in aliases if n in unsafe), None) or _tied_elsewhere(model, module)
+        if reason:
+            left_dense.append(f"{aliases[0]} ({reason})")
             continue
         layer = MonarchLinear.from_dense(module, nblocks)
         dense_params = weight.numel()
@@ -197,14 +218,46 @@ def monarchize(
         if monarch_params >= dense_params:
             continue  # too small for the structure to save anything
         layer.train(module.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        for name in aliases:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         replaced.append(
             MonarchReplacement(
-                name, in_features, out_features, nblocks, layer.projection_error, dense_params, monarch_params
+                aliases[0], in_features, out_features, nblocks, layer.projection_error, dense_params, monarch_params,
+                tuple(aliases[1:]),
             )
         )
+    if left_dense:
+        warnings.warn(f"monarchize left these layers dense: {'; '.join(left_dense)}", stacklevel=2)
     return replaced
+
+
+def _unsafe_to_replace(model: nn.Module) -> dict[str, str]:
+    """Dense layers whose owner reads their weight directly, by name, with why."""
+    owners = {  # PyTorch layers that pass these children's weights to fused kernels
+        nn.MultiheadAttention: ("out_proj",),
+        nn.TransformerEncoderLayer: ("linear1", "linear2"),  # its fast path, in evaluation mode
+    }
+    unsafe = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for owner, children in owners.items():
+            if isinstance(module, owner):
+                for child in children:
+                    unsafe[f"{name}.{child}" if name else child] = f"{owner.__name__} reads {child}.weight itself"
+    return unsafe
+
+
+def _tied_elsewhere(model: nn.Module, layer: nn.Module) -> str | None:
+    """Why ``layer``'s weight is not its own: a parameter another module holds too (a language
+    model's output layer tied to its token embedding), which a replacement would untie."""
+    weight = getattr(layer, "weight", None)
+    for name, module in model.named_modules():
+        if module is layer:
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter is weight:
+                return f"its weight is tied to {name or type(model).__name__}'s; replacing it would untie them"
+    return None
 
 
 def _conv1d_type() -> type | None:
