@@ -167,4 +167,6 @@ def collect_reports() -> Iterator[list[Report]]:
     try:
         yield sink
     finally:
-        sinks.remove(sink)
+        # By identity: nested blocks' lists hold the same reports, so list.remove (by
+        # equality) could take an outer block's list for this one.
+        del sinks[next(i for i in reversed(range(len(sinks))) if sinks[i] is sink)]

@@ -101,6 +101,23 @@ def test_input_gradients_match_eager():
     assert_close(x_compiled.grad, x_eager.grad, what="input grad")
 
 
+def test_nested_report_collections_each_get_their_own_graphs():
+    """Each ``collect_reports`` block gets the graphs compiled while it is open, nested or
+    left by an exception (the inner block's list was once removed by equality: the outer's)."""
+    first = memopt.compile(torch.nn.Linear(4, 4), lowering="eager")
+    second = memopt.compile(torch.nn.Linear(4, 3), lowering="eager")
+    x = torch.randn(2, 4)
+    with memopt.collect_reports() as outer:
+        with pytest.raises(RuntimeError, match="user code"):
+            with memopt.collect_reports() as inner:
+                raise RuntimeError("user code")
+        first(x)
+        with memopt.collect_reports() as inner_again:
+            second(x)
+    assert inner == [] and len(inner_again) == 1
+    assert [report.graph_index for report in outer] == [outer[0].graph_index, inner_again[0].graph_index]
+
+
 def _conv_bn_net() -> torch.nn.Module:
     conv = lambda cin: torch.nn.Conv2d(cin, 8, 3, padding=1)  # noqa: E731
     return torch.nn.Sequential(
