@@ -35,6 +35,7 @@ __all__ = [
     "min_cut_rematerialization_partition",
     "never_recompute",
     "profiler_allocations",
+    "profiler_running",
     "rng_state_operators",
     "size_hint",
     "takes_is_inference",
@@ -177,6 +178,11 @@ def size_hint(value: Any) -> int:
             raise ValueError(f"size {value} has no concrete hint")
         return int(hint)
     return int(value)
+
+
+def profiler_running() -> bool:
+    """Whether a PyTorch (Kineto) profiler session is active in this process: there is one."""
+    return bool(torch._C._autograd._profiler_enabled())
 
 
 def profiler_allocations(prof: torch.profiler.profile, device: str) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from memopt._torch_compat import profiler_allocations
+from memopt._torch_compat import profiler_allocations, profiler_running
 
 DEVICES = ("cpu", "cuda")
 
@@ -40,7 +40,7 @@ class Measurement:
 def measure(
     fn: Callable[..., Any],
     *args: Any,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     warmup: int = 0,
     repeat: int = 1,
     **kwargs: Any,
@@ -51,18 +51,32 @@ def measure(
     highest level of allocated bytes above the level at the first timed call, over the timed
     calls (CUDA) or over the first timed call (CPU, where that call runs under the profiler;
     its time is left out of the median when ``repeat > 1`` because profiling slows it).
-    ``device`` defaults to ``"cuda"`` when any tensor argument is on CUDA, else ``"cpu"``.
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``) defaults to
+    ``"cuda"`` when any tensor argument is on CUDA, else ``"cpu"``. On CPU the measurement
+    is a PyTorch profiler session, of which a process has one: ``fn`` must not run one.
     """
+    for name, value in (("repeat", repeat), ("warmup", warmup)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"measure: {name} must be an int, got {value!r}")
     if repeat < 1 or warmup < 0:
         raise ValueError(f"measure needs repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
-    device = device or _infer_device(args, kwargs)
-    if device not in DEVICES:
-        raise ValueError(f"measure: device must be one of {', '.join(DEVICES)}, got {device!r}")
+    kind, index = _device(device) if device is not None else (_infer_device(args, kwargs), None)
     for _ in range(warmup):
         fn(*args, **kwargs)
-    if device == "cuda":
-        return _measure_cuda(fn, args, kwargs, repeat)
+    if kind == "cuda":
+        with torch.cuda.device(index) if index is not None else contextlib.nullcontext():
+            return _measure_cuda(fn, args, kwargs, repeat)
     return _measure_cpu(fn, args, kwargs, repeat)
+
+
+def _device(device: str | torch.device) -> tuple[str, int | None]:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICES:
+        raise ValueError(f"measure: device must be one of {', '.join(DEVICES)} (or 'cuda:N'), got {device!r}")
+    return parsed.type, parsed.index
 
 
 def _infer_device(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -99,8 +113,15 @@ def _measure_cpu(fn: Callable[..., Any], args: tuple, kwargs: dict, repeat: int)
         result = fn(*args, **kwargs)
         profiled_time = time.perf_counter() - begin
     finally:
-        with _stderr_without(_KINETO_NOTICE):
-            prof.stop()
+        running = profiler_running()
+        if running:
+            with _stderr_without(_KINETO_NOTICE):
+                prof.stop()
+    if not running:  # the process has one profiler session, and something in fn ended it
+        raise RuntimeError(
+            "memopt.measure: the measured function ended the PyTorch profiler session that measures CPU "
+            "memory (it runs a profiler of its own, or another memopt.measure): measure outside it"
+        )
     peak = peak_from_profile(prof)
     times = []
     for _ in range(repeat - 1):

@@ -58,6 +58,20 @@ def test_bad_arguments():
         memopt.measure(lambda: None, repeat=0)
     with pytest.raises(ValueError, match="cpu, cuda"):
         memopt.measure(lambda: None, device="tpu")
+    with pytest.raises(TypeError, match="repeat must be an int, got 1.5"):
+        memopt.measure(lambda: None, repeat=1.5)
+    with pytest.raises(TypeError, match="warmup must be an int, got None"):
+        memopt.measure(lambda: None, warmup=None)
+    assert memopt.measure(lambda: None, device=torch.device("cpu")).device == "cpu"
+
+
+def test_a_profiler_inside_the_measured_function_is_an_error():
+    """On CPU the measurement is the process's one profiler session: a function that opens
+    its own (or another measure) would end it, and the peak read 0 without a word."""
+    step = lambda: torch.ones(1 << 20).sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="ended the PyTorch profiler session"):
+        memopt.measure(lambda: memopt.measure(step))
+    assert memopt.measure(step).peak_bytes >= 4 << 20  # and the next measurement works
 
 
 def test_cpu_measurements_keep_the_profilers_notices_off_stderr(capfd):
