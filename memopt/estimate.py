@@ -10,6 +10,7 @@ timeline counts only what the graph itself allocates.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,9 +75,19 @@ def estimate(gm: torch.fx.GraphModule | torch.fx.Graph) -> MemoryTimeline:
     Needs ``meta["val"]`` (or Dynamo's ``meta["example_value"]``) on the nodes; nodes without
     one count as zero bytes. Symbolic sizes are evaluated at their example hints.
     """
+    if not isinstance(gm, (torch.fx.GraphModule, torch.fx.Graph)):
+        raise TypeError(f"memopt.estimate takes a torch.fx.GraphModule or torch.fx.Graph, got {type(gm).__name__}")
     graph = gm.graph if isinstance(gm, torch.fx.GraphModule) else gm
     nodes = list(graph.nodes)
     position = {node: index for index, node in enumerate(nodes)}
+    computing = [node for node in nodes if node.op not in ("placeholder", "output", "get_attr")]
+    if computing and not any("val" in node.meta or "example_value" in node.meta for node in computing):
+        warnings.warn(
+            "memopt.estimate: no node of this graph carries meta['val'], so every value counts 0 bytes "
+            "(graphs from Dynamo, AOTAutograd or make_fx have it; for a symbolic_trace graph, "
+            "torch.fx.passes.fake_tensor_prop.FakeTensorProp(gm).propagate(*inputs) adds it)",
+            stacklevel=2,
+        )
 
     # Which storages each node produces, and the bytes of each storage.
     storage_bytes: dict[Any, int] = {}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import memopt
 
@@ -87,3 +89,16 @@ def test_transient_bytes_of_an_opaque_op_count_while_it_runs():
     assert with_transient.peak_bytes == plain.running_bytes[index] + 10_000 > plain.peak_bytes
     assert with_transient.peak_node == relu.name
     assert with_transient.live_bytes == plain.live_bytes  # nothing outlives the op
+
+
+def test_graphs_without_metadata_and_other_objects_are_named():
+    def chain(x):
+        return (x * 2).relu()
+
+    with pytest.warns(UserWarning, match=r"no node of this graph carries meta\['val'\].*FakeTensorProp"):
+        assert memopt.estimate(torch.fx.symbolic_trace(chain)).peak_bytes == 0
+    gm = torch.fx.symbolic_trace(chain)
+    FakeTensorProp(gm).propagate(torch.randn(100))
+    assert memopt.estimate(gm).peak_bytes == 2 * 400  # what the warning suggests works
+    with pytest.raises(TypeError, match="takes a torch.fx.GraphModule or torch.fx.Graph, got Linear"):
+        memopt.estimate(torch.nn.Linear(2, 2))
