@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from memopt.config import StepRehashOptions
 
@@ -172,8 +173,14 @@ class StepRehash(nn.Module):
         self.generations = 0
         self._caches: dict[int, dict[str, Any]] = {}
         self._features: dict[int, torch.Tensor] = {}
+        self._conditions: dict[int, list[torch.Tensor]] = {}
+        """Per call index: the conditioning (every tensor argument but the latents) its cache
+        was made with. A rehash step reuses the cache only under the same conditioning."""
+        self._condition: list[torch.Tensor] = []
+        """This call's conditioning."""
+        self._step_calls: list[tuple[Any, list[torch.Tensor]]] = []
+        """The first step's calls so far: (latents, conditioning) of each, copied."""
         self._last_timestep: float | None = None
-        self._last_sample: Any = None
         self._step = -1
         self._call_in_step = 0
         self._calls: dict[str, int] = {}
@@ -204,7 +211,9 @@ class StepRehash(nn.Module):
         self._caches.clear()
         self._dropped.clear()
         self._features.clear()
-        self._last_timestep = self._last_sample = None
+        self._conditions.clear()
+        self._step_calls = []
+        self._last_timestep = None
         self._step = -1
 
     @property
@@ -216,6 +225,7 @@ class StepRehash(nn.Module):
         return sum(not record.full for record in self.history)
 
     def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        self._condition = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
         self._advance(_as_float(timestep), sample)
         self._decided = False
         self._rehashing = False
@@ -237,15 +247,25 @@ class StepRehash(nn.Module):
     # -- bookkeeping --------------------------------------------------------------------
 
     def _advance(self, timestep: float, sample: torch.Tensor) -> None:
-        """Place this call: the next call of the same step (the same timestep: a pipeline
-        that runs the guidance passes as separate calls, or a second-order sampler's second
-        evaluation), the next step (a lower timestep), or the first call of a new generation
-        (a higher timestep; or, at a generation's first step, the same timestep on other
-        latents: schedules whose every generation starts at the same timestep, after a
-        one-step generation)."""
+        """Place this call: the next call of the same step, the next step (a lower timestep),
+        or the first call of a new generation (a higher timestep).
+
+        At a timestep equal to the last call's, later steps take the call as the step's next
+        (the guidance passes of a pipeline that makes one call each, a second-order
+        sampler's second evaluation). At the first step it is ambiguous: schedules whose
+        every generation starts at one timestep begin the next generation there after a
+        one-step generation. There it is the step's next call only on the same latents
+        under conditioning no earlier call of the step had (a guidance pass); on other
+        latents, or repeating an earlier call, a new generation."""
         last = self._last_timestep
-        same_step = timestep == last and (self._step > 0 or _same_tensor(sample, self._last_sample))
-        if last is None or timestep > last or (timestep == last and not same_step):
+        if timestep == last and self._step == 0:
+            same_step = isinstance(sample, torch.Tensor) and all(
+                _same_tensors(sample, latents) and not _same_tensors(self._condition, condition)
+                for latents, condition in self._step_calls
+            )
+        else:
+            same_step = timestep == last
+        if last is None or timestep > last or not same_step and timestep == last:
             self.reset()
             self.generations += 1
             self._step, self._call_in_step = 0, 0
@@ -255,10 +275,11 @@ class StepRehash(nn.Module):
             self._step += 1
             self._call_in_step = 0
         self._last_timestep = timestep
-        # Only the first step's latents are compared. A copy: a pipeline may update its
-        # latents in place before the next call.
-        first_step = self._step == 0 and isinstance(sample, torch.Tensor)
-        self._last_sample = sample.detach().clone() if first_step else None
+        if self._step == 0 and isinstance(sample, torch.Tensor):
+            # Copies: a pipeline may update its latents in place before the next call.
+            self._step_calls.append((sample.detach().clone(), [t.detach().clone() for t in self._condition]))
+        else:
+            self._step_calls = []
 
     def _cache(self) -> dict[str, Any]:
         return self._caches.setdefault(self._call_in_step, {})
@@ -361,9 +382,11 @@ class StepRehash(nn.Module):
         self._decided = True
         cached = self._features.get(self._call_in_step)
         reshaped = isinstance(features, torch.Tensor) and cached is not None and features.shape != cached.shape
-        if not self._caches.get(self._call_in_step) or reshaped:
+        condition = self._conditions.get(self._call_in_step)
+        if not self._caches.get(self._call_in_step) or reshaped or not _same_tensors(self._condition, condition):
             # Nothing cached, or cached for inputs of another shape (a pipeline that stops
-            # classifier-free guidance halves its batch): only a full step fits.
+            # classifier-free guidance halves its batch) or under other conditioning (another
+            # prompt, another guidance pass): only a full step fits.
             rehash = False
         elif self.options.interval is not None:
             rehash = self._step % self.options.interval != 0
@@ -374,8 +397,10 @@ class StepRehash(nn.Module):
             self._distance = float(diff / torch.linalg.vector_norm(cached.float()).clamp_min(1e-12))
             rehash = self._distance <= self.options.threshold
         self._rehashing = rehash
-        if not rehash and isinstance(features, torch.Tensor):
-            self._features[self._call_in_step] = features.detach()
+        if not rehash:
+            self._conditions[self._call_in_step] = [t.detach().clone() for t in self._condition]
+            if isinstance(features, torch.Tensor):
+                self._features[self._call_in_step] = features.detach()
 
     def _run(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         fn = self._compiled.get(name, module)
@@ -474,13 +499,16 @@ def _check_cut(down: nn.Module, up: nn.Module, depth: int, layers: int) -> None:
 
 
 def _same_tensors(a: Any, b: Any) -> bool:
-    """Whether two UNet outputs (tensors, tuples, diffusers output dataclasses) are equal."""
+    """Whether two UNet outputs or inputs (tensors, lists and tuples of them, diffusers output
+    dataclasses) are equal."""
     if isinstance(a, Mapping) and isinstance(b, Mapping):  # diffusers' BaseOutput is an OrderedDict
         return a.keys() == b.keys() and all(_same_tensors(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same_tensors(x, y) for x, y in zip(a, b))
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
     return a == b
 
 
@@ -508,13 +536,6 @@ def _features(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if isinstance(features, torch.Tensor):
         return features
     return next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
-
-
-def _same_tensor(a: Any, b: Any) -> bool:
-    """Whether two calls' latents are equal (shape, dtype, device and values)."""
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return a is b
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def _as_float(timestep: Any) -> float:

@@ -41,8 +41,9 @@ class Mid(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, hidden_states, temb):
-        return hidden_states + torch.tanh(self.conv(hidden_states) + temb)
+    def forward(self, hidden_states, temb, encoder_hidden_states=None):
+        prompt = 0 if encoder_hidden_states is None else encoder_hidden_states.mean()  # the deep part reads it
+        return hidden_states + torch.tanh(self.conv(hidden_states) + temb + prompt)
 
 
 class ToyUNet(nn.Module):
@@ -64,7 +65,7 @@ class ToyUNet(nn.Module):
         for block in self.down_blocks:
             h, res = block(hidden_states=h, temb=temb)
             skips += res
-        h = self.mid_block(h, temb)
+        h = self.mid_block(h, temb, encoder_hidden_states)
         for block in self.up_blocks:
             res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
             h = block(hidden_states=h, res_hidden_states_tuple=res, temb=temb)
@@ -164,14 +165,46 @@ def test_guidance_passes_as_separate_calls_share_a_step():
     unet = ToyUNet().eval()
     deep_calls = count_calls(unet.mid_block)
     rehash = StepRehash(unet, interval=2)
-    latents = torch.randn(1, 3, 16, 16)
+    latents, prompts = torch.randn(1, 3, 16, 16), [torch.randn(1, 4, 8), torch.zeros(1, 4, 8)]
     with torch.no_grad():
         for t in TIMESTEPS[:4]:
-            noise = [rehash(latents, t, return_dict=False)[0] for _ in range(2)]
+            noise = [rehash(latents, t, encoder_hidden_states=prompt, return_dict=False)[0] for prompt in prompts]
             latents = latents - 0.05 * (noise[0] + noise[1])
     assert rehash.generations == 1
     assert [record.full for record in rehash.history] == [True, True, False, False] * 2
     assert deep_calls[0] == 4
+
+
+def test_a_cache_made_under_another_prompt_is_never_reused():
+    """After a one-step generation, the same seed (latents) with another prompt starts at the
+    same timestep. Its first call looks like a second guidance pass of the old step (the same
+    latents, new conditioning), but no step may reuse deep features cached under the old
+    prompt: the next step is full. And calling the same thing again and again is one
+    generation after another, not ever more calls of one step (each with a cache)."""
+    torch.manual_seed(0)
+    unet = ToyUNet().eval()
+    timesteps = [torch.tensor(t) for t in (999, 666, 333)]
+    latents, old_prompt, new_prompt = torch.randn(1, 3, 16, 16), torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+
+    def generate(model, prompt, x, steps):
+        for t in steps:
+            x = x - 0.05 * model(x, t, encoder_hidden_states=prompt, return_dict=False)[0]
+        return x
+
+    rehash = StepRehash(unet, interval=3)
+    with torch.no_grad():
+        generate(rehash, old_prompt, latents, timesteps[:1])
+        reused = generate(rehash, new_prompt, latents, timesteps)
+        # What it must equal: full steps at 999 and 666 under the new prompt, then a rehash
+        # step from the 666 step's cache.
+        first = generate(unet, new_prompt, latents, timesteps[:1])
+        expected = generate(StepRehash(unet, interval=3), new_prompt, first, timesteps[1:])
+        assert [record.full for record in rehash.history] == [True, True, True, False]
+        torch.testing.assert_close(reused, expected, rtol=0, atol=0)
+        for _ in range(4):
+            generate(rehash, new_prompt, latents, timesteps[:1])
+    assert rehash.generations == 5
+    assert list(rehash._caches) == [0]
 
 
 def test_a_second_order_samplers_repeated_timesteps_stay_in_one_generation():
