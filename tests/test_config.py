@@ -70,7 +70,9 @@ def test_deterministic_ops_become_a_tuple():
 
 
 def test_inductor_config_values_of_the_declared_types_pass():
-    values = {"max_autotune": True, "compile_threads": None, "triton.descriptive_names": "torch", "epilogue_fusion": False}
+    values = {
+        "max_autotune": True, "compile_threads": None, "triton.descriptive_names": "torch", "epilogue_fusion": False,
+    }
     assert Config.from_options({"inductor_config": values}).inductor_config == values
 
 

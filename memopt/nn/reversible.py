@@ -219,7 +219,8 @@ class ReversibleMBConv2d(ReversibleSequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != len(self._layout):  # an unbatched input would pass the convolutions, misread
-            raise ValueError(f"{type(self).__name__} takes [{', '.join(self._layout)}] inputs, got shape {list(x.shape)}")
+            layout = ", ".join(self._layout)
+            raise ValueError(f"{type(self).__name__} takes [{layout}] inputs, got shape {list(x.shape)}")
         return super().forward(x)
 
 
