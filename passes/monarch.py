@@ -30,7 +30,7 @@ import torch.fx
 import torch.nn.functional as F
 
 import memopt.ops.monarch  # noqa: F401  (registers torch.ops.memopt.monarch_matmul)
-from memopt._torch_compat import fake_tensor_mode
+from memopt._torch_compat import fake_tensor_mode, size_hint
 from memopt.config import MonarchOptions
 from memopt.nn.monarch import monarch_block_rank
 from memopt.passes.base import BEFORE_CALL, GraphPass, PassContext, transformed_nodes
@@ -393,6 +393,10 @@ def _record_dense_run(
     if any(fake_tensor_mode(value) is not None for value in ctx.example_inputs):
         result.notes.append("example inputs are fake tensors: the output error is not measured")
         return None
+    inputs = _concrete(ctx.example_inputs)
+    if inputs is None:
+        result.notes.append("a symbolic size has no example value: the output error is not measured")
+        return None
     wanted = {site.node for site in sites}
     operands = {site.node: (site.x, site.bias) for site in sites}
     recorded: dict[Any, Any] = {}
@@ -407,11 +411,24 @@ def _record_dense_run(
 
     try:
         with torch.no_grad():
-            recorded["<outputs>"] = Recorder(gm).run(*ctx.example_inputs)
+            recorded["<outputs>"] = Recorder(gm).run(*inputs)
     except Exception as error:  # measuring is best effort; the rewrite does not depend on it
         result.notes.append(f"could not run the graph to measure errors ({type(error).__name__}: {error})")
         return None
     return recorded
+
+
+def _concrete(example_inputs: Sequence[Any]) -> list[Any] | None:
+    """The example inputs with symbolic sizes (dynamic shapes: ``SymInt`` inputs) replaced by
+    their example values. Run on the symbols themselves, an op that needs a concrete size
+    would add a guard to the graph's shape environment, specializing it to this one size (a
+    recompile per length, as in KV-cache generation). ``None`` when a size has no value."""
+    if any(isinstance(value, (torch.SymFloat, torch.SymBool)) for value in example_inputs):
+        return None
+    try:
+        return [size_hint(value) if isinstance(value, torch.SymInt) else value for value in example_inputs]
+    except ValueError:
+        return None
 
 
 def _output_error(
@@ -427,9 +444,10 @@ def _output_error(
 
 
 def _graph_output_error(gm: torch.fx.GraphModule, ctx: PassContext, recorded: dict[Any, Any]) -> float | None:
+    inputs = _concrete(ctx.example_inputs)
     try:
         with torch.no_grad():
-            after = torch.fx.Interpreter(gm).run(*ctx.example_inputs)
+            after = torch.fx.Interpreter(gm).run(*inputs)
     except Exception:
         return None
     before = recorded["<outputs>"]

@@ -701,6 +701,38 @@ def test_pass_rewrites_layers_that_read_each_others_output(make):
         torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
 
 
+class _Positions(torch.nn.Module):
+    """Positions from a past length, as a KV-cache decoder computes them: an op that needs a
+    concrete size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(32, 32)
+
+    def forward(self, x, past):
+        positions = torch.arange(past.shape[1] + x.shape[1], dtype=x.dtype)[past.shape[1]:]
+        return self.lin(x + positions[None, :, None])
+
+
+def test_pass_keeps_dynamic_graphs_dynamic():
+    """The pass measures its error by running the graph on the example inputs; run on their
+    symbolic sizes, it specialized the graph: a recompile per length (per generated token),
+    until Dynamo's recompile limit left the rest to the dense eager model."""
+    torch.manual_seed(18)
+    model = _Positions().eval()
+    reference = copy.deepcopy(model)
+    monarchize(reference, nblocks=4, min_features=16)
+    torch._dynamo.reset()
+    compiled = memopt.compile(model, lowering="eager", dynamic=True, monarch={"nblocks": 4, "min_features": 16})
+    with torch.no_grad(), memopt.collect_reports() as reports:
+        for length in (3, 4, 5, 9, 10):
+            x, past = torch.randn(2, 1, 32), torch.randn(2, length, 32)
+            torch.testing.assert_close(compiled(x, past), reference(x, past), rtol=1e-5, atol=1e-5)
+    assert len(reports) == 1
+    (result,) = monarch_results(reports[0])
+    assert result.rewrites == 1 and result.details[0]["output_rel_error"] is not None
+
+
 def _in_features(model: torch.nn.Module) -> int:
     return next(module for module in model.modules() if isinstance(module, torch.nn.Linear)).in_features
 
