@@ -27,6 +27,7 @@ __all__ = [
     "custom_partitioner_base",
     "hash_of_files",
     "inductor_decompositions",
+    "inductor_mode_options",
     "detect_fake_mode",
     "donated_buffer_indices",
     "dynamo_explain",
@@ -111,6 +112,18 @@ def custom_partitioner_base() -> type:
     from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
     return CustomPartitionerFn
+
+
+def inductor_mode_options(mode: str) -> dict[str, Any]:
+    """The Inductor config patches a ``torch.compile`` ``mode`` stands for (``"max-autotune"``:
+    ``max_autotune``, ``coordinate_descent_tuning``, CUDA graphs); ``ValueError`` naming the
+    modes for an unknown one."""
+    from torch._inductor import list_mode_options
+
+    try:
+        return dict(list_mode_options(mode))
+    except RuntimeError as error:  # "Unrecognized mode=..., should be one of: ..."
+        raise ValueError(f"memopt: {error}") from None
 
 
 def custom_graph_pass_base() -> type:

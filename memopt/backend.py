@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from memopt._torch_compat import inductor_mode_options
 from memopt.config import Config
 from memopt.driver import run_passes
 from memopt.estimate import estimate
@@ -32,9 +33,13 @@ def memopt_backend(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     options: Mapping[str, Any] | Config | None = None,
+    mode: str | None = None,
 ) -> Callable[..., Any]:
-    """Compile one Dynamo graph with memopt (the function behind ``backend="memopt"``)."""
-    config = Config.from_options(options)
+    """Compile one Dynamo graph with memopt (the function behind ``backend="memopt"``).
+
+    ``mode`` (what ``torch.compile(..., mode=...)`` passes) stands for Inductor config
+    patches, applied to memopt's Inductor lowering under the user's own ``inductor_config``."""
+    config = Config.from_options(with_mode(options, mode))
     if config.step_rehash is not None:
         raise ValueError(
             "memopt option 'step_rehash' wraps the denoiser module, which a torch.compile backend "
@@ -157,13 +162,36 @@ def _graph_device(example_inputs: Sequence[Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def compile(model: Callable[..., Any], *, fullgraph: bool = False, dynamic: bool | None = None, **options: Any):
+def with_mode(options: Mapping[str, Any] | Config | None, mode: str | None) -> Mapping[str, Any] | Config | None:
+    """``options`` with the Inductor patches of a ``torch.compile`` ``mode`` added under their
+    ``inductor_config`` (whose own entries win)."""
+    if mode is None or mode == "default":
+        return options
+    patches = inductor_mode_options(mode)
+    if isinstance(options, Config):
+        return options.replace(inductor_config={**patches, **options.inductor_config})
+    options = dict(options or {})
+    options["inductor_config"] = {**patches, **dict(options.get("inductor_config") or {})}
+    return options
+
+
+def compile(
+    model: Callable[..., Any],
+    *,
+    fullgraph: bool = False,
+    dynamic: bool | None = None,
+    mode: str | None = None,
+    **options: Any,
+):
     """Shorthand for ``torch.compile(model, backend="memopt", options=options)``.
 
     Options are validated here, so a typo fails at once rather than at the first call.
-    With ``step_rehash`` the model is wrapped in :class:`memopt.diffusion.StepRehash`, whose
-    blocks are compiled with the other options.
+    ``mode`` is ``torch.compile``'s (``"max-autotune"``, ``"reduce-overhead"``, ...): the
+    Inductor settings it stands for join ``inductor_config``. With ``step_rehash`` the model
+    is wrapped in :class:`memopt.diffusion.StepRehash`, whose blocks are compiled with the
+    other options.
     """
+    options = dict(with_mode(options, mode))
     config = Config.from_options(options)
     if config.step_rehash is not None:
         from memopt.diffusion import StepRehash

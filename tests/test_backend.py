@@ -101,6 +101,30 @@ def test_input_gradients_match_eager():
     assert_close(x_compiled.grad, x_eager.grad, what="input grad")
 
 
+def test_torch_compile_mode_becomes_inductor_patches(monkeypatch):
+    """``torch.compile(..., mode=...)`` hands the backend ``mode``: memopt lowers with the
+    Inductor settings it stands for (it failed with a TypeError at the first call)."""
+    import memopt.lowering
+
+    seen = []
+    real = memopt.lowering.compile_fx
+
+    def spy(gm, example_inputs, config_patches):
+        seen.append(config_patches)
+        return real(gm, example_inputs, config_patches=config_patches)
+
+    monkeypatch.setattr(memopt.lowering, "compile_fx", spy)
+    model, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        assert_close(torch.compile(model, backend="memopt", mode="reduce-overhead")(x), model(x))
+    assert seen and seen[0]["triton.cudagraphs"] is True
+    options = memopt.backend.with_mode({"inductor_config": {"max_autotune": False}}, "max-autotune")
+    assert options["inductor_config"]["max_autotune"] is False  # the user's own setting wins
+    assert options["inductor_config"]["coordinate_descent_tuning"] is True
+    with pytest.raises(ValueError, match="should be one of: default"):
+        memopt.compile(model, mode="fastest")
+
+
 def test_nested_report_collections_each_get_their_own_graphs():
     """Each ``collect_reports`` block gets the graphs compiled while it is open, nested or
     left by an exception (the inner block's list was once removed by equality: the outer's)."""
