@@ -68,6 +68,23 @@ _BATCH_NORM_SIGNATURE = inspect.signature(torch.nn.functional.batch_norm)
 _MODE_SWITCHES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
 
 
+def _checkpoint_note(gm: torch.fx.GraphModule, what: str) -> str | None:
+    """A note on the activation-checkpoint regions of ``gm`` (``torch.utils.checkpoint``,
+    transformers' ``gradient_checkpointing_enable``): each is one opaque node whose body this
+    pass does not enter, so ``what`` inside them is left as it is."""
+    regions = sum(
+        node.op == "call_function" and getattr(node.target, "__name__", "") == "tag_activation_checkpoint"
+        for node in gm.graph.nodes
+    )
+    if not regions:
+        return None
+    return (
+        f"{regions} activation-checkpoint region(s) (torch.utils.checkpoint, gradient_checkpointing_enable) are "
+        f"opaque to this pass: {what} inside them left as they are; turn checkpointing off for those blocks to "
+        "let memopt rewrite them (reversible chains keep activation memory down themselves)"
+    )
+
+
 class NotReversible(Exception):
     """A candidate the pass cannot prove reversible; the message is the reason."""
 
@@ -788,6 +805,9 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     partitioner adds ``chain_saved_bytes``, measured on the partitioned forward graph.
     """
     result = PassResult("reversible")
+    note = _checkpoint_note(gm, "coupling chains")
+    if note:
+        result.notes.append(note)
     graph = _Graph(gm, ctx.config.reversible_deterministic_ops)
     modes = [node.name for node in graph.nodes if node.op == "call_function" and _target_name(node) in _MODE_SWITCHES]
     if modes:
@@ -1255,6 +1275,9 @@ def _call_on_values(node: Node) -> torch.Tensor:
 def run_convert(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite residual chains ``x <- x + f_k(x)`` into the two-stream reversible form."""
     result = PassResult("reversible-convert")
+    note = _checkpoint_note(gm, "residual blocks")
+    if note:
+        result.notes.append(note)
     dropped = _drop_unit_scalings(gm)
     if dropped:
         result.notes.append(f"{dropped} divisions or multiplications by 1.0 dropped (same values)")

@@ -1254,6 +1254,25 @@ def test_convert_is_opt_in():
     assert reversible_result(memopt.last_report()).rewrites == 0
 
 
+class CheckpointedResidual(PreNormResidual):
+    """:class:`PreNormResidual` with each residual block under ``torch.utils.checkpoint``, as
+    transformers' ``gradient_checkpointing_enable`` wraps its layers."""
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = torch.utils.checkpoint.checkpoint(lambda h, layer=layer: h + layer(h), h, use_reentrant=False)
+        return self.head(h).mean(dim=1)
+
+
+def test_convert_says_it_cannot_enter_checkpointed_blocks():
+    model = CheckpointedResidual()
+    memopt.compile(model, lowering="eager", reversible="convert")(torch.randn(2, 3, 4)).sum().backward()
+    (result,) = [r for r in memopt.last_report().passes if r.name == "reversible-convert"]
+    assert result.rewrites == 0
+    assert any(note.startswith("5 activation-checkpoint region(s)") for note in result.notes), result.notes
+
+
 def test_converted_model_trains():
     torch.manual_seed(0)
     model = PreNormResidual(sublayers=4)
