@@ -449,6 +449,15 @@ def _check_inductor_config_names(options: Mapping[str, Any]) -> None:
             )
 
 
+# Declared Inductor config types the check knows: how to name them, and what fits.
+_PLAIN_TYPES: dict[type, tuple[str, Any]] = {
+    bool: ("True or False", lambda value: isinstance(value, bool)),
+    int: ("an int", lambda value: isinstance(value, int) and not isinstance(value, bool)),
+    float: ("a number", lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)),
+    str: ("a string", lambda value: isinstance(value, str)),
+}
+
+
 def _inductor_value_mismatch(entry: Any, value: Any) -> str | None:
     """What an Inductor config entry takes, when its declared type is a plain one (bool,
     int, float, str, a ``Literal``, or one of those or ``None``) that ``value`` is not;
@@ -463,33 +472,21 @@ def _inductor_value_mismatch(entry: Any, value: Any) -> str | None:
     union = typing.get_origin(declared) in (typing.Union, types.UnionType)  # X | None, Optional[X]
     choices = typing.get_args(declared) if union else (declared,)
     optional = type(None) in choices
-    choices = tuple(choice for choice in choices if choice is not type(None))
     if optional and value is None:
         return None
     descriptions = []
     for choice in choices:
+        if choice is type(None):
+            continue
         if typing.get_origin(choice) is typing.Literal:
-            if value in typing.get_args(choice):
-                return None
-            descriptions.append("one of " + ", ".join(map(repr, typing.get_args(choice))))
-        elif choice is bool:
-            if isinstance(value, bool):
-                return None
-            descriptions.append("True or False")
-        elif choice is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return None
-            descriptions.append("an int")
-        elif choice is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return None
-            descriptions.append("a number")
-        elif choice is str:
-            if isinstance(value, str):
-                return None
-            descriptions.append("a string")
+            allowed = typing.get_args(choice)
+            description, fits = "one of " + ", ".join(map(repr, allowed)), value in allowed
+        elif choice in _PLAIN_TYPES:
+            description, check = _PLAIN_TYPES[choice]
+            fits = check(value)
         else:
             return None  # a type this does not check
-    if optional:
-        descriptions.append("None")
-    return " or ".join(descriptions) or None
+        if fits:
+            return None
+        descriptions.append(description)
+    return " or ".join(descriptions + ["None"] * optional) or None

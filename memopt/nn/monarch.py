@@ -193,7 +193,10 @@ def monarchize(
         )
     names: dict[int, list[str]] = {}  # a module registered in several places: all its names
     modules: dict[int, nn.Module] = {}
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}  # a parameter: the modules holding it
     for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            holders.setdefault(id(parameter), []).append((name, module))
         if _is_dense(module) and not isinstance(module, MonarchLinear):
             names.setdefault(id(module), []).append(name)
             modules[id(module)] = module
@@ -208,7 +211,7 @@ def monarchize(
         out_features, in_features = weight.shape
         if min(in_features, out_features) < min_features:
             continue
-        reason = next((unsafe[n] for n in aliases if n in unsafe), None) or _tied_elsewhere(model, module)
+        reason = next((unsafe[n] for n in aliases if n in unsafe), None) or _tied_elsewhere(model, module, holders)
         if reason:
             left_dense.append(f"{aliases[0]} ({reason})")
             continue
@@ -247,17 +250,14 @@ def _unsafe_to_replace(model: nn.Module) -> dict[str, str]:
     return unsafe
 
 
-def _tied_elsewhere(model: nn.Module, layer: nn.Module) -> str | None:
+def _tied_elsewhere(model: nn.Module, layer: nn.Module, holders: dict[int, list[tuple[str, nn.Module]]]) -> str | None:
     """Why ``layer``'s weight is not its own: a parameter another module holds too (a language
-    model's output layer tied to its token embedding), which a replacement would untie."""
-    weight = getattr(layer, "weight", None)
-    for name, module in model.named_modules():
-        if module is layer:
-            continue
-        for parameter in module.parameters(recurse=False):
-            if parameter is weight:
-                return f"its weight is tied to {name or type(model).__name__}'s; replacing it would untie them"
-    return None
+    model's output layer tied to its token embedding), which a replacement would untie.
+    ``holders``: the modules holding each parameter, by the parameter's ``id``."""
+    others = [name for name, holder in holders.get(id(getattr(layer, "weight", None)), []) if holder is not layer]
+    if not others:
+        return None
+    return f"its weight is tied to {others[0] or type(model).__name__}'s; replacing it would untie them"
 
 
 def _conv1d_type() -> type | None:
