@@ -8,6 +8,7 @@ first use, so ``import memopt`` stays cheap.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,8 @@ __all__ = [
     "custom_graph_pass_base",
     "custom_partitioner_base",
     "hash_of_files",
+    "inductor_scheduler_fix",
+    "inductor_scheduler_fix_key",
     "inductor_decompositions",
     "inductor_mode_options",
     "detect_fake_mode",
@@ -58,7 +61,96 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list[Any], config_patch
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
 
     with functorch_config.patch(enable_autograd_cache=False):
-        return inductor_compile_fx(gm, example_inputs, config_patches=config_patches)
+        return inductor_compile_fx(
+            gm, example_inputs, inner_compile=_compile_fx_inner_fixed, config_patches=config_patches
+        )
+
+
+def _compile_fx_inner_fixed(*args: Any, **kwargs: Any) -> Any:
+    """Inductor's per-graph compiler (forward, backward or inference graph; a backward is
+    compiled at its first call), with :func:`inductor_scheduler_fix` in force."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    with inductor_scheduler_fix():
+        return compile_fx_inner(*args, **kwargs)
+
+
+# The method inductor_scheduler_fix replaces, and how many memopt compiles are in progress
+# (nested compiles keep the fix installed until the outermost one ends).
+_scheduler_fix_state: dict[str, Any] = {"depth": 0, "original": None}
+
+
+@contextlib.contextmanager
+def inductor_scheduler_fix() -> Any:
+    """Fix, for the graphs memopt compiles, an Inductor scheduler bug that silently gives
+    wrong results on CPU (PyTorch 2.13; found on a diffusers UNet's training step, where
+    every weight gradient upstream of an upsampling layer came out as exactly 0).
+
+    The C++ backend re-derives a node's loop body before fusing it
+    (``SchedulerNode.recompute_size_and_body``), recomputing its reads from scratch. The
+    reads then name buffers by their original names; PyTorch renames them to the latest
+    in-place write (``mutation_renames``) only when the node also has ordering-only
+    dependencies. A node without them that reads a buffer after an in-place write forgets
+    it: the gradient of nearest upsampling is an accumulating ``index_put`` into zeros, and
+    a pointwise op reading that (the backward of ``x / 1.0``) whose result must change
+    layout for a channels-last convolution backward got fused with the zero fill, and so
+    ran before the accumulation: it read zeros. The fix applies the rename in that case
+    too, exactly as PyTorch does when ordering dependencies are present.
+
+    Installed only while memopt compiles a graph (the user's own ``torch.compile`` calls are
+    left as they are), and only where PyTorch's method has the known shape; a PyTorch that
+    changed it is left alone (``tests/test_backend.py`` watches both)."""
+    scheduler_node = _buggy_scheduler_node()
+    if scheduler_node is None:
+        yield
+        return
+    state = _scheduler_fix_state
+    if state["depth"] == 0:
+        state["original"] = scheduler_node.__dict__["recompute_size_and_body"]
+        scheduler_node.recompute_size_and_body = _renaming(state["original"])
+    state["depth"] += 1
+    try:
+        yield
+    finally:
+        state["depth"] -= 1
+        if state["depth"] == 0:
+            scheduler_node.recompute_size_and_body = state["original"]
+
+
+def inductor_scheduler_fix_key() -> str | None:
+    """What :func:`inductor_scheduler_fix` does on this PyTorch, for cache keys."""
+    return "memopt: rename after recompute_size_and_body" if _buggy_scheduler_node() else None
+
+
+def _renaming(original: Callable[..., Any]) -> Callable[..., Any]:
+    from torch._inductor.dependencies import StarDep, WeakDep
+
+    @functools.wraps(original)
+    def recompute_size_and_body(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ordering_only = any(isinstance(dep, (WeakDep, StarDep)) for dep in self.read_writes.reads)
+        result = original(self, *args, **kwargs)
+        if not ordering_only:  # PyTorch renamed in the other case
+            self.set_read_writes(self.read_writes.rename(self.mutation_renames))
+        return result
+
+    return recompute_size_and_body
+
+
+@functools.cache
+def _buggy_scheduler_node() -> type | None:
+    """Inductor's ``SchedulerNode`` where its ``recompute_size_and_body`` has the known shape
+    of the bug (it renames only under ``if fake_deps:``), else None."""
+    import inspect
+
+    from torch._inductor.scheduler import SchedulerNode
+
+    method = SchedulerNode.__dict__.get("recompute_size_and_body")
+    try:
+        source = inspect.getsource(method) if method is not None else ""
+    except (OSError, TypeError):
+        return None
+    known = "if fake_deps:" in source and source.count("mutation_renames") == 1
+    return SchedulerNode if known else None
 
 
 def aot_autograd(**kwargs: Any) -> Callable[..., Any]:

@@ -18,6 +18,7 @@ from memopt._torch_compat import (
     compile_fx,
     custom_graph_pass_base,
     donated_buffer_indices,
+    inductor_scheduler_fix_key,
     inductor_decompositions,
     keyed_graph_pass,
     make_boxed_func,
@@ -38,24 +39,27 @@ def lower(
     if config.lowering == "inductor":
         patches = {"custom_partitioner_fn": InductorPartitioner(config, report)}
         patches.update(config.inductor_config)
-        patches[_KEYED_SLOT] = DonationKey(patches.get(_KEYED_SLOT))
+        patches[_KEYED_SLOT] = CacheKey(patches.get(_KEYED_SLOT))
         return compile_fx(gm, list(example_inputs), config_patches=patches)
     if config.lowering == "eager":
         return _eager_backend(config, report)(gm, list(example_inputs))
     raise AssertionError(f"unvalidated lowering {config.lowering!r}")
 
 
-# The Inductor config entry that carries DonationKey (its pass runs after the user's own).
+# The Inductor config entry that carries CacheKey (its pass runs after the user's own).
 _KEYED_SLOT = "post_grad_custom_pre_pass"
 
 
-class DonationKey(custom_graph_pass_base()):
-    """A post-grad pass that changes nothing but puts into Inductor's FX graph cache key which
-    saved tensors the graph's code may overwrite in place (AOTAutograd's donated buffers).
+class CacheKey(custom_graph_pass_base()):
+    """A post-grad pass that changes nothing but puts into Inductor's FX graph cache key two
+    things it lacks: which saved tensors the graph's code may overwrite in place
+    (AOTAutograd's donated buffers), and whether :func:`memopt._torch_compat.inductor_scheduler_fix`
+    generated the code (code cached without it, by an earlier memopt, may be wrong).
 
-    The key lacks them. A backward is compiled at its first call: one that runs once
-    donates the saved tensors it reads last, so Inductor may reuse their memory; one first
-    called with ``retain_graph=True`` donates none, since a second backward reads them again.
+    Donated buffers are missing from the key. A backward is compiled at its first call: one
+    that runs once donates the saved tensors it reads last, so Inductor may reuse their memory;
+    one first called with ``retain_graph=True`` donates none, since a second backward reads
+    them again.
     With the same graph and key, a backward compiled under ``retain_graph=True`` was given the
     cached code of the other kind (from an earlier training step, in this process or an earlier
     one), and the second backward read saved tensors the first had overwritten: silently wrong
@@ -81,7 +85,7 @@ class DonationKey(custom_graph_pass_base()):
         inner = tuple(p.uuid() if keyed_graph_pass(p) else None for p in self.inner)
         if not all(inner):
             return None  # Inductor bypasses its cache: an unkeyed pass could change the code
-        return ("memopt donated buffers", donated_buffer_indices(), inner)
+        return ("memopt donated buffers", donated_buffer_indices(), inner, inductor_scheduler_fix_key())
 
 
 def _run_eagerly(gm: torch.fx.GraphModule, _example_inputs: Any) -> Callable[..., Any]:
