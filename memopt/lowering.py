@@ -39,7 +39,7 @@ def lower(
     if config.lowering == "inductor":
         patches = {"custom_partitioner_fn": InductorPartitioner(config, report)}
         patches.update(config.inductor_config)
-        patches[_KEYED_SLOT] = CacheKey(patches.get(_KEYED_SLOT))
+        patches[KEYED_SLOT] = CacheKey(patches.get(KEYED_SLOT))
         return compile_fx(gm, list(example_inputs), config_patches=patches)
     if config.lowering == "eager":
         return _eager_backend(config, report)(gm, list(example_inputs))
@@ -47,7 +47,7 @@ def lower(
 
 
 # The Inductor config entry that carries CacheKey (its pass runs after the user's own).
-_KEYED_SLOT = "post_grad_custom_pre_pass"
+KEYED_SLOT = "post_grad_custom_pre_pass"
 
 
 class CacheKey(custom_graph_pass_base()):

@@ -149,11 +149,13 @@ def compile_body(body: torch.fx.GraphModule, example_args: Sequence[Any]) -> Cal
     from torch._inductor import config as inductor_config
 
     from memopt._torch_compat import compile_fx
+    from memopt.lowering import KEYED_SLOT, CacheKey
 
     graph_copy = torch.fx.GraphModule(body, copy.deepcopy(body.graph))
     # The op looks bodies up by their arguments' exact sizes and strides, so the compiled
     # code's own check of them on every call (one per argument per slice) is redundant.
     patches = {"size_asserts": False} if hasattr(inductor_config, "size_asserts") else {}
+    patches[KEYED_SLOT] = CacheKey()  # keys the code on memopt's Inductor fix, as lower() does
     with torch.no_grad():
         return compile_fx(graph_copy, list(example_args), config_patches=patches)
 
