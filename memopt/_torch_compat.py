@@ -99,7 +99,8 @@ def inductor_scheduler_fix() -> Any:
 
     Installed only while memopt compiles a graph (the user's own ``torch.compile`` calls are
     left as they are), and only where PyTorch's method has the known shape; a PyTorch that
-    changed it is left alone (``tests/test_backend.py`` watches both)."""
+    changed it is left alone (``tests/test_backend.py`` watches both). Inductor's experimental
+    out-of-process compiles (``TORCHINDUCTOR_FX_COMPILE_MODE=subprocess``) run without it."""
     scheduler_node = _buggy_scheduler_node()
     if scheduler_node is None:
         yield
