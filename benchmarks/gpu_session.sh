@@ -46,8 +46,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 capped 90 install $py -m pip install -q --no-deps --no-build-isolation -e .
 $py -c "import torch, triton, memopt; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >>"$log" 2>&1
-# Whether this PyTorch's Inductor has the CPU scheduler bug memopt fixes (README).
-$py -c "from memopt._torch_compat import inductor_scheduler_fix_key as key; print('scheduler fix:', key())" \
+# Which of the Inductor CPU bugs memopt fixes this PyTorch has (README).
+$py -c "from memopt._torch_compat import inductor_fixes_key as key; print('inductor fixes:', key())" \
   >>"$log" 2>&1
 
 # Caps in seconds, each overridable from the environment (CAP_SLICING=300 ...), so that one call

@@ -28,9 +28,9 @@ __all__ = [
     "custom_partitioner_base",
     "hash_of_files",
     "inductor_decompositions",
+    "inductor_fixes",
+    "inductor_fixes_key",
     "inductor_mode_options",
-    "inductor_scheduler_fix",
-    "inductor_scheduler_fix_key",
     "detect_fake_mode",
     "donated_buffer_indices",
     "dynamo_explain",
@@ -68,90 +68,164 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list[Any], config_patch
 
 def _compile_fx_inner_fixed(*args: Any, **kwargs: Any) -> Any:
     """Inductor's per-graph compiler (forward, backward or inference graph; a backward is
-    compiled at its first call), with :func:`inductor_scheduler_fix` in force."""
+    compiled at its first call), with :func:`inductor_fixes` in force."""
     from torch._inductor.compile_fx import compile_fx_inner
 
-    with inductor_scheduler_fix():
+    with inductor_fixes():
         return compile_fx_inner(*args, **kwargs)
 
 
-# The method inductor_scheduler_fix replaces, and how many memopt compiles are in progress
-# (nested compiles keep the fix installed until the outermost one ends).
-_scheduler_fix_state: dict[str, Any] = {"depth": 0, "original": None}
-
-
 @contextlib.contextmanager
-def inductor_scheduler_fix() -> Any:
-    """Fix, for the graphs memopt compiles, an Inductor scheduler bug that silently gives
-    wrong results on CPU (PyTorch 2.13; found on a diffusers UNet's training step, where
-    every weight gradient upstream of an upsampling layer came out as exactly 0).
+def inductor_fixes() -> Any:
+    """Fix, for the graphs memopt compiles, Inductor bugs (PyTorch 2.13, C++/CPU backend) that
+    silently give wrong results or corrupt memory. Each is a wrapper of one Inductor method,
+    doing what that method does elsewhere in Inductor:
 
-    The C++ backend re-derives a node's loop body before fusing it
-    (``SchedulerNode.recompute_size_and_body``), recomputing its reads from scratch. The
-    reads then name buffers by their original names; PyTorch renames them to the latest
-    in-place write (``mutation_renames``) only when the node also has ordering-only
-    dependencies. A node without them that reads a buffer after an in-place write forgets
-    it: the gradient of nearest upsampling is an accumulating ``index_put`` into zeros, and
-    a pointwise op reading that (the backward of ``x / 1.0``) whose result must change
-    layout for a channels-last convolution backward got fused with the zero fill, and so
-    ran before the accumulation: it read zeros. The fix applies the rename in that case
-    too, exactly as PyTorch does when ordering dependencies are present.
+    - ``scheduler renames`` (``SchedulerNode.recompute_size_and_body``): found on a diffusers
+      UNet's training step, where every weight gradient upstream of an upsampling layer came
+      out as exactly 0. Before fusing, the C++ backend re-derives a node's loop body and
+      recomputes its reads from scratch, by the buffers' original names; PyTorch renames them
+      to the latest in-place write (``mutation_renames``) only when the node also has
+      ordering-only dependencies. A node without them that reads a buffer after an in-place
+      write forgets it: the gradient of nearest upsampling is an accumulating ``index_put``
+      into zeros, and a pointwise op reading that (the backward of ``x / 1.0``) whose result
+      must change layout for a channels-last convolution backward got fused with the zero
+      fill, and so ran before the accumulation: it read zeros. The wrapper applies the rename
+      in that case too.
+    - ``tile atomic add`` (``CppTile2DKernel.store``): the backward of indexing a spatial
+      dimension with a tensor before a convolution (``conv2d(x[..., idx])``) in a training
+      step aborted the process (``double free or corruption``). That gradient is an
+      accumulating ``index_put`` whose source is the channels-last convolution gradient, made
+      a 2-D tile kernel; with more than one thread its atomic adds vectorize the index with
+      ``ops.index_expr``, which in a tile kernel adds the tile's inner offset, already added
+      by the tile's ``store``: the adds landed at the wrong places and past the buffer. The
+      wrapper hands that path the index without the offset, so it is added once.
 
     Installed only while memopt compiles a graph (the user's own ``torch.compile`` calls are
-    left as they are), and only where PyTorch's method has the known shape; a PyTorch that
-    changed it is left alone (``tests/test_backend.py`` watches both). Inductor's experimental
-    out-of-process compiles (``TORCHINDUCTOR_FX_COMPILE_MODE=subprocess``) run without it."""
-    scheduler_node = _buggy_scheduler_node()
-    if scheduler_node is None:
-        yield
-        return
-    state = _scheduler_fix_state
+    left as they are), and each only where PyTorch's code has the known shape of its bug; a
+    PyTorch that changed it is left alone (``tests/test_backend.py`` watches each). Inductor's
+    experimental out-of-process compiles (``TORCHINDUCTOR_FX_COMPILE_MODE=subprocess``) run
+    without them."""
+    fixes = _applicable_fixes()
+    state = _fix_state
     if state["depth"] == 0:
-        state["original"] = scheduler_node.__dict__["recompute_size_and_body"]
-        scheduler_node.recompute_size_and_body = _renaming(state["original"])
+        for owner, name, wrap in fixes:
+            original = owner.__dict__[name]
+            state["originals"].append((owner, name, original))
+            setattr(owner, name, wrap(original))
     state["depth"] += 1
     try:
         yield
     finally:
         state["depth"] -= 1
         if state["depth"] == 0:
-            scheduler_node.recompute_size_and_body = state["original"]
+            for owner, name, original in reversed(state["originals"]):
+                setattr(owner, name, original)
+            state["originals"].clear()
 
 
-def inductor_scheduler_fix_key() -> str | None:
-    """What :func:`inductor_scheduler_fix` does on this PyTorch, for cache keys."""
-    return "memopt: rename after recompute_size_and_body" if _buggy_scheduler_node() else None
+# The methods inductor_fixes replaced, and how many memopt compiles are in progress (nested
+# compiles keep the fixes installed until the outermost one ends).
+_fix_state: dict[str, Any] = {"depth": 0, "originals": []}
 
 
-def _renaming(original: Callable[..., Any]) -> Callable[..., Any]:
-    from torch._inductor.dependencies import StarDep, WeakDep
+def inductor_fixes_key() -> tuple[str, ...]:
+    """Which of :func:`inductor_fixes` apply on this PyTorch (their names), for cache keys."""
+    return tuple(_fix_names())
 
-    @functools.wraps(original)
-    def recompute_size_and_body(self: Any, *args: Any, **kwargs: Any) -> Any:
-        ordering_only = any(isinstance(dep, (WeakDep, StarDep)) for dep in self.read_writes.reads)
-        result = original(self, *args, **kwargs)
-        if not ordering_only:  # PyTorch renamed in the other case
-            self.set_read_writes(self.read_writes.rename(self.mutation_renames))
-        return result
 
-    return recompute_size_and_body
+# A fix: what it wraps (the class, the method's name) and the wrapper, given the original.
+_Fix = tuple[type, str, Callable[[Callable[..., Any]], Callable[..., Any]]]
+
+
+def _applicable_fixes() -> list[_Fix]:
+    return [_FIXES[name][1]() for name in _fix_names()]
 
 
 @functools.cache
-def _buggy_scheduler_node() -> type | None:
-    """Inductor's ``SchedulerNode`` where its ``recompute_size_and_body`` has the known shape
-    of the bug (it renames only under ``if fake_deps:``), else None."""
+def _fix_names() -> list[str]:
+    """The fixes whose bug this PyTorch's code has (by the known shape of that code)."""
+    return [name for name, (has_bug, _fix) in _FIXES.items() if has_bug()]
+
+
+def _source(owner: type, name: str) -> str:
     import inspect
 
+    method = owner.__dict__.get(name)
+    try:
+        return inspect.getsource(method) if method is not None else ""
+    except (OSError, TypeError):
+        return ""
+
+
+def _scheduler_drops_renames() -> bool:
+    """``recompute_size_and_body`` renames only under ``if fake_deps:``."""
     from torch._inductor.scheduler import SchedulerNode
 
-    method = SchedulerNode.__dict__.get("recompute_size_and_body")
-    try:
-        source = inspect.getsource(method) if method is not None else ""
-    except (OSError, TypeError):
-        return None
-    known = "if fake_deps:" in source and source.count("mutation_renames") == 1
-    return SchedulerNode if known else None
+    source = _source(SchedulerNode, "recompute_size_and_body")
+    return "if fake_deps:" in source and source.count("mutation_renames") == 1
+
+
+def _scheduler_renames() -> _Fix:
+    from torch._inductor.dependencies import StarDep, WeakDep
+    from torch._inductor.scheduler import SchedulerNode
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def recompute_size_and_body(self: Any, *args: Any, **kwargs: Any) -> Any:
+            ordering_only = any(isinstance(dep, (WeakDep, StarDep)) for dep in self.read_writes.reads)
+            result = original(self, *args, **kwargs)
+            if not ordering_only:  # PyTorch renamed in the other case
+                self.set_read_writes(self.read_writes.rename(self.mutation_renames))
+            return result
+
+        return recompute_size_and_body
+
+    return SchedulerNode, "recompute_size_and_body", wrap
+
+
+# The single-threaded atomic add of CppVecKernel.store, which stores at the index as given.
+_SINGLE_THREADED = "not config.cpp.dynamic_threads and self.num_threads == 1"
+
+
+def _tile_atomic_add_offsets_twice() -> bool:
+    """A tile kernel's ``store`` offsets the index and hands it to ``CppVecKernel.store``,
+    whose threaded atomic add offsets it again through the tile's ``index_expr``."""
+    from torch._inductor.codegen.cpp import CppTile2DKernel, CppTile2DOverrides, CppVecKernel
+
+    tile_store = _source(CppTile2DKernel, "store")
+    vec_store = _source(CppVecKernel, "store")
+    return (
+        "new_index = self.transform_indexing(index)" in tile_store
+        and "super().store(name, new_index, value, mode)" in tile_store
+        and "ops.index_expr(index, torch.int64)" in vec_store
+        and _SINGLE_THREADED in vec_store
+        and "transform_indexing" in _source(CppTile2DOverrides, "index_expr")
+    )
+
+
+def _tile_atomic_add() -> _Fix:
+    from torch._inductor import config
+    from torch._inductor.codegen.cpp import CppTile2DKernel, CppVecKernel
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def store(self: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
+            threaded = not (not config.cpp.dynamic_threads and self.num_threads == 1)  # not _SINGLE_THREADED
+            if mode == "atomic_add" and threaded and not self.need_vec_transpose(self.rename_indexing(index)):
+                return CppVecKernel.store(self, name, index, value, mode)  # its index_expr offsets it once
+            return original(self, name, index, value, mode)
+
+        return store
+
+    return CppTile2DKernel, "store", wrap
+
+
+# Each fix by name (in cache keys): whether this PyTorch has its bug, and the fix.
+_FIXES: dict[str, tuple[Callable[[], bool], Callable[[], _Fix]]] = {
+    "scheduler renames": (_scheduler_drops_renames, _scheduler_renames),
+    "tile atomic add": (_tile_atomic_add_offsets_twice, _tile_atomic_add),
+}
 
 
 def aot_autograd(**kwargs: Any) -> Callable[..., Any]:

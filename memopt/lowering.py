@@ -19,7 +19,7 @@ from memopt._torch_compat import (
     custom_graph_pass_base,
     donated_buffer_indices,
     inductor_decompositions,
-    inductor_scheduler_fix_key,
+    inductor_fixes_key,
     keyed_graph_pass,
     make_boxed_func,
     takes_is_inference,
@@ -53,8 +53,8 @@ KEYED_SLOT = "post_grad_custom_pre_pass"
 class CacheKey(custom_graph_pass_base()):
     """A post-grad pass that changes nothing but puts into Inductor's FX graph cache key two
     things it lacks: which saved tensors the graph's code may overwrite in place
-    (AOTAutograd's donated buffers), and whether :func:`memopt._torch_compat.inductor_scheduler_fix`
-    generated the code (code cached without it, by an earlier memopt, may be wrong).
+    (AOTAutograd's donated buffers), and which of :func:`memopt._torch_compat.inductor_fixes`
+    generated the code (code cached without them, by an earlier memopt, may be wrong).
 
     Donated buffers are missing from the key. A backward is compiled at its first call: one
     that runs once donates the saved tensors it reads last, so Inductor may reuse their memory;
@@ -85,7 +85,7 @@ class CacheKey(custom_graph_pass_base()):
         inner = tuple(p.uuid() if keyed_graph_pass(p) else None for p in self.inner)
         if not all(inner):
             return None  # Inductor bypasses its cache: an unkeyed pass could change the code
-        return ("memopt donated buffers", donated_buffer_indices(), inner, inductor_scheduler_fix_key())
+        return ("memopt donated buffers", donated_buffer_indices(), inner, inductor_fixes_key())
 
 
 def _run_eagerly(gm: torch.fx.GraphModule, _example_inputs: Any) -> Callable[..., Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import uuid
 
 import pytest
@@ -128,7 +129,7 @@ def test_torch_compile_mode_becomes_inductor_patches(monkeypatch):
 def test_cpu_unet_training_step_matches_eager():
     """A diffusers UNet2D's training step in memopt's default (Inductor) lowering gets eager's
     gradients. Stock Inductor on PyTorch 2.13's CPU gives 54 of its 84 parameter gradients as
-    exactly 0 (an Inductor scheduler bug, :func:`memopt._torch_compat.inductor_scheduler_fix`);
+    exactly 0 (an Inductor scheduler bug, fixed by :func:`memopt._torch_compat.inductor_fixes`);
     two UNet levels are enough to hit it."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
@@ -183,52 +184,107 @@ def _compiled_by_inductor(graph, args):
         return compile_fx_inner(copy.deepcopy(graph), args)(list(args))
 
 
-def test_inductor_scheduler_fix_keeps_a_read_after_an_in_place_accumulation():
-    from memopt._torch_compat import inductor_scheduler_fix
+def test_inductor_fixes_keep_a_read_after_an_in_place_accumulation():
+    from memopt._torch_compat import inductor_fixes
 
     graph, args = _upsampling_backward_graph()
-    with inductor_scheduler_fix():
+    with inductor_fixes():
         actual = _compiled_by_inductor(graph, args)
     assert_close(actual[0], graph(*args)[0], what="bias grad")
 
 
-def test_inductor_scheduler_fix_is_installed_only_while_memopt_compiles():
+def test_inductor_fixes_are_installed_only_while_memopt_compiles():
+    from torch._inductor.codegen.cpp import CppTile2DKernel
     from torch._inductor.scheduler import SchedulerNode
 
-    from memopt._torch_compat import inductor_scheduler_fix
+    from memopt._torch_compat import inductor_fixes
 
-    def method():
-        return SchedulerNode.__dict__["recompute_size_and_body"]
+    def methods():
+        return SchedulerNode.__dict__["recompute_size_and_body"], CppTile2DKernel.__dict__["store"]
 
-    stock = method()
+    stock = methods()
     with pytest.raises(RuntimeError, match="a failed compile"):
-        with inductor_scheduler_fix():
-            fixed = method()
-            with inductor_scheduler_fix():  # nested compiles
-                assert method() is fixed
-            assert method() is fixed
+        with inductor_fixes():
+            fixed = methods()
+            with inductor_fixes():  # nested compiles
+                assert methods() == fixed
+            assert methods() == fixed
             raise RuntimeError("a failed compile")
-    assert method() is stock
-    assert (fixed is not stock) == _stock_inductor_has_the_scheduler_bug()
+    assert methods() == stock
+    assert (fixed[0] is not stock[0]) == _stock_inductor_has("scheduler renames")
+    assert (fixed[1] is not stock[1]) == _stock_inductor_has("tile atomic add")
 
 
-def _stock_inductor_has_the_scheduler_bug() -> bool:
-    from memopt._torch_compat import inductor_scheduler_fix_key
+def _stock_inductor_has(bug: str) -> bool:
+    from memopt._torch_compat import inductor_fixes_key
 
-    return inductor_scheduler_fix_key() is not None
+    return bug in inductor_fixes_key()
 
 
 @pytest.mark.xfail(
-    condition=_stock_inductor_has_the_scheduler_bug(),
+    condition=_stock_inductor_has("scheduler renames"),
     strict=True,
     reason="upstream Inductor (PyTorch 2.13, CPU): recompute_size_and_body drops mutation renames, so the "
     "upsampling gradient is read before it is accumulated; a pass means it was fixed upstream: drop "
-    "memopt._torch_compat.inductor_scheduler_fix",
+    "the 'scheduler renames' fix of memopt._torch_compat.inductor_fixes",
 )
 def test_stock_inductor_on_the_upsampling_backward_graph():
     graph, args = _upsampling_backward_graph()
     actual = _compiled_by_inductor(graph, args)
     assert_close(actual[0], graph(*args)[0], what="bias grad")
+
+
+# One training step of conv2d(x[..., idx]) on two threads, compiled by the backend given as the
+# first argument, in a process of its own: with Inductor's 'tile atomic add' bug it aborts.
+_GATHER_THEN_CONV = """
+import sys, torch, torch.nn.functional as F
+import memopt
+torch.set_num_threads(2)
+torch.manual_seed(0)
+idx = torch.tensor([0, 0, 1, 3, 3, 2, 5, 7, 7, 6, 4, 4, 1, 2, 5, 6])
+w = torch.randn(16, 16, 3, 3)
+def step(x, w, idx):
+    return F.conv2d(x[:, :, :, idx], w, padding=1)
+x = torch.randn(2, 16, 16, 8, requires_grad=True)
+grad = torch.randn(2, 16, 16, 16)
+step(x, w, idx).backward(grad)
+expected, x.grad = x.grad, None
+compiled = memopt.compile(step) if sys.argv[1] == "memopt" else torch.compile(step, backend="inductor")
+compiled(x, w, idx).backward(grad)
+print("relative error", ((x.grad - expected).abs().max() / expected.abs().max()).item())
+"""
+
+
+def _gather_then_conv_step(backend: str) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", _GATHER_THEN_CONV, backend], capture_output=True, text=True, env=env, timeout=600
+    )
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 0, f"the step died (exit {done.returncode}): {lines[-3:]}"
+    error = float(next(line for line in lines if line.startswith("relative error")).split()[-1])
+    assert error < 1e-5, f"x.grad off by {error:.3g} (relative)"
+
+
+def test_gather_then_conv_training_step_under_memopt():
+    """The backward of indexing a spatial dimension with a tensor before a convolution: stock
+    Inductor's C++ kernel for it (two threads) adds at wrong places, past its buffer, and the
+    process aborts; memopt's 'tile atomic add' fix adds the tile offset once."""
+    _gather_then_conv_step("memopt")
+
+
+@pytest.mark.xfail(
+    condition=_stock_inductor_has("tile atomic add"),
+    strict=True,
+    reason="upstream Inductor (PyTorch 2.13, CPU): a 2-D tile kernel's threaded atomic add offsets its index "
+    "twice (CppTile2DKernel.store, then CppTile2DOverrides.index_expr); a pass means it was fixed upstream: "
+    "drop the 'tile atomic add' fix of memopt._torch_compat.inductor_fixes",
+)
+def test_stock_inductor_on_the_gather_then_conv_training_step():
+    _gather_then_conv_step("inductor")
 
 
 def test_nested_report_collections_each_get_their_own_graphs():
