@@ -98,7 +98,8 @@ def inductor_fixes() -> Any:
       accumulating ``index_put`` whose source is the channels-last convolution gradient, made
       a 2-D tile kernel; with more than one thread its atomic adds vectorize the index with
       ``ops.index_expr``, which in a tile kernel adds the tile's inner offset, already added
-      by the tile's ``store``: the adds landed at the wrong places and past the buffer. The
+      by the tile's ``store``: the adds landed at the wrong places and past the buffer
+      (pytorch/pytorch#191837; aarch64 gets wrong values instead, says its fix, #191861). The
       wrapper hands that path the index without the offset, so it is added once.
 
     Installed only while memopt compiles a graph (the user's own ``torch.compile`` calls are

@@ -279,8 +279,9 @@ def test_gather_then_conv_training_step_under_memopt():
 @pytest.mark.xfail(
     condition=_stock_inductor_has("tile atomic add"),
     strict=True,
-    reason="upstream Inductor (PyTorch 2.13, CPU): a 2-D tile kernel's threaded atomic add offsets its index "
-    "twice (CppTile2DKernel.store, then CppTile2DOverrides.index_expr); a pass means it was fixed upstream: "
+    reason="upstream Inductor (PyTorch 2.13, CPU; pytorch/pytorch#191837): a 2-D tile kernel's threaded atomic "
+    "add offsets its index twice (CppTile2DKernel.store, then CppTile2DOverrides.index_expr); a pass means it "
+    "was fixed upstream: "
     "drop the 'tile atomic add' fix of memopt._torch_compat.inductor_fixes",
 )
 def test_stock_inductor_on_the_gather_then_conv_training_step():
