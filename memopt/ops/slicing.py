@@ -155,7 +155,7 @@ def compile_body(body: torch.fx.GraphModule, example_args: Sequence[Any]) -> Cal
     # The op looks bodies up by their arguments' exact sizes and strides, so the compiled
     # code's own check of them on every call (one per argument per slice) is redundant.
     patches = {"size_asserts": False} if hasattr(inductor_config, "size_asserts") else {}
-    patches[KEYED_SLOT] = CacheKey()  # keys the code on memopt's Inductor fix, as lower() does
+    patches[KEYED_SLOT] = CacheKey()  # keys the code on memopt's Inductor fixes, as lower() does
     with torch.no_grad():
         return compile_fx(graph_copy, list(example_args), config_patches=patches)
 
