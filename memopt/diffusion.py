@@ -225,7 +225,8 @@ class StepRehash(nn.Module):
         return sum(not record.full for record in self.history)
 
     def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-        self._condition = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        conditioning = {key: value for key, value in kwargs.items() if key not in PER_STEP_INPUTS}
+        self._condition = [leaf for leaf in tree_leaves((args, conditioning)) if isinstance(leaf, torch.Tensor)]
         self._advance(_as_float(timestep), sample)
         self._decided = False
         self._rehashing = False
@@ -233,6 +234,9 @@ class StepRehash(nn.Module):
         self._calls = {}
         self._order = []
         self._shallow_reads = set()
+        # The shrink check replays this call: it needs the lists that the UNet pops from
+        # (a T2I-Adapter's residuals) as they are now.
+        replay = {key: list(value) if isinstance(value, list) else value for key, value in kwargs.items()}
         swapped = self._install()
         try:
             output = self.unet(sample, timestep, *args, **kwargs)
@@ -240,7 +244,7 @@ class StepRehash(nn.Module):
             self._restore(swapped)
         full = not self._rehashing
         if full:
-            self._shrink_cache(output, sample, timestep, args, kwargs)
+            self._shrink_cache(output, sample, timestep, args, replay)
         self.history.append(StepRecord(_as_float(timestep), full, self._distance))
         return output
 
@@ -460,6 +464,15 @@ class StepRehash(nn.Module):
 
 
 _SAMPLERS = ("downsamplers", "upsamplers")
+
+PER_STEP_INPUTS = frozenset(
+    {"down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals"}
+)
+"""Keyword arguments that are per-step inputs, as the latents are, not conditioning: the
+residuals that a ControlNet computes from its control image and the step's latents (new at
+every step), and a T2I-Adapter's. The UNet's own code adds them to the blocks' outputs and skip
+connections, so at a rehash step the shallow path gets this step's residuals and the reused
+deep outputs are those of the last full step (as DeepCache does)."""
 
 
 def _layer_lists(block: nn.Module) -> list[tuple[str, nn.ModuleList]]:

@@ -477,6 +477,82 @@ def test_layers_option_is_validated_and_reaches_memopt_compile():
     assert wrapped.rehash_steps == 1
 
 
+def _unet2d(down_types, up_types):
+    """A tiny diffusers UNet2DConditionModel whose time embedding is held at zero, so it
+    ignores the timestep: a rehash step on a full step's inputs reproduces it bit for bit."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, down_block_types=down_types, up_block_types=up_types,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, cross_attention_dim=16,
+        attention_head_dim=4,
+    ).eval()
+    unet.time_embedding.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output))
+    return unet
+
+
+def test_controlnet_residuals_are_per_step_inputs_not_conditioning():
+    """A ControlNet hands the UNet new residuals at every step. They are added between blocks by
+    the UNet's code, like the latents they change with every step: they must not make every
+    step full, and a rehash step must add this step's residuals to the shallow path."""
+    torch.manual_seed(12)
+    unet = _unet2d(("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D"))
+    sample, context = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 16)
+    # Residuals for (conv_in, down 0's layer, down 0's downsampler, down 1's layer) and the mid block.
+    shapes = [(16, 16, 16), (16, 16, 16), (16, 8, 8), (32, 8, 8)]
+
+    def control(shallow_seed):
+        deep = [torch.randn(1, *shape, generator=torch.Generator().manual_seed(1)) for shape in shapes]
+        shallow = torch.randn(1, *shapes[0], generator=torch.Generator().manual_seed(shallow_seed))
+        return {
+            "down_block_additional_residuals": [shallow, *deep[1:]],
+            "mid_block_additional_residual": torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(2)),
+        }
+
+    for layers in (None, 1):
+        rehash = StepRehash(unet, interval=4, layers=layers)
+        with torch.no_grad():
+            outputs = [rehash(sample, t, context, **control(seed), return_dict=False)[0]
+                       for seed, t in zip((10, 11, 12), TIMESTEPS)]
+            # The first residual feeds only the outermost up block's last layer (shallow for
+            # every cut): with it alone changed, a full run computes what a rehash step reuses.
+            expected = [unet(sample, t, context, **control(seed), return_dict=False)[0]
+                        for seed, t in zip((10, 11, 12), TIMESTEPS)]
+        assert [record.full for record in rehash.history] == [True, False, False], layers
+        for got, want in zip(outputs, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert not torch.equal(outputs[1], outputs[2])  # this step's residual was applied
+
+
+@pytest.mark.parametrize("layers", [None, 1, 2])
+def test_a_t2i_adapter_that_writes_into_deep_outputs_rehashes_exactly(layers):
+    """A T2I-Adapter's residuals come as a list that the UNet pops from, and are added to the
+    outputs of down blocks without cross-attention with ``sample += ...``: in place. Cut with
+    ``layers``, the first down block's downsampler is deep, so at a rehash step that write
+    lands on what the cache handed out. Where the cache keeps no data for it (a zero-size
+    stand-in) the write fails, so the shrink check (which must replay the call with the list as
+    it was) keeps the whole cache; the written output feeds only the deep part, and every
+    rehash step is exact."""
+    torch.manual_seed(13)
+    unet = _unet2d(("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D"))
+    sample, context = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 16)
+    residuals = [torch.randn(1, 16, 8, 8), torch.randn(1, 32, 8, 8)]
+
+    def call(model, t):
+        adapter = [r.clone() for r in residuals]  # a fresh list at every step, as pipelines pass it
+        return model(sample, t, context, down_intrablock_additional_residuals=adapter, return_dict=False)[0]
+
+    rehash = StepRehash(unet, interval=5, layers=layers)
+    with torch.no_grad():
+        full = call(unet, TIMESTEPS[0])
+        outputs = [call(rehash, t) for t in TIMESTEPS[:5]]
+    assert [record.full for record in rehash.history] == [True, False, False, False, False]
+    for got in outputs:
+        torch.testing.assert_close(got, full, rtol=0, atol=0)
+    # Without the cut nothing deep is written into, and the cache shrinks.
+    assert rehash._shrinks == {0: layers is None}
+
+
 def _text_to_video_pipeline():
     """diffusers' TextToVideoSDPipeline around zoo's tiny UNet3D and a tiny VAE, driven by
     prompt embeddings (no text encoder or tokenizer: nothing to download)."""
