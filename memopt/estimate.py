@@ -82,10 +82,18 @@ def estimate(gm: torch.fx.GraphModule | torch.fx.Graph) -> MemoryTimeline:
     position = {node: index for index, node in enumerate(nodes)}
     computing = [node for node in nodes if node.op not in ("placeholder", "output", "get_attr")]
     if computing and not any("val" in node.meta or "example_value" in node.meta for node in computing):
+        # ShapeProp's meta["tensor_meta"] has sizes but not which values share a storage (a view
+        # would count as a copy), so it is not read.
+        shape_prop = any("tensor_meta" in node.meta for node in computing)
         warnings.warn(
             "memopt.estimate: no node of this graph carries meta['val'], so every value counts 0 bytes "
-            "(graphs from Dynamo, AOTAutograd or make_fx have it; for a symbolic_trace graph, "
-            "torch.fx.passes.fake_tensor_prop.FakeTensorProp(gm).propagate(*inputs) adds it)",
+            + (
+                "(ShapeProp's meta['tensor_meta'] does not say which values are views of others; "
+                if shape_prop
+                else "(graphs from Dynamo, AOTAutograd or make_fx have it; "
+            )
+            + "for a symbolic_trace graph, torch.fx.passes.fake_tensor_prop.FakeTensorProp(gm).propagate(*inputs) "
+            "adds it)",
             stacklevel=2,
         )
 

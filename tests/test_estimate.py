@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.fx.passes.shape_prop import ShapeProp
 
 import memopt
 
@@ -98,6 +99,9 @@ def test_graphs_without_metadata_and_other_objects_are_named():
     with pytest.warns(UserWarning, match=r"no node of this graph carries meta\['val'\].*FakeTensorProp"):
         assert memopt.estimate(torch.fx.symbolic_trace(chain)).peak_bytes == 0
     gm = torch.fx.symbolic_trace(chain)
+    ShapeProp(gm).propagate(torch.randn(100))
+    with pytest.warns(UserWarning, match=r"ShapeProp's meta\['tensor_meta'\] does not say .*FakeTensorProp"):
+        assert memopt.estimate(gm).peak_bytes == 0
     FakeTensorProp(gm).propagate(torch.randn(100))
     assert memopt.estimate(gm).peak_bytes == 2 * 400  # what the warning suggests works
     with pytest.raises(TypeError, match="takes a torch.fx.GraphModule or torch.fx.Graph, got Linear"):
