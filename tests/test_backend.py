@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+import pathlib
 import uuid
 
 import pytest
@@ -151,30 +153,15 @@ def _upsampling_backward_graph():
     gradient of nearest 2x upsampling (an accumulating ``index_put`` into zeros) between two
     channels-last convolution backwards, through the backward of ``x / 1.0``. Only the bias
     gradient is returned: Inductor's peak-memory ordering of that graph runs the zero fill
-    (fused with the division) before the accumulation."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from memopt._torch_compat import inductor_decompositions
-
-    def backward(grad, upsampled, weight, rows, activation, shortcut_weight):
-        conv_args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-        grad_upsampled = torch.ops.aten.convolution_backward(
-            grad, upsampled, weight, [8], *conv_args, [True, False, False]
-        )[0]
-        zeros = torch.zeros(2, 8, 4, 4)
-        grad_in = torch.ops.aten.index_put(zeros, [None, None, rows[:, None], rows], grad_upsampled, True)
-        shortcut_args = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1)
-        return torch.ops.aten.convolution_backward(
-            grad_in / 1.0, activation, shortcut_weight, [8], *shortcut_args, [False, True, True]
-        )[2:]  # the bias gradient
-
-    torch.manual_seed(0)
-    channels_last = lambda *shape: torch.randn(*shape).contiguous(memory_format=torch.channels_last)  # noqa: E731
-    args = [
-        channels_last(2, 8, 8, 8), channels_last(2, 8, 8, 8), channels_last(8, 8, 3, 3),
-        torch.arange(8) // 2, channels_last(2, 8, 4, 4), torch.randn(8, 8, 1, 1),
-    ]
-    return make_fx(backward, decomposition_table=inductor_decompositions())(*args), args
+    (fused with the division) before the accumulation. It is the PyTorch-only reproduction of
+    the upstream report (docs/upstream/scheduler-renames.md), loaded from there so that the
+    report's script stays right."""
+    path = pathlib.Path(__file__).parents[1] / "docs" / "upstream" / "scheduler_renames_repro.py"
+    spec = importlib.util.spec_from_file_location("scheduler_renames_repro", path)
+    repro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repro)
+    args = repro.inputs()
+    return repro.graph(args), args
 
 
 def _compiled_by_inductor(graph, args):

@@ -31,20 +31,29 @@ def backward(grad, upsampled, weight, rows, activation, shortcut_weight):
     )[2:]  # the bias gradient
 
 
-def main() -> None:
+def inputs() -> list[torch.Tensor]:
     torch.manual_seed(0)
 
     def channels_last(*shape):
         return torch.randn(*shape).contiguous(memory_format=torch.channels_last)
 
-    args = [
+    return [
         channels_last(2, 8, 8, 8), channels_last(2, 8, 8, 8), channels_last(8, 8, 3, 3),
         torch.arange(8) // 2, channels_last(2, 8, 4, 4), torch.randn(8, 8, 1, 1),
     ]
-    graph = make_fx(backward, decomposition_table=select_decomp_table())(*args)
-    expected = graph(*args)[0]
+
+
+def graph(args: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """``backward`` as the aten graph Inductor compiles (its own decompositions applied)."""
+    return make_fx(backward, decomposition_table=select_decomp_table())(*args)
+
+
+def main() -> None:
+    args = inputs()
+    gm = graph(args)
+    expected = gm(*args)[0]
     with torch._inductor.config.patch(force_disable_caches=True):
-        actual = compile_fx_inner(graph, args)(list(args))[0]
+        actual = compile_fx_inner(gm, args)(list(args))[0]
     print(f"torch {torch.__version__}")
     print("eager:   ", expected)
     print("inductor:", actual)
