@@ -221,14 +221,17 @@ def _conv(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
     x = node.args[0]
     spec = s.spec(x)
     weight = _shape(_arg(node, 1, "weight"))
-    if spec is None or weight is None:
+    shape = _shape(x)
+    if spec is None or weight is None or shape is None:
         return None
-    if spec.dim == 1:
+    # Batched input [N, C, *spatial], or unbatched [C, *spatial] (no batch dim to slice).
+    channels = 1 if len(shape) == len(weight) else 0
+    if spec.dim == channels:
         return None  # channels are summed over
-    if spec.dim >= 2:
+    if spec.dim > channels:
         # Only a pointwise (size-1, stride-1, unpadded) kernel along the sliced spatial dim:
         # e.g. a (3, 1, 1) temporal conv3d sliced along height.
-        spatial = spec.dim - 2
+        spatial = spec.dim - channels - 1
         stride = _arg(node, 3, "stride", 1)
         padding = _arg(node, 4, "padding", 0)
         stride = stride[spatial] if isinstance(stride, (list, tuple)) else stride
@@ -236,7 +239,7 @@ def _conv(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
             padding = padding[spatial]
         elif isinstance(padding, str):
             padding = 0
-        if weight[spec.dim] != 1 or stride != 1 or padding != 0:
+        if weight[2 + spatial] != 1 or stride != 1 or padding != 0:
             return None
     feeds = _whole_others(node, s, x)
     return None if feeds is None else (spec, feeds)

@@ -127,6 +127,35 @@ def test_conv_net_is_one_group_and_exact():
         assert_close_rel(out, model(x))
 
 
+class UnbatchedConv(nn.Module):
+    """A convolution on an unbatched input (``[C, *spatial]``): dim 0 is the channels, which
+    the convolution sums over, and the kernel's first spatial extent belongs to dim 1."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return F.silu(self.conv(F.silu(x * 1.5))) * 2.0
+
+
+@pytest.mark.parametrize("conv, shape, sliced", [
+    # (1, 3) kernel: pointwise along dim 1 (height), mixes dim 2 (width).
+    (nn.Conv2d(6, 6, (1, 3), padding=(0, 1)), (6, 9, 31), 1),
+    (nn.Conv3d(6, 6, (1, 3, 3), padding=(0, 1, 1)), (6, 3, 9, 31), 1),
+    (nn.Conv1d(6, 6, 3, padding=1), (6, 40), None),  # nothing but the channels to slice
+])
+def test_unbatched_convolutions_slice_only_where_the_kernel_is_pointwise(conv, shape, sliced):
+    torch.manual_seed(24)
+    model, x = UnbatchedConv(conv).eval(), torch.randn(*shape)
+    for lowering in ("eager", "inductor"):
+        _, out, result = compile_and_run(model, x, lowering=lowering, slicing={"min_group_bytes": 0, "max_slice_bytes": 256})
+        with torch.no_grad():
+            assert_close_rel(out, model(x))
+        with_conv = [row["dim"] for row in result.details if row["ops"] == 5]  # the whole model
+        assert with_conv == ([] if sliced is None else [sliced])
+
+
 def test_groups_run_through_im2win_convolutions():
     """The im2win pass runs first; its convolutions slice by sample like aten's."""
     torch.manual_seed(0)
