@@ -781,10 +781,22 @@ MAX_REBUILD_GAIN = reversible_ops.MAX_REBUILD_GAIN
 
 
 def _segments(steps: list[_Step]) -> list[tuple[int, int]]:
-    """``[start, end)`` step ranges of at least two steps within :data:`MAX_REBUILD_GAIN`."""
+    """``[start, end)`` step ranges of at least two steps within :data:`MAX_REBUILD_GAIN`.
+
+    Step ``k`` rebuilds ``v[k-2] = (v[k] - H_k(v[k-1])) / scale_k``, multiplying the rounding
+    in what it reads by ``1/|scale_k|``; ``v[k-2]`` is what step ``k-1`` recomputes its ``H``
+    on. A step whose factor alone is over the limit can only be a segment's first step, whose
+    rebuilt value (the segment's input) no step of the segment reads; the step before it, if
+    that leaves it alone, stays ordinary code. Other first steps count, as a margin: rounding
+    also grows with a segment's length."""
     segments, start, gain = [], 0, 1.0
     for i, step in enumerate(steps):
         factor = max(1.0, 1.0 / abs(step.scale))
+        if factor > MAX_REBUILD_GAIN:
+            if i - start >= 2:
+                segments.append((start, i))
+            start, gain = i, 1.0
+            continue
         if gain * factor > MAX_REBUILD_GAIN and i - start >= 2:
             segments.append((start, i))
             start, gain = i, 1.0
@@ -876,8 +888,12 @@ def _rewrite_chains(
             )
         segments = _segments(chain.steps)
         covered = {i for start, end in segments for i in range(start, end)}
+
+        def steps_of(row: dict[str, Any]) -> range:
+            return range(2 * row["block"], min(2 * row["block"] + 2, len(chain.steps)))
+
         for row in rows:
-            if 2 * row["block"] not in covered:
+            if not all(i in covered for i in steps_of(row)):
                 row["reason"] = f"rebuild would amplify rounding by more than {MAX_REBUILD_GAIN:g}x"
         # Rewrite the last segment first: an earlier segment's outputs are the later one's inputs,
         # and rewriting the earlier one redirects those uses to its op's outputs.
@@ -892,18 +908,23 @@ def _rewrite_chains(
             except NotReversible as reason:
                 notes.append(f"chain at {segment.steps[0].add.name} left alone: {reason}")
                 for row in rows:
-                    if start <= 2 * row["block"] < end:
+                    if any(start <= i < end for i in steps_of(row)):
                         row["reason"] = str(reason)
                 continue
             rng_bytes = reversible_ops._CHAINS[key].rng_bytes
             sides = [segment.steps[k].add.name for k in reversible_ops._CHAINS[key].side_outputs]
-            segment_rows = [row for row in rows if start <= 2 * row["block"] < end]
-            for row in segment_rows:
-                steps = chain.steps[2 * row["block"] : 2 * row["block"] + 2]
+            # A block half in this segment (segments start wherever a scale allows) counts as
+            # reversible once a segment holds each of its steps.
+            for row in rows:
+                if not any(start <= i < end for i in steps_of(row)):
+                    continue
+                row.setdefault("rewritten", set()).update(i for i in steps_of(row) if start <= i < end)
+                if row["rewritten"] != set(steps_of(row)):
+                    continue
                 row.update(reversible=True, reason="", segment=segment_number, key=key, nested=nested)
-                row["rng_state_bytes"] = rng_bytes * sum(step.random for step in steps)
+                row["rng_state_bytes"] = rng_bytes * sum(chain.steps[i].random for i in steps_of(row))
                 row["saved_bytes_after"] = row["rng_state_bytes"]
-            segment_rows[-1]["saved_bytes_after"] += final_bytes
+            rows[(end - 1) // 2]["final_bytes"] = rows[(end - 1) // 2].get("final_bytes", 0) + final_bytes
             result.rewrites += 1
             random_steps = sum(step.random for step in segment.steps)
             notes.append(
@@ -921,6 +942,11 @@ def _rewrite_chains(
                 f"chain {number} cut into {len(segments)} segments: its scales would amplify rebuild "
                 f"rounding by more than {MAX_REBUILD_GAIN:g}x in one piece"
             )
+        for row in rows:
+            row.pop("rewritten", None)
+            final_bytes = row.pop("final_bytes", 0)
+            if row["reversible"]:
+                row["saved_bytes_after"] += final_bytes
         done.append((notes, rows))
         result.bytes_saved += sum(row["activation_bytes_before"] - row["saved_bytes_after"] for row in rows)
     for notes, rows in reversed(done):

@@ -1205,6 +1205,110 @@ def _subgroup(group: _Group, members: list[torch.fx.Node]) -> _Group:
     return _Group(group.seed, group.slicing, members, feeds, _outputs(members), member_feeds, group.unknown_stops)
 
 
+# In-place operators as Dynamo records them (``x += y``, ``x[i] = v``): they write their first
+# argument.
+_IN_PLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.setitem,
+})
+
+
+def _written(node: torch.fx.Node) -> list[Any]:
+    """The values ``node`` writes in place: its first argument for an in-place method
+    (``mul_``), operator or function (``torch.relu_``, ``inplace=True``, a mutable aten op),
+    its ``out=`` tensors; none for an op that writes only its own result."""
+    first = node.args[0] if node.args else None
+    if node.op == "call_method":
+        name = str(node.target)
+        return [first] if name.endswith("_") and not name.startswith("__") else []
+    if node.op != "call_function":
+        return []
+    out = node.kwargs.get("out")
+    if out is not None:
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+    try:
+        position = _INPLACE_POSITION.get(node.target)
+        if node.target in _IN_PLACE_OPERATORS:
+            return [first]
+    except TypeError:  # unhashable target
+        position = None
+    name = getattr(node.target, "__name__", "")
+    schema = getattr(node.target, "_schema", None)
+    if (
+        (name.endswith("_") and not name.startswith("__"))
+        or (schema is not None and schema.is_mutable)
+        or (position is not None and _arg(node, position, "inplace", False))
+    ):
+        return [first]
+    return []
+
+
+def _writes(nodes: list[torch.fx.Node]) -> list[tuple[int, torch.fx.Node, list[Any]]]:
+    """Every node that writes a value in place, as (position, node, what it writes)."""
+    return [(index, node, written) for index, node in enumerate(nodes) if (written := _written(node))]
+
+
+def _storages(values: Any) -> set[Any] | None:
+    """The storages behind ``values`` (views share their base's), or ``None`` where one is
+    unknown (no tensor metadata)."""
+    storages = set()
+    for value in values:
+        tensor = _tensor(value)
+        if tensor is None:
+            if isinstance(value, torch.fx.Node):
+                return None
+            continue  # a Python number: no storage
+        try:
+            storages.add(StorageWeakRef(tensor.untyped_storage()))
+        except (NotImplementedError, RuntimeError):
+            return None
+    return storages
+
+
+def _before_writes(
+    group: _Group,
+    writes: list[tuple[int, torch.fx.Node, list[Any]]],
+    position: dict[torch.fx.Node, int],
+    options: SlicingOptions,
+) -> _Group | None:
+    """``group``, or the part of it before the first op outside it that writes in place a
+    value it reads or computes (``None`` if that part is not worth slicing).
+
+    The group runs as one op where its first member was, so each member reads its inputs
+    there. An in-place write between two members, by an op that stays outside (``x.mul_(2)``
+    on a value a later member reads; ``h.add_(1)`` on a member's result), is data the graph
+    does not show as an edge: the later member would read the value from before the write.
+    The members before the write read what they always did."""
+    members = group.members
+    first, last = position[members[0]], position[members[-1]]
+    member_set = set(members)
+    between = [
+        (at, written) for at, node, written in writes if first < at < last and node not in member_set
+    ]
+    if not between:
+        return group
+    touched = _storages([*members, *(arg for node in members for arg in node.all_input_nodes)])
+    cut = None
+    for at, written in between:
+        storages = _storages(written)
+        if touched is None or storages is None or storages & touched:
+            cut = at
+            break
+    if cut is None:
+        return group
+    kept = [node for node in members if position[node] < cut]
+    if not kept:
+        return None
+    rest = _subgroup(group, kept)
+    if not rest.members or not rest.outputs or any(_tensor(node) is None for node in rest.outputs):
+        return None
+    _measure_group(rest, options)
+    if rest.saving < options.min_group_bytes or rest.slices < 2:
+        return None
+    return rest
+
+
 def _storage_bytes(nodes: Any) -> int:
     """Bytes of the distinct storages behind ``nodes`` (graph inputs excluded: they exist
     anyway); a view and its base count once."""
@@ -1654,6 +1758,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result.notes.append("graph has symbolic shapes: left untouched")
         return result
     position = {node: i for i, node in enumerate(nodes)}
+    writes = _writes(nodes)
     parameters = {
         node for node, value in zip((n for n in nodes if n.op == "placeholder"), ctx.example_inputs)
         if isinstance(value, torch.nn.Parameter)
@@ -1665,7 +1770,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result.notes.append(f"{len(claimed)} node(s) under a torch.func transform (vmap, grad, jvp) left alone")
     unit_of: dict[torch.fx.Node, Any] = {}
     groups: list[_Group] = []
-    skipped_small = split_groups = handed_over = 0
+    skipped_small = split_groups = handed_over = cut_at_writes = 0
     for seed in nodes:
         shape = _shape(seed)
         # A value a group writes whole (claimed, read outside it) seeds the next group: the
@@ -1690,6 +1795,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             if handed is not None:
                 best, follower = handed
             pieces = [piece for piece in _split(best, options) if piece.slices >= 2]
+            checked = [_before_writes(piece, writes, position, options) for piece in pieces]
+            cut_at_writes += sum(piece is not whole for piece, whole in zip(checked, pieces))
+            pieces = [piece for piece in checked if piece is not None]
             trial = dict(unit_of)
             for offset, piece in enumerate(pieces):
                 for node in piece.members:
@@ -1713,6 +1821,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result.notes.append(
             "ops without a slicing rule ended groups (conservative): "
             + ", ".join(f"{name} x{count}" for name, count in unknown.most_common(6))
+        )
+    if cut_at_writes:
+        result.notes.append(
+            f"{cut_at_writes} group(s) cut short (or left alone) before an in-place write by an op outside them "
+            "to a value they read or compute: run as one op, they would read it before the write"
         )
     if handed_over:
         result.notes.append(

@@ -204,6 +204,45 @@ def test_plain_couplings_compiled_match_eager(case, depth, dropout):
     assert sum(by_segment.values()) == expected
 
 
+class TinyScaleCouplings(nn.Module):
+    """``y1 = x1 + F(x2); y2 = b*x2 + G(y1)`` with MLP branches and a tiny ``b``: rebuilding
+    ``x2 = (y2 - G(y1)) / b`` multiplies the rounding in ``y2`` by ``1/|b|``, and ``x2`` is
+    what F is recomputed on."""
+
+    def __init__(self, depth, b):
+        super().__init__()
+        self.f = nn.ModuleList(MLP(6, 0.0) for _ in range(depth))
+        self.g = nn.ModuleList(MLP(6, 0.0) for _ in range(depth))
+        self.b = b
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        for f, g in zip(self.f, self.g):
+            x1 = x1 + f(x2)
+            x2 = self.b * x2 + g(x1)
+        return torch.cat([x1, x2], dim=-1)
+
+
+def test_a_step_with_a_tiny_scale_only_starts_a_segment():
+    """Each G step (``b = 1e-4``: a 10000x rebuild gain) may only be a segment's first step,
+    whose rebuilt value no step of the segment reads: the segments are (G_k, F_k+1), and the
+    first F and the last G stay ordinary code. Before, each coupling was a segment with G
+    second, and F's gradients came out ~1e-4 off (eager float32: ~1e-6)."""
+    torch.manual_seed(0)
+    model, x = TinyScaleCouplings(3, 1e-4), torch.randn(4, 5, 12)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 2
+    segments = [note for note in result.notes if "keep only their 2 final outputs" in note]
+    assert len(segments) == 2 and all("2 steps (x2_" in note for note in segments), result.notes
+    # Only the middle coupling has both steps in segments.
+    assert [row["reversible"] for row in result.details] == [False, True, False]
+
+
 class SignedCouplings(nn.Module):
     """Couplings written with ``-``, ``alpha=`` and the skip term second: each is
     ``y = scale * x + h_scale * H(x')`` for the pass."""
@@ -1101,6 +1140,30 @@ def test_nn_blocks_eager_autograd_matches_plain_backward(kind, depth, segment_le
         assert relative_error(rev_grad, exact_grad) <= 0.1
     for (name, b), c in zip(module.named_buffers(), plain.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_nn_coupling_with_a_tiny_scale_runs_as_ordinary_code():
+    """A coupling whose ``scale_x2`` alone amplifies rebuild rounding past the limit cannot be
+    rebuilt accurately in any segment (its ``x2`` feeds F's recomputation): it runs with the
+    ordinary backward; the others stay reversible."""
+    torch.manual_seed(1)
+    couplings = [mnn.RevCoupling(MLP(6, 0.0), MLP(6, 0.0), 1.0, scale) for scale in (1.0, 1e-4, 1.0, 1.0)]
+    module = mnn.ReversibleSequential(*couplings, dim=-1)
+    assert [len(segment) for segment in module._segments()] == [1, 1, 2]
+    plain = copy.deepcopy(module)
+    x = torch.randn(4, 5, 12)
+
+    def gradients(model, reversible):
+        inputs = x.clone().requires_grad_(True)
+        out = model(inputs) if reversible else plain_reference(model, inputs)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return out, [inputs.grad] + [p.grad for p in model.parameters()]
+
+    out, rev = gradients(module, True)
+    ref, ordinary = gradients(plain, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for rev_grad, plain_grad in zip(rev, ordinary, strict=True):
+        assert relative_error(rev_grad, plain_grad) <= RTOL
 
 
 def test_nn_blocks_eager_dropout_replays_the_same_mask():

@@ -476,6 +476,47 @@ def test_in_place_activations_slice_only_where_nothing_else_reads_the_value():
         assert_close_rel(out, model(x))
 
 
+class WriteBetweenMembers(nn.Module):
+    """Convolutions read ``x`` before and after an in-place write that no group can hold (for
+    ``mul_`` and ``setitem`` a Dynamo graph records no edge from the write to the later read);
+    or the write goes to a convolution's result that a later convolution reads."""
+
+    def __init__(self, write: str) -> None:
+        super().__init__()
+        self.write = write
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = x * 1.0
+        h = self.c1(x)
+        if self.write == "mul_":
+            x.mul_(2)
+        elif self.write == "+=":
+            x += 1
+        elif self.write == "setitem":
+            x[:, 0] = 0
+        else:  # a member's result
+            h.add_(1)
+        return self.c2(F.silu(h)) + x
+
+
+# With `x += 1` and `h.add_(1)`, Dynamo's graph reads the write's result afterwards (an
+# ordinary edge), so groups need no cut to be right (one may be cut all the same: the check
+# does not tell the two apart); the results must be right either way.
+@pytest.mark.parametrize("write, needs_cut", [("mul_", True), ("setitem", True), ("+=", False), ("result add_", False)])
+def test_groups_do_not_span_an_in_place_write_outside_them(write, needs_cut):
+    torch.manual_seed(25)
+    model, x = WriteBetweenMembers(write).eval(), torch.randn(4, 8, 17, 19)
+    with torch.no_grad():
+        expected = model(x.clone())
+    for lowering in ("eager", "inductor"):
+        _, out, result = compile_and_run(model, x.clone(), lowering=lowering, slicing={"min_group_bytes": 0, "max_slice_bytes": 1024})
+        assert_close_rel(out, expected)
+        assert result.rewrites >= 1  # the parts before and after the write still slice
+        if needs_cut:
+            assert any("before an in-place write" in note for note in result.notes), result.notes
+
+
 def test_unsliceable_graph_is_left_untouched():
     torch.manual_seed(4)
 

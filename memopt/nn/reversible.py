@@ -102,22 +102,39 @@ class ReversibleSequential(nn.Module):
                 x1, x2 = coupling(x1, x2)
             return x1, x2
         for segment in self._segments():
+            if len(segment) == 1 and abs(segment[0].scale_x2) * MAX_REBUILD_GAIN < 1:
+                x1, x2 = segment[0](x1, x2)  # not rebuildable accurately: ordinary autograd
+                continue
             chain, params, consts = self._chain(segment, x1.device)
             x1, x2 = ReversibleChainFunction.apply(chain, x1, x2, len(params), *params, *consts)
         return x1, x2
 
     def _segments(self) -> list[list[RevCoupling]]:
+        """Runs of couplings rebuilt from one pair of kept outputs, each within
+        :data:`MAX_REBUILD_GAIN` (the product of ``max(1, 1/|scale|)`` over its scales).
+
+        Rebuilding ``x2 = (y2 - G(y1)) / scale_x2`` multiplies the rounding in ``y2`` by
+        ``1/|scale_x2|``, and F is recomputed on ``x2``: a coupling whose ``scale_x2`` alone is
+        over the limit runs as ordinary code, in a segment of its own. Rebuilding ``x1`` feeds
+        the previous coupling's G, so a ``scale_x1`` alone over the limit is only allowed on a
+        segment's first coupling (its ``x1`` is the segment's input), where it does not count."""
         segments: list[list[RevCoupling]] = [[]]
         gain = 1.0
         for coupling in self.couplings:
-            factor = max(1.0, 1.0 / abs(coupling.scale_x1)) * max(1.0, 1.0 / abs(coupling.scale_x2))
+            outer = max(1.0, 1.0 / abs(coupling.scale_x1))
+            inner = max(1.0, 1.0 / abs(coupling.scale_x2))
+            if inner > MAX_REBUILD_GAIN:
+                segments += [[coupling], []]  # ordinary code, alone
+                continue
             full = self.segment_length is not None and len(segments[-1]) >= self.segment_length
-            if segments[-1] and (full or gain * factor > MAX_REBUILD_GAIN):
+            if segments[-1] and (full or gain * outer * inner > MAX_REBUILD_GAIN or outer > MAX_REBUILD_GAIN):
                 segments.append([])
-                gain = 1.0
+            if segments[-1]:
+                gain *= outer * inner
+            else:
+                gain = (outer if outer <= MAX_REBUILD_GAIN else 1.0) * inner
             segments[-1].append(coupling)
-            gain *= factor
-        return segments
+        return [segment for segment in segments if segment]
 
     def _chain(self, couplings, device: torch.device) -> tuple[Chain, list[torch.Tensor], list[torch.Tensor]]:
         params: list[torch.Tensor] = []
