@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.fx
+from torch.utils._pytree import tree_leaves
 
+from memopt._torch_compat import StorageWeakRef
 from memopt.config import Config
 from memopt.report import PassResult
 
@@ -77,3 +80,77 @@ def transformed_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
             depth = max(depth - 1, 0)
     return inside
 
+
+# In-place operators as Dynamo records them (``x += y``, ``x[i] = v``), as functions and as
+# methods: they write their first argument.
+_IN_PLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.setitem,
+})
+_IN_PLACE_DUNDERS = frozenset(f"__{op.__name__}__" for op in _IN_PLACE_OPERATORS)
+# Functional ops that take ``inplace`` positionally, and where (F.relu(x, True)).
+_INPLACE_ARGUMENT = {
+    "relu": 1, "relu6": 1, "selu": 1, "silu": 1, "hardswish": 1, "hardsigmoid": 1, "mish": 1,
+    "elu": 2, "celu": 2, "leaky_relu": 2, "hardtanh": 3, "threshold": 3, "rrelu": 4,
+    "dropout": 3, "dropout1d": 3, "dropout2d": 3, "dropout3d": 3, "alpha_dropout": 3, "feature_alpha_dropout": 3,
+}
+
+
+def written_values(node: torch.fx.Node) -> list[Any]:
+    """The values ``node`` writes in place: the first argument of an in-place method
+    (``mul_``), operator (``+=``, ``x[i] = v``) or function (``torch.relu_``,
+    ``inplace=True``), the arguments an aten op's schema marks written, its ``out=``
+    tensors; nothing for an op that writes only its own result.
+
+    A Dynamo graph is not functionalized: a write there is no edge to the reads after it,
+    so a pass that moves ops must not move a read across a write to what it reads."""
+    if node.op not in ("call_function", "call_method"):
+        return []
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op == "call_function":
+        out = node.kwargs.get("out")
+        if out is not None:
+            return list(out) if isinstance(out, (list, tuple)) else [out]
+        try:
+            if node.target in _IN_PLACE_OPERATORS:
+                return [first]
+        except TypeError:  # unhashable target
+            pass
+        schema = getattr(node.target, "_schema", None)
+        if isinstance(schema, torch.FunctionSchema):
+            return [
+                node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+                for i, argument in enumerate(schema.arguments)
+                if argument.alias_info is not None and argument.alias_info.is_write
+            ]
+        position = _INPLACE_ARGUMENT.get(name)
+        if position is not None and len(node.args) > position and node.args[position] is True:
+            return [first]
+    if name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")):
+        return [first]
+    if node.kwargs.get("inplace") is True:
+        return [first]
+    return []
+
+
+def value_storages(values: Iterable[Any]) -> set[Any] | None:
+    """The storages behind the tensors of ``values`` (graph nodes, by their fake values: a view
+    shares its base's), or ``None`` where a node's is unknown (no tensor metadata). Python
+    numbers have none."""
+    storages = set()
+    for value in values:
+        if not isinstance(value, torch.fx.Node):
+            continue
+        meta = value.meta.get("val", value.meta.get("example_value"))
+        if isinstance(meta, (int, float, bool, torch.SymInt, torch.SymFloat)):
+            continue
+        tensors = [leaf for leaf in tree_leaves(meta) if isinstance(leaf, torch.Tensor)]
+        if not tensors:
+            return None
+        try:
+            storages.update(StorageWeakRef(tensor.untyped_storage()) for tensor in tensors)
+        except (NotImplementedError, RuntimeError):
+            return None
+    return storages

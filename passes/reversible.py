@@ -44,7 +44,7 @@ from memopt._torch_compat import StorageWeakRef
 from memopt.estimate import storage_nbytes, tensor_values
 from memopt.ops import autocast_state
 from memopt.ops import reversible as reversible_ops
-from memopt.passes.base import GraphPass, PassContext
+from memopt.passes.base import GraphPass, PassContext, value_storages, written_values
 from memopt.report import PassResult
 
 # ``a + b``, ``a - b`` and their ``alpha=`` forms: (function targets, method names, sign of b).
@@ -64,7 +64,22 @@ _RANDOM_NAMES = frozenset(
         "random_", "rrelu",
     }
 )
-_BATCH_NORM_SIGNATURE = inspect.signature(torch.nn.functional.batch_norm)
+# The norms that update running statistics, with their arguments (the torch.* builtins have
+# no Python signature: theirs is spelled out).
+_NORM_SIGNATURES = {
+    torch.nn.functional.batch_norm: inspect.signature(torch.nn.functional.batch_norm),
+    torch.nn.functional.instance_norm: inspect.signature(torch.nn.functional.instance_norm),
+    torch.batch_norm: inspect.Signature([
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for name in ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                     "cudnn_enabled")
+    ]),
+    torch.instance_norm: inspect.Signature([
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for name in ("input", "weight", "bias", "running_mean", "running_var", "use_input_stats", "momentum", "eps",
+                     "cudnn_enabled")
+    ]),
+}
 _MODE_SWITCHES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
 
 
@@ -196,31 +211,27 @@ def _is_random(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
 
 
 def _batch_norm_buffers(node: Node) -> list[Node]:
-    """Running-statistics buffers a training-mode ``F.batch_norm`` node updates in place."""
-    if node.op != "call_function" or node.target is not torch.nn.functional.batch_norm:
+    """Running-statistics buffers a batch or instance norm in training mode updates in place
+    (``F.batch_norm``, ``torch.batch_norm``, ``F.instance_norm``, ``torch.instance_norm``)."""
+    if node.op != "call_function":
         return []
-    bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
+    signature = _NORM_SIGNATURES.get(node.target)
+    if signature is None:
+        return []
+    try:
+        bound = signature.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return []
     bound.apply_defaults()
-    if bound.arguments["training"] is False:
+    flag = "training" if "training" in bound.arguments else "use_input_stats"
+    if bound.arguments[flag] is False:
         return []
     return [n for n in (bound.arguments["running_mean"], bound.arguments["running_var"]) if isinstance(n, Node)]
 
 
 def _mutated_inputs(node: Node) -> list[Node]:
-    """Inputs ``node`` writes in place (in-place methods/functions, ``inplace=True``)."""
-    name = _target_name(node)
-    first = node.args[0] if node.args else None
-    if name.endswith("_") and not name.startswith("_") and isinstance(first, Node):
-        return [first]
-    if node.kwargs.get("inplace") is True and isinstance(first, Node):
-        return [first]
-    if node.op == "call_function" and len(node.args) >= 2 and getattr(node.target, "__name__", "") in (
-        "relu", "hardtanh", "relu6", "elu", "leaky_relu", "selu", "celu", "silu", "hardswish", "mish"
-    ):
-        # F.relu(x, True) and friends take ``inplace`` positionally as their last argument.
-        if node.args[-1] is True and isinstance(first, Node):
-            return [first]
-    return []
+    """Graph values ``node`` writes in place (see :func:`written_values`)."""
+    return [value for value in written_values(node) if isinstance(value, Node)]
 
 
 class _Graph:
@@ -232,6 +243,13 @@ class _Graph:
         self.deterministic = deterministic
         self.nodes = list(gm.graph.nodes)
         self.index = {node: i for i, node in enumerate(self.nodes)}
+        self._writes: list[tuple[int, Node]] | None = None
+
+    def writes(self) -> list[tuple[int, Node]]:
+        """The nodes that write a graph value in place, with their positions."""
+        if self._writes is None:
+            self._writes = [(i, node) for i, node in enumerate(self.nodes) if _mutated_inputs(node)]
+        return self._writes
 
     def descendants(self, roots: Iterable[Node], limit: int | None = None) -> set[Node]:
         """Nodes reachable from ``roots`` through users (roots included), up to index ``limit``."""
@@ -529,9 +547,11 @@ def _chain_from(
                     continue
                 chain = _Chain(x1, x2, [step1, step2])
                 _extend(graph, chain, forbidden, failures)
-                _trim(graph, chain)
+                reason = _trim(graph, chain)
                 if len(chain.steps) >= 2:
                     return chain
+                if reason:
+                    failures.setdefault(first.name, f"{first.name}: {reason}")
     return None
 
 
@@ -566,14 +586,49 @@ def _extend(graph: _Graph, chain: _Chain, forbidden: set[Node], failures: dict[s
             return
 
 
-def _trim(graph: _Graph, chain: _Chain) -> None:
+def _trim(graph: _Graph, chain: _Chain) -> str | None:
     """Drop final steps until every read of the chain's values from outside it can come after
     its last node, where the chain's op returns them (its two final outputs, and side outputs):
-    reads placed earlier must be movable there (:func:`_early_readers`)."""
+    reads placed earlier must be movable there (:func:`_early_readers`); and until no op
+    outside the chain writes in place what it must not (:func:`_conflicting_write`). Returns
+    the last such write's reason, if one dropped steps."""
+    reason = None
     while len(chain.steps) >= 2:
-        if _early_readers(graph.index, chain, graph.deterministic) is not None:
-            return
+        write = _conflicting_write(graph, chain)
+        if write is None and _early_readers(graph.index, chain, graph.deterministic) is not None:
+            return reason
+        reason = write or reason
         chain.steps.pop()
+    return reason
+
+
+def _conflicting_write(graph: _Graph, chain: _Chain) -> str | None:
+    """Why an op outside ``chain`` that writes in place keeps it from becoming one op, or
+    ``None``. A Dynamo graph has no edge from a write to the reads after it, and the chain's
+    op runs where its last step was:
+
+    * placed among the chain's nodes, a write to a value the chain reads or computes
+      (``ctx.mul_(0.5)`` between two couplings whose F reads ``ctx``) would come before
+      every step, where eager ran the earlier steps before it;
+    * placed after the chain, a write to a tensor its steps read besides their streams
+      (which the op keeps for the backward's recomputation) would change what the backward
+      recomputes."""
+    members = chain.members()
+    first = min(graph.index[node] for node in members)
+    last = graph.index[chain.steps[-1].add]
+    writes = [(at, node) for at, node in graph.writes() if at > first and node not in members]
+    if not writes:
+        return None
+    read = value_storages([*members, *(arg for node in members for arg in node.all_input_nodes)])
+    kept = value_storages([external for step in chain.steps for external in step.externals])
+    for at, node in writes:
+        written = value_storages(_mutated_inputs(node))
+        among = at < last and (read is None or written is None or bool(written & read))
+        if among or (at > last and (kept is None or written is None or bool(written & kept))):
+            names = ", ".join(value.name for value in _mutated_inputs(node))
+            where = "among its steps" if among else "after it, and the backward recomputes from it"
+            return f"{node.name} writes {names} in place {where}"
+    return None
 
 
 def _early_readers(index: dict[Node, int], chain: _Chain, deterministic: tuple[str, ...] = ()) -> list[Node] | None:

@@ -243,6 +243,85 @@ def test_a_step_with_a_tiny_scale_only_starts_a_segment():
     assert [row["reversible"] for row in result.details] == [False, True, False]
 
 
+class WrittenContext(nn.Module):
+    """Couplings whose F reads a conditioning tensor that is written in place between them
+    (``ctx.mul_(0.5)``), or a buffer counter bumped before each coupling."""
+
+    def __init__(self, depth, kind):
+        super().__init__()
+        self.f = nn.ModuleList(MLP(6, 0.0) for _ in range(depth))
+        self.g = nn.ModuleList(MLP(6, 0.0) for _ in range(depth))
+        self.kind = kind
+        self.register_buffer("counter", torch.zeros(()))
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        ctx = x2.detach() * 1.0
+        for number, (f, g) in enumerate(zip(self.f, self.g)):
+            if self.kind == "buffer":
+                self.counter.add_(1.0)
+                x1 = x1 + f(x2 + self.counter)
+            else:
+                if number > 0:
+                    ctx.mul_(0.5)
+                x1 = x1 + f(x2 + ctx)
+            x2 = x2 + g(x1)
+        return torch.cat([x1, x2], dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["context", "buffer"])
+def test_couplings_around_an_in_place_write_to_what_they_read(kind):
+    """The chain's op runs where its last step was: a coupling before the write would read the
+    value after it, and one whose op keeps the tensor for its backward would recompute from a
+    value written after it. Those couplings stay ordinary code; the last one, after every
+    write, is still a chain."""
+    torch.manual_seed(2)
+    model, x = WrittenContext(3, kind), torch.randn(4, 5, 12)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 1, result.notes
+    assert any("in place among its steps" in note for note in result.notes), result.notes
+
+
+class TorchBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm that calls ``torch.batch_norm`` itself, as fused or custom norm code does."""
+
+    def forward(self, x):
+        return torch.batch_norm(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.training, self.momentum, self.eps,
+            False,
+        )
+
+
+@pytest.mark.parametrize("norm", [
+    lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+    lambda: TorchBatchNorm(3),
+], ids=["instance_norm", "torch.batch_norm"])
+def test_running_statistics_of_other_norms_are_updated_once(norm):
+    """Like F.batch_norm's, the running statistics that InstanceNorm (track_running_stats) and
+    ``torch.batch_norm`` update in place are updated by the forward only, not again by the
+    backward's recomputation (assert_close_grads compares every buffer with eager's)."""
+    torch.manual_seed(3)
+
+    def branch():
+        return nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, bias=False), norm(), nn.SiLU())
+
+    model = ConvCouplings(2)
+    model.f = nn.ModuleList(branch() for _ in range(2))
+    model.g = nn.ModuleList(branch() for _ in range(2))
+    model.train()
+    reference, x = copy.deepcopy(model), conv_input(2)
+    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
+    assert reversible_result(memopt.last_report()).rewrites == 1
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+
+
 class SignedCouplings(nn.Module):
     """Couplings written with ``-``, ``alpha=`` and the skip term second: each is
     ``y = scale * x + h_scale * H(x')`` for the pass."""
