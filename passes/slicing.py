@@ -65,7 +65,7 @@ from memopt.ops.slicing import (
     group_norm_with_stats,
     register_group,
 )
-from memopt.passes.base import GraphPass, PassContext, transformed_nodes
+from memopt.passes.base import GraphPass, PassContext, transformed_nodes, value_storages, written_values
 from memopt.report import PassResult, format_bytes
 
 Spec = SliceSpec
@@ -510,6 +510,8 @@ def _reshape(node: torch.fx.Node, s: _Slicing) -> RuleResult | None:
     in_shape, out_shape = _shape(x), _shape(node)
     if spec is None or in_shape is None or out_shape is None:
         return None
+    if _tensor(node).dtype != _tensor(x).dtype:
+        return None  # view(dtype): a reinterpretation of the bits, not a reshape
     if any(isinstance(a, torch.fx.Node) for a in node.args[1:]):
         return None  # symbolic sizes
     out_spec = _reshape_spec(in_shape, out_shape, spec)
@@ -1048,9 +1050,10 @@ def _best_group(
     seed: torch.fx.Node, position: dict[torch.fx.Node, int], claimed: set[torch.fx.Node], options: SlicingOptions
 ) -> _Group | None:
     """The group grown from ``seed`` along the dimension that saves most (ties: the larger
-    group, so fewer values are materialized between groups), measured."""
+    group, so fewer values are materialized between groups), measured; ``None`` for a seed
+    that is no tensor (a ``split``'s tuple)."""
     best = None
-    for dim, size in enumerate(_shape(seed)):
+    for dim, size in enumerate(_shape(seed) or ()):
         if size < 2:
             continue
         coarser: set[int] = set()
@@ -1205,65 +1208,9 @@ def _subgroup(group: _Group, members: list[torch.fx.Node]) -> _Group:
     return _Group(group.seed, group.slicing, members, feeds, _outputs(members), member_feeds, group.unknown_stops)
 
 
-# In-place operators as Dynamo records them (``x += y``, ``x[i] = v``): they write their first
-# argument.
-_IN_PLACE_OPERATORS = frozenset({
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-    operator.irshift, operator.setitem,
-})
-
-
-def _written(node: torch.fx.Node) -> list[Any]:
-    """The values ``node`` writes in place: its first argument for an in-place method
-    (``mul_``), operator or function (``torch.relu_``, ``inplace=True``, a mutable aten op),
-    its ``out=`` tensors; none for an op that writes only its own result."""
-    first = node.args[0] if node.args else None
-    if node.op == "call_method":
-        name = str(node.target)
-        return [first] if name.endswith("_") and not name.startswith("__") else []
-    if node.op != "call_function":
-        return []
-    out = node.kwargs.get("out")
-    if out is not None:
-        return list(out) if isinstance(out, (list, tuple)) else [out]
-    try:
-        position = _INPLACE_POSITION.get(node.target)
-        if node.target in _IN_PLACE_OPERATORS:
-            return [first]
-    except TypeError:  # unhashable target
-        position = None
-    name = getattr(node.target, "__name__", "")
-    schema = getattr(node.target, "_schema", None)
-    if (
-        (name.endswith("_") and not name.startswith("__"))
-        or (schema is not None and schema.is_mutable)
-        or (position is not None and _arg(node, position, "inplace", False))
-    ):
-        return [first]
-    return []
-
-
 def _writes(nodes: list[torch.fx.Node]) -> list[tuple[int, torch.fx.Node, list[Any]]]:
     """Every node that writes a value in place, as (position, node, what it writes)."""
-    return [(index, node, written) for index, node in enumerate(nodes) if (written := _written(node))]
-
-
-def _storages(values: Any) -> set[Any] | None:
-    """The storages behind ``values`` (views share their base's), or ``None`` where one is
-    unknown (no tensor metadata)."""
-    storages = set()
-    for value in values:
-        tensor = _tensor(value)
-        if tensor is None:
-            if isinstance(value, torch.fx.Node):
-                return None
-            continue  # a Python number: no storage
-        try:
-            storages.add(StorageWeakRef(tensor.untyped_storage()))
-        except (NotImplementedError, RuntimeError):
-            return None
-    return storages
+    return [(index, node, written) for index, node in enumerate(nodes) if (written := written_values(node))]
 
 
 def _before_writes(
@@ -1288,10 +1235,10 @@ def _before_writes(
     ]
     if not between:
         return group
-    touched = _storages([*members, *(arg for node in members for arg in node.all_input_nodes)])
+    touched = value_storages([*members, *(arg for node in members for arg in node.all_input_nodes)])
     cut = None
     for at, written in between:
-        storages = _storages(written)
+        storages = value_storages(written)
         if touched is None or storages is None or storages & touched:
             cut = at
             break

@@ -517,6 +517,59 @@ def test_groups_do_not_span_an_in_place_write_outside_them(write, needs_cut):
             assert any("before an in-place write" in note for note in result.notes), result.notes
 
 
+class BitsView(nn.Module):
+    """``view(torch.int32)`` between two convolutions: same shape, another reading of the bits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = F.silu(self.c1(x)) + 1
+        return self.c2(h.view(torch.int32).float() * 1e-9)
+
+
+def test_a_view_as_another_dtype_is_no_reshape():
+    torch.manual_seed(26)
+    model, x = BitsView().eval(), torch.randn(4, 4, 9, 11)
+    _, out, _ = compile_and_run(model, x, slicing={"min_group_bytes": 0, "max_slice_bytes": 512})
+    with torch.no_grad():
+        assert_close_rel(out, model(x))
+
+
+class SplitThenAttention(nn.Module):
+    """Two attention blocks after ``split`` + ``cat``, two outputs: a cut of the first group
+    has the ``split`` (a tuple) among its boundary values, which the hand-over tried to grow
+    a group from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv1, self.proj1 = nn.Linear(12, 36), nn.Linear(12, 12)
+        self.qkv2, self.proj2 = nn.Linear(12, 36), nn.Linear(12, 12)
+
+    @staticmethod
+    def attend(x, qkv, proj):
+        q, k, v = (t.reshape(-1, 14, 3, 4).transpose(1, 2) for t in qkv(x).chunk(3, -1))
+        weights = F.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)
+        return x + proj((weights @ v).transpose(1, 2).reshape(-1, 14, 12))
+
+    def forward(self, x):
+        a, b = torch.split(x, [4, 8], dim=2)
+        h = torch.cat([F.silu(a), b], dim=2)
+        return self.attend(self.attend(h, self.qkv1, self.proj1), self.qkv2, self.proj2), h
+
+
+def test_a_tuple_at_a_groups_cut_seeds_no_group():
+    torch.manual_seed(27)
+    model, x = SplitThenAttention().eval(), torch.randn(3, 14, 12)
+    _, out, result = compile_and_run(model, x, slicing={"min_group_bytes": 0, "max_slice_bytes": 256})  # strict
+    assert result.rewrites >= 1
+    with torch.no_grad():
+        expected = model(x)
+    assert_close_rel(out[0], expected[0])
+    assert_close_rel(out[1], expected[1])
+
+
 def test_unsliceable_graph_is_left_untouched():
     torch.manual_seed(4)
 
