@@ -610,9 +610,9 @@ def _conflicting_write(graph: _Graph, chain: _Chain) -> str | None:
     * placed among the chain's nodes, a write to a value the chain reads or computes
       (``ctx.mul_(0.5)`` between two couplings whose F reads ``ctx``) would come before
       every step, where eager ran the earlier steps before it;
-    * placed after the chain, a write to a tensor its steps read besides their streams
-      (which the op keeps for the backward's recomputation) would change what the backward
-      recomputes."""
+    * placed after the chain, a write to what the op keeps for the backward (the tensors its
+      steps read besides their streams, and its two final outputs, from which it rebuilds
+      the rest) would change what the backward recomputes."""
     members = chain.members()
     first = min(graph.index[node] for node in members)
     last = graph.index[chain.steps[-1].add]
@@ -620,7 +620,9 @@ def _conflicting_write(graph: _Graph, chain: _Chain) -> str | None:
     if not writes:
         return None
     read = value_storages([*members, *(arg for node in members for arg in node.all_input_nodes)])
-    kept = value_storages([external for step in chain.steps for external in step.externals])
+    kept = value_storages(
+        [*(external for step in chain.steps for external in step.externals), *(step.add for step in chain.steps[-2:])]
+    )
     for at, node in writes:
         written = value_storages(_mutated_inputs(node))
         among = at < last and (read is None or written is None or bool(written & read))
