@@ -144,11 +144,13 @@ def value_storages(values: Iterable[Any]) -> set[Any] | None:
         if not isinstance(value, torch.fx.Node):
             continue
         meta = value.meta.get("val", value.meta.get("example_value"))
-        if isinstance(meta, (int, float, bool, torch.SymInt, torch.SymFloat)):
-            continue
-        tensors = [leaf for leaf in tree_leaves(meta) if isinstance(leaf, torch.Tensor)]
-        if not tensors:
+        if meta is None:
             return None
+        leaves = tree_leaves(meta)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        numbers = (int, float, bool, torch.SymInt, torch.SymFloat)
+        if not all(isinstance(leaf, (torch.Tensor, *numbers)) for leaf in leaves):
+            return None  # something else, which might hold a tensor
         try:
             storages.update(StorageWeakRef(tensor.untyped_storage()) for tensor in tensors)
         except (NotImplementedError, RuntimeError):
