@@ -524,6 +524,33 @@ def test_controlnet_residuals_are_per_step_inputs_not_conditioning():
         assert not torch.equal(outputs[1], outputs[2])  # this step's residual was applied
 
 
+def test_a_controlnet_denoising_loop_rehashes():
+    """diffusers' ControlNetModel (built from the UNet) computes new residuals at every step,
+    handed to the wrapper as a ControlNet pipeline hands them to ``pipe.unet``."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(14)
+    unet = _unet2d(("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D"))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    latents, context, image = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 16), torch.randn(1, 3, 32, 32)
+
+    def generate(model):
+        x = latents
+        for t in TIMESTEPS[:6]:
+            down, mid = controlnet(x, t, encoder_hidden_states=context, controlnet_cond=image, return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            x = x - 0.05 * model(x, t, context, **residuals, return_dict=False)[0]
+        return x
+
+    rehash = StepRehash(unet, interval=3)
+    with torch.no_grad():
+        full, reused = generate(unet), generate(rehash)
+    assert [record.full for record in rehash.history] == [True, False, False] * 2
+    difference = ((reused - full).norm() / full.norm()).item()
+    print(f"Step Rehash with a ControlNet, interval=3, 6 steps: final latents differ by {difference:.3e}")
+    assert 0 < difference < 1
+
+
 @pytest.mark.parametrize("layers", [None, 1, 2])
 def test_a_t2i_adapter_that_writes_into_deep_outputs_rehashes_exactly(layers):
     """A T2I-Adapter's residuals come as a list that the UNet pops from, and are added to the
