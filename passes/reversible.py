@@ -311,6 +311,10 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
         raise NotReversible(f"{add.name}: operands are not tensors")
     if out.shape != skip_value.shape or out.shape != h_value.shape or out.dtype != skip_value.dtype:
         raise NotReversible(f"{add.name}: broadcasting or dtype change between the skip term and the output")
+    stream = _value(x)
+    if stream is not None and stream.dtype != out.dtype:
+        # The chain's op gives both its streams one dtype.
+        raise NotReversible(f"{add.name}: the two streams have different dtypes ({out.dtype} and {stream.dtype})")
     if not out.dtype.is_floating_point:
         raise NotReversible(f"{add.name}: {out.dtype} values cannot be rebuilt by subtraction exactly")
     if torch.finfo(out.dtype).bits < 32:

@@ -330,6 +330,37 @@ def test_running_statistics_of_other_norms_are_updated_once(norm):
     assert_close_grads(model, reference, x_grad, x_ref)
 
 
+class MixedDtypeCouplings(nn.Module):
+    """One stream in float64, the other in float32: each step's skip term, H and output
+    agree, but the chain's op gives both streams one dtype (under the Inductor lowering the
+    step returned garbage)."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.f = nn.ModuleList(MLP(6, 0.0) for _ in range(depth))
+        self.g = nn.ModuleList(MLP(6, 0.0) for _ in range(depth))
+
+    def forward(self, x):
+        x1, x2 = x.double()[..., :6], x[..., 6:]
+        for f, g in zip(self.f, self.g):
+            x1 = x1 + f(x2).double()
+            x2 = x2 + g(x1.float())
+        return torch.cat([x1.float(), x2], dim=-1)
+
+
+def test_streams_of_two_dtypes_are_no_chain():
+    torch.manual_seed(4)
+    model, x = MixedDtypeCouplings(3), torch.randn(3, 5, 12)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 0
+    assert any("the two streams have different dtypes" in note for note in result.notes), result.notes
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
+
+
 class SignedCouplings(nn.Module):
     """Couplings written with ``-``, ``alpha=`` and the skip term second: each is
     ``y = scale * x + h_scale * H(x')`` for the pass."""
