@@ -73,15 +73,17 @@ def build(kind: str, channels: tuple[int, ...], frames: int):
     raise ValueError(kind)
 
 
-def inputs(kind: str, frames: int, size: int, context_dim: int, device, dtype):
+def inputs(kind: str, frames: int, size: int, context_dim: int, device, dtype, batch: int = 1):
+    """One step's inputs; ``batch=2`` is what a pipeline under classifier-free guidance passes
+    (the unconditional and the conditional sample together)."""
     randn = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
     timestep = torch.tensor(501, device=device)
     if kind == "unet3d":
-        return (randn(1, 4, frames, size, size), timestep, randn(1, 77, context_dim)), {}
+        return (randn(batch, 4, frames, size, size), timestep, randn(batch, 77, context_dim)), {}
     if kind == "animatediff":
-        return (randn(1, 4, frames, size, size), timestep, randn(frames, 77, context_dim)), {}
-    return (randn(1, frames, 8, size, size), timestep, randn(1, 1, context_dim)), {
-        "added_time_ids": randn(1, 3)
+        return (randn(batch, 4, frames, size, size), timestep, randn(batch * frames, 77, context_dim)), {}
+    return (randn(batch, frames, 8, size, size), timestep, randn(batch, 1, context_dim)), {
+        "added_time_ids": randn(batch, 3)
     }
 
 
@@ -92,7 +94,7 @@ def step_row(kind, args, device, dtype):
     channels = tuple(int(c) for c in args.channels.split(","))
     torch.manual_seed(0)
     unet = build(kind, channels, args.frames).eval().to(device, dtype)
-    call_args, call_kwargs = inputs(kind, args.frames, args.size, channels[0], device, dtype)
+    call_args, call_kwargs = inputs(kind, args.frames, args.size, channels[0], device, dtype, args.batch)
     call_kwargs["return_dict"] = False
     rows = {}
     with torch.no_grad():
@@ -240,6 +242,7 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="unet3d,animatediff,svd")
     parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1, help="2: a pipeline's batch under classifier-free guidance")
     parser.add_argument("--size", type=int, default=32, help="latent height and width")
     parser.add_argument("--channels", default="32,64,64")
     parser.add_argument("--repeat", type=int, default=3)
@@ -290,7 +293,7 @@ def main(argv=None) -> str:
         "",
         f"device: {device_name}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
         f"python {platform.python_version()}; dtype {dtype}",
-        f"one denoising step, batch 1, {args.frames} frames, latents {args.size}x{args.size}, "
+        f"one denoising step, batch {args.batch}, {args.frames} frames, latents {args.size}x{args.size}, "
         f"block_out_channels ({args.channels}), random weights",
         "",
         f"peak: memopt.measure ({'CUDA peak statistics' if device.type == 'cuda' else 'CPU allocator events'}); "
