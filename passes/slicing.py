@@ -1476,7 +1476,8 @@ class _Grouping:
                         trial[node] = len(self.groups) + offset
                 if not _condensed_acyclic(self.graph, trial):
                     self.notes.append(
-                        f"group at {best.seed.name} (dim {best.dim}) would create a cycle with another group: left alone"
+                        f"group at {best.seed.name} (dim {best.dim}) would create a cycle with another group: "
+                        "left alone"
                     )
                     break
                 self.handed_over += follower is not None
@@ -1823,8 +1824,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         after_fine = _estimated_peak(fine.groups, timeline.running_bytes, position)
         if after_fine < before_fine:
             result.notes.append(
-                f"{len(coarse)} group(s) of fewer than {_FINE_UNITS} units (dim {coarse[0].dim} at {coarse[0].seed.name}) "
-                f"gave way to finer groups: estimated peak {format_bytes(before_fine)} -> {format_bytes(after_fine)}"
+                f"{len(coarse)} group(s) of fewer than {_FINE_UNITS} units (dim {coarse[0].dim} at "
+                f"{coarse[0].seed.name}) gave way to finer groups: estimated peak {format_bytes(before_fine)} -> "
+                f"{format_bytes(after_fine)}"
             )
             grouping = fine
     groups = grouping.groups

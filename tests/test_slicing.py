@@ -149,7 +149,8 @@ def test_unbatched_convolutions_slice_only_where_the_kernel_is_pointwise(conv, s
     torch.manual_seed(24)
     model, x = UnbatchedConv(conv).eval(), torch.randn(*shape)
     for lowering in ("eager", "inductor"):
-        _, out, result = compile_and_run(model, x, lowering=lowering, slicing={"min_group_bytes": 0, "max_slice_bytes": 256})
+        forced = {"min_group_bytes": 0, "max_slice_bytes": 256}
+        _, out, result = compile_and_run(model, x, lowering=lowering, slicing=forced)
         with torch.no_grad():
             assert_close_rel(out, model(x))
         with_conv = [row["dim"] for row in result.details if row["ops"] == 5]  # the whole model
@@ -510,7 +511,8 @@ def test_groups_do_not_span_an_in_place_write_outside_them(write, needs_cut):
     with torch.no_grad():
         expected = model(x.clone())
     for lowering in ("eager", "inductor"):
-        _, out, result = compile_and_run(model, x.clone(), lowering=lowering, slicing={"min_group_bytes": 0, "max_slice_bytes": 1024})
+        forced = {"min_group_bytes": 0, "max_slice_bytes": 1024}
+        _, out, result = compile_and_run(model, x.clone(), lowering=lowering, slicing=forced)
         assert_close_rel(out, expected)
         assert result.rewrites >= 1  # the parts before and after the write still slice
         if needs_cut:
