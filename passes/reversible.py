@@ -852,7 +852,7 @@ def _segments(steps: list[_Step]) -> list[tuple[int, int]]:
     also grows with a segment's length."""
     segments, start, gain = [], 0, 1.0
     for i, step in enumerate(steps):
-        factor = max(1.0, 1.0 / abs(step.scale))
+        factor = reversible_ops.rebuild_factor(step.scale)
         if factor > MAX_REBUILD_GAIN:
             if i - start >= 2:
                 segments.append((start, i))

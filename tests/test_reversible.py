@@ -330,6 +330,23 @@ def test_running_statistics_of_other_norms_are_updated_once(norm):
     assert_close_grads(model, reference, x_grad, x_ref)
 
 
+def test_scales_above_one_cut_the_chain_too():
+    """``a = 2``: each coupling doubles ``x1``, and without a norm the branches grow with it.
+    Rebuilding a small early value from a large late one carries the late value's rounding:
+    12 couplings put the first gradients 8e-5 off (eager: 2e-7) in one segment. ``|scale| > 1``
+    counts like ``1/|scale|`` towards the 16x limit: 3 segments of 4 couplings."""
+    torch.manual_seed(5)
+    model = ConvCouplings(12, scales=(2.0, -1.0))
+    model.f = nn.ModuleList(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.SiLU()) for _ in range(12))
+    model.g = nn.ModuleList(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.SiLU()) for _ in range(12))
+    reference, x = copy.deepcopy(model), conv_input(2)
+    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
+    assert reversible_result(memopt.last_report()).rewrites == 3
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert_close_grads(model, reference, x_grad, x_ref)
+
+
 class MixedDtypeCouplings(nn.Module):
     """One stream in float64, the other in float32: each step's skip term, H and output
     agree, but the chain's op gives both streams one dtype (under the Inductor lowering the

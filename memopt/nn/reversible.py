@@ -20,7 +20,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from memopt.ops.reversible import MAX_REBUILD_GAIN, Chain, ReversibleChainFunction, Step, rng_state_bytes
+from memopt.ops.reversible import (
+    MAX_REBUILD_GAIN,
+    Chain,
+    ReversibleChainFunction,
+    Step,
+    rebuild_factor,
+    rng_state_bytes,
+)
 
 
 class RevCoupling(nn.Module):
@@ -102,7 +109,7 @@ class ReversibleSequential(nn.Module):
                 x1, x2 = coupling(x1, x2)
             return x1, x2
         for segment in self._segments():
-            if len(segment) == 1 and abs(segment[0].scale_x2) * MAX_REBUILD_GAIN < 1:
+            if len(segment) == 1 and rebuild_factor(segment[0].scale_x2) > MAX_REBUILD_GAIN:
                 x1, x2 = segment[0](x1, x2)  # not rebuildable accurately: ordinary autograd
                 continue
             chain, params, consts = self._chain(segment, x1.device)
@@ -111,18 +118,18 @@ class ReversibleSequential(nn.Module):
 
     def _segments(self) -> list[list[RevCoupling]]:
         """Runs of couplings rebuilt from one pair of kept outputs, each within
-        :data:`MAX_REBUILD_GAIN` (the product of ``max(1, 1/|scale|)`` over its scales).
+        :data:`MAX_REBUILD_GAIN` (the product of :func:`rebuild_factor` over its scales).
 
-        Rebuilding ``x2 = (y2 - G(y1)) / scale_x2`` multiplies the rounding in ``y2`` by
-        ``1/|scale_x2|``, and F is recomputed on ``x2``: a coupling whose ``scale_x2`` alone is
-        over the limit runs as ordinary code, in a segment of its own. Rebuilding ``x1`` feeds
+        Rebuilding ``x2 = (y2 - G(y1)) / scale_x2`` amplifies the rounding in ``y2`` by
+        ``rebuild_factor(scale_x2)``, and F is recomputed on ``x2``: a coupling whose
+        ``scale_x2`` alone is over the limit runs as ordinary code, in a segment of its own. Rebuilding ``x1`` feeds
         the previous coupling's G, so a ``scale_x1`` alone over the limit is only allowed on a
         segment's first coupling (its ``x1`` is the segment's input), where it does not count."""
         segments: list[list[RevCoupling]] = [[]]
         gain = 1.0
         for coupling in self.couplings:
-            outer = max(1.0, 1.0 / abs(coupling.scale_x1))
-            inner = max(1.0, 1.0 / abs(coupling.scale_x2))
+            outer = rebuild_factor(coupling.scale_x1)
+            inner = rebuild_factor(coupling.scale_x2)
             if inner > MAX_REBUILD_GAIN:
                 segments += [[coupling], []]  # ordinary code, alone
                 continue
