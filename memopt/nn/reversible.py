@@ -72,8 +72,8 @@ class ReversibleSequential(nn.Module):
     kept outputs (each segment keeps its own two outputs). Rounding in the rebuilt inputs
     accumulates along a segment; deep stacks of BatchNorm + ReLU6 branches on tiny batches
     drift measurably at 32 couplings (docs/passes/reversible.md), 8 keeps them as accurate as
-    the ordinary backward. ``None``: one segment, except where scales below 1 would amplify
-    rounding by more than 16x (as in the compiled pass).
+    the ordinary backward. ``None``: one segment, except where scales other than 1 would
+    amplify rounding by more than 16x (as in the compiled pass).
     """
 
     def __init__(
@@ -122,9 +122,10 @@ class ReversibleSequential(nn.Module):
 
         Rebuilding ``x2 = (y2 - G(y1)) / scale_x2`` amplifies the rounding in ``y2`` by
         ``rebuild_factor(scale_x2)``, and F is recomputed on ``x2``: a coupling whose
-        ``scale_x2`` alone is over the limit runs as ordinary code, in a segment of its own. Rebuilding ``x1`` feeds
-        the previous coupling's G, so a ``scale_x1`` alone over the limit is only allowed on a
-        segment's first coupling (its ``x1`` is the segment's input), where it does not count."""
+        ``scale_x2`` alone is over the limit runs as ordinary code, in a segment of its own.
+        Rebuilding ``x1`` feeds the previous coupling's G, so a ``scale_x1`` alone over the
+        limit is only allowed on a segment's first coupling (its ``x1`` is the segment's
+        input), where it does not count."""
         segments: list[list[RevCoupling]] = [[]]
         gain = 1.0
         for coupling in self.couplings:

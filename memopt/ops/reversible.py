@@ -58,6 +58,7 @@ def rebuild_factor(scale: float) -> float:
     ``max(|scale|, 1/|scale|)`` (1 for a plain residual)."""
     return max(abs(scale), 1.0 / abs(scale))
 
+
 StepFn = Callable[[Tensor, Sequence[Tensor], Sequence[Tensor], Sequence[int]], Tensor]
 """``H(x, params, consts, sizes) -> h``: one step's function of its stream input, its
 differentiable external tensors (parameters), its other external tensors (buffers, masks)
