@@ -154,6 +154,18 @@ def reversible_result(report):
     return next(result for result in report.passes if result.name == "reversible")
 
 
+def check_step_against_eager(model, x, atol=1e-6):
+    """One training step of ``model`` compiled by memopt (eager lowering, strict) against the
+    eager module's step: output, every gradient and buffer. Returns the pass's result."""
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
+    result = reversible_result(memopt.last_report())
+    ref_out, x_ref = run_step(reference, x, seed=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=atol)
+    assert_close_grads(model, reference, x_grad, x_ref)
+    return result
+
+
 CASES = {
     "conv2d": lambda depth, dropout: (ConvCouplings(depth, dims=2, dropout=dropout, scales=(1.0, 0.5)), conv_input(2)),
     "conv3d": lambda depth, dropout: (ConvCouplings(depth, dims=3, dropout=dropout, scales=(2.0, 1.0)), conv_input(3)),
@@ -230,12 +242,7 @@ def test_a_step_with_a_tiny_scale_only_starts_a_segment():
     second, and F's gradients came out ~1e-4 off (eager float32: ~1e-6)."""
     torch.manual_seed(0)
     model, x = TinyScaleCouplings(3, 1e-4), torch.randn(4, 5, 12)
-    reference = copy.deepcopy(model)
-    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
-    ref_out, x_ref = run_step(reference, x, seed=0)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    assert_close_grads(model, reference, x_grad, x_ref)
-    result = reversible_result(memopt.last_report())
+    result = check_step_against_eager(model, x)
     assert result.rewrites == 2
     segments = [note for note in result.notes if "keep only their 2 final outputs" in note]
     assert len(segments) == 2 and all("2 steps (x2_" in note for note in segments), result.notes
@@ -282,12 +289,7 @@ def test_couplings_around_an_in_place_write_to_what_they_read(kind):
     the rest is still a chain."""
     torch.manual_seed(2)
     model, x = WrittenContext(3, kind), torch.randn(4, 5, 12)
-    reference = copy.deepcopy(model)
-    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
-    ref_out, x_ref = run_step(reference, x, seed=0)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    assert_close_grads(model, reference, x_grad, x_ref)
-    result = reversible_result(memopt.last_report())
+    result = check_step_against_eager(model, x)
     assert result.rewrites == 1, result.notes
     if kind == "output":  # the chain ends one step early, before the written output
         assert any("5 steps" in note for note in result.notes), result.notes
@@ -322,12 +324,7 @@ def test_running_statistics_of_other_norms_are_updated_once(norm):
     model.f = nn.ModuleList(branch() for _ in range(2))
     model.g = nn.ModuleList(branch() for _ in range(2))
     model.train()
-    reference, x = copy.deepcopy(model), conv_input(2)
-    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
-    assert reversible_result(memopt.last_report()).rewrites == 1
-    ref_out, x_ref = run_step(reference, x, seed=0)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    assert_close_grads(model, reference, x_grad, x_ref)
+    assert check_step_against_eager(model, conv_input(2)).rewrites == 1
 
 
 def test_scales_above_one_cut_the_chain_too():
@@ -339,12 +336,7 @@ def test_scales_above_one_cut_the_chain_too():
     model = ConvCouplings(12, scales=(2.0, -1.0))
     model.f = nn.ModuleList(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.SiLU()) for _ in range(12))
     model.g = nn.ModuleList(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.SiLU()) for _ in range(12))
-    reference, x = copy.deepcopy(model), conv_input(2)
-    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
-    assert reversible_result(memopt.last_report()).rewrites == 3
-    ref_out, x_ref = run_step(reference, x, seed=0)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    assert_close_grads(model, reference, x_grad, x_ref)
+    assert check_step_against_eager(model, conv_input(2), atol=1e-5).rewrites == 3
 
 
 class MixedDtypeCouplings(nn.Module):
@@ -367,15 +359,9 @@ class MixedDtypeCouplings(nn.Module):
 
 def test_streams_of_two_dtypes_are_no_chain():
     torch.manual_seed(4)
-    model, x = MixedDtypeCouplings(3), torch.randn(3, 5, 12)
-    reference = copy.deepcopy(model)
-    out, x_grad = run_step(model, x, seed=0, lowering="eager", strict=True)
-    result = reversible_result(memopt.last_report())
+    result = check_step_against_eager(MixedDtypeCouplings(3), torch.randn(3, 5, 12))
     assert result.rewrites == 0
     assert any("the two streams have different dtypes" in note for note in result.notes), result.notes
-    ref_out, x_ref = run_step(reference, x, seed=0)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    assert_close_grads(model, reference, x_grad, x_ref)
 
 
 class SignedCouplings(nn.Module):
