@@ -156,3 +156,33 @@ def value_storages(values: Iterable[Any]) -> set[Any] | None:
         except (NotImplementedError, RuntimeError):
             return None
     return storages
+
+
+# A write in place: (position in the graph, the node, the values it writes).
+Write = tuple[int, torch.fx.Node, list[Any]]
+
+
+def in_place_writes(nodes: Sequence[torch.fx.Node]) -> list[Write]:
+    """Every node of ``nodes`` (a graph in order) that writes a value in place."""
+    return [(at, node, written) for at, node in enumerate(nodes) if (written := written_values(node))]
+
+
+def first_write_to(
+    values: Iterable[torch.fx.Node], writes: Sequence[Write], start: int, end: int, skip: Iterable[torch.fx.Node] = ()
+) -> Write | None:
+    """The first of ``writes`` placed strictly between positions ``start`` and ``end``, by a
+    node not in ``skip``, to the storage of one of ``values`` (or to a storage it cannot tell:
+    a value without tensor metadata on either side counts as hit).
+
+    A pass that runs a set of ops as one op at one place uses it: that op reads its inputs
+    there, and a Dynamo graph has no edge from an in-place write to the reads after it."""
+    skip = set(skip)
+    candidates = [write for write in writes if start < write[0] < end and write[1] not in skip]
+    if not candidates:
+        return None
+    storages = value_storages(values)
+    for write in candidates:
+        written = value_storages(write[2])
+        if storages is None or written is None or written & storages:
+            return write
+    return None

@@ -44,7 +44,7 @@ from memopt._torch_compat import StorageWeakRef
 from memopt.estimate import storage_nbytes, tensor_values
 from memopt.ops import autocast_state
 from memopt.ops import reversible as reversible_ops
-from memopt.passes.base import GraphPass, PassContext, value_storages, written_values
+from memopt.passes.base import GraphPass, PassContext, Write, first_write_to, in_place_writes, written_values
 from memopt.report import PassResult
 
 # ``a + b``, ``a - b`` and their ``alpha=`` forms: (function targets, method names, sign of b).
@@ -243,12 +243,12 @@ class _Graph:
         self.deterministic = deterministic
         self.nodes = list(gm.graph.nodes)
         self.index = {node: i for i, node in enumerate(self.nodes)}
-        self._writes: list[tuple[int, Node]] | None = None
+        self._writes: list[Write] | None = None
 
-    def writes(self) -> list[tuple[int, Node]]:
-        """The nodes that write a graph value in place, with their positions."""
+    def writes(self) -> list[Write]:
+        """The nodes that write a value in place (:func:`in_place_writes`)."""
         if self._writes is None:
-            self._writes = [(i, node) for i, node in enumerate(self.nodes) if _mutated_inputs(node)]
+            self._writes = in_place_writes(self.nodes)
         return self._writes
 
     def descendants(self, roots: Iterable[Node], limit: int | None = None) -> set[Node]:
@@ -620,19 +620,17 @@ def _conflicting_write(graph: _Graph, chain: _Chain) -> str | None:
     members = chain.members()
     first = min(graph.index[node] for node in members)
     last = graph.index[chain.steps[-1].add]
-    writes = [(at, node) for at, node in graph.writes() if at > first and node not in members]
-    if not writes:
-        return None
-    read = value_storages([*members, *(arg for node in members for arg in node.all_input_nodes)])
-    kept = value_storages(
-        [*(external for step in chain.steps for external in step.externals), *(step.add for step in chain.steps[-2:])]
-    )
-    for at, node in writes:
-        written = value_storages(_mutated_inputs(node))
-        among = at < last and (read is None or written is None or bool(written & read))
-        if among or (at > last and (kept is None or written is None or bool(written & kept))):
-            names = ", ".join(value.name for value in _mutated_inputs(node))
-            where = "among its steps" if among else "after it, and the backward recomputes from it"
+    read = [*members, *(arg for node in members for arg in node.all_input_nodes)]
+    kept = [external for step in chain.steps for external in step.externals]
+    kept += [step.add for step in chain.steps[-2:]]
+    for values, start, end, where in (
+        (read, first, last, "among its steps"),
+        (kept, last, len(graph.nodes), "after it, and the backward recomputes from it"),
+    ):
+        write = first_write_to(values, graph.writes(), start, end, skip=members)
+        if write is not None:
+            _, node, written = write
+            names = ", ".join(value.name for value in written if isinstance(value, Node))
             return f"{node.name} writes {names} in place {where}"
     return None
 
@@ -956,6 +954,8 @@ def _rewrite_chains(
         for row in rows:
             if not all(i in covered for i in steps_of(row)):
                 row["reason"] = f"rebuild would amplify rounding by more than {MAX_REBUILD_GAIN:g}x"
+        rewritten: set[int] = set()  # steps in a rewritten segment
+        final_bytes: dict[int, int] = {}  # per row: the kept final outputs of segments ending in it
         # Rewrite the last segment first: an earlier segment's outputs are the later one's inputs,
         # and rewriting the earlier one redirects those uses to its op's outputs.
         for segment_number in reversed(range(len(segments))):
@@ -963,7 +963,7 @@ def _rewrite_chains(
             values = chain.values  # [x1, x2, v1, v2, ...]: step i reads values[i] and values[i + 1]
             segment = _Chain(values[start], values[start + 1], chain.steps[start:end])
             finals = [segment.steps[-1].add, segment.steps[-2].add]
-            final_bytes = _bytes_of(finals)
+            segment_final_bytes = _bytes_of(finals)
             try:
                 key, _params, _consts = _rewrite(gm, segment, graph.deterministic)
             except NotReversible as reason:
@@ -975,17 +975,16 @@ def _rewrite_chains(
             rng_bytes = reversible_ops._CHAINS[key].rng_bytes
             sides = [segment.steps[k].add.name for k in reversible_ops._CHAINS[key].side_outputs]
             # A block half in this segment (segments start wherever a scale allows) counts as
-            # reversible once a segment holds each of its steps.
+            # reversible once rewritten segments hold each of its steps.
+            rewritten.update(range(start, end))
             for row in rows:
-                if not any(start <= i < end for i in steps_of(row)):
-                    continue
-                row.setdefault("rewritten", set()).update(i for i in steps_of(row) if start <= i < end)
-                if row["rewritten"] != set(steps_of(row)):
+                steps = steps_of(row)
+                if row["reversible"] or not any(start <= i < end for i in steps) or not rewritten.issuperset(steps):
                     continue
                 row.update(reversible=True, reason="", segment=segment_number, key=key, nested=nested)
-                row["rng_state_bytes"] = rng_bytes * sum(chain.steps[i].random for i in steps_of(row))
+                row["rng_state_bytes"] = rng_bytes * sum(chain.steps[i].random for i in steps)
                 row["saved_bytes_after"] = row["rng_state_bytes"]
-            rows[(end - 1) // 2]["final_bytes"] = rows[(end - 1) // 2].get("final_bytes", 0) + final_bytes
+            final_bytes[(end - 1) // 2] = final_bytes.get((end - 1) // 2, 0) + segment_final_bytes
             result.rewrites += 1
             random_steps = sum(step.random for step in segment.steps)
             notes.append(
@@ -1003,11 +1002,9 @@ def _rewrite_chains(
                 f"chain {number} cut into {len(segments)} segments: its scales would amplify rebuild "
                 f"rounding by more than {MAX_REBUILD_GAIN:g}x in one piece"
             )
-        for row in rows:
-            row.pop("rewritten", None)
-            final_bytes = row.pop("final_bytes", 0)
+        for index, row in enumerate(rows):
             if row["reversible"]:
-                row["saved_bytes_after"] += final_bytes
+                row["saved_bytes_after"] += final_bytes.get(index, 0)
         done.append((notes, rows))
         result.bytes_saved += sum(row["activation_bytes_before"] - row["saved_bytes_after"] for row in rows)
     for notes, rows in reversed(done):

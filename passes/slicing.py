@@ -65,7 +65,7 @@ from memopt.ops.slicing import (
     group_norm_with_stats,
     register_group,
 )
-from memopt.passes.base import GraphPass, PassContext, transformed_nodes, value_storages, written_values
+from memopt.passes.base import GraphPass, PassContext, Write, first_write_to, in_place_writes, transformed_nodes
 from memopt.report import PassResult, format_bytes
 
 Spec = SliceSpec
@@ -1212,14 +1212,9 @@ def _subgroup(group: _Group, members: list[torch.fx.Node]) -> _Group:
     return _Group(group.seed, group.slicing, members, feeds, _outputs(members), member_feeds, group.unknown_stops)
 
 
-def _writes(nodes: list[torch.fx.Node]) -> list[tuple[int, torch.fx.Node, list[Any]]]:
-    """Every node that writes a value in place, as (position, node, what it writes)."""
-    return [(index, node, written) for index, node in enumerate(nodes) if (written := written_values(node))]
-
-
 def _before_writes(
     group: _Group,
-    writes: list[tuple[int, torch.fx.Node, list[Any]]],
+    writes: list[Write],
     position: dict[torch.fx.Node, int],
     options: SlicingOptions,
 ) -> _Group | None:
@@ -1232,23 +1227,11 @@ def _before_writes(
     does not show as an edge: the later member would read the value from before the write.
     The members before the write read what they always did."""
     members = group.members
-    first, last = position[members[0]], position[members[-1]]
-    member_set = set(members)
-    between = [
-        (at, written) for at, node, written in writes if first < at < last and node not in member_set
-    ]
-    if not between:
+    touched = [*members, *(arg for node in members for arg in node.all_input_nodes)]
+    write = first_write_to(touched, writes, position[members[0]], position[members[-1]], skip=members)
+    if write is None:
         return group
-    touched = value_storages([*members, *(arg for node in members for arg in node.all_input_nodes)])
-    cut = None
-    for at, written in between:
-        storages = value_storages(written)
-        if touched is None or storages is None or storages & touched:
-            cut = at
-            break
-    if cut is None:
-        return group
-    kept = [node for node in members if position[node] < cut]
+    kept = [node for node in members if position[node] < write[0]]
     if not kept:
         return None
     rest = _subgroup(group, kept)
@@ -1428,7 +1411,7 @@ class _Grouping:
     nodes: list[torch.fx.Node]
     position: dict[torch.fx.Node, int]
     parameters: set[torch.fx.Node]
-    writes: list[tuple[int, torch.fx.Node, list[Any]]]
+    writes: list[Write]
     options: SlicingOptions
     groups: list[_Group] = dataclasses.field(default_factory=list)
     unit_of: dict[torch.fx.Node, Any] = dataclasses.field(default_factory=dict)
@@ -1798,7 +1781,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result.notes.append("graph has symbolic shapes: left untouched")
         return result
     position = {node: i for i, node in enumerate(nodes)}
-    writes = _writes(nodes)
+    writes = in_place_writes(nodes)
     parameters = {
         node for node, value in zip((n for n in nodes if n.op == "placeholder"), ctx.example_inputs)
         if isinstance(value, torch.nn.Parameter)
@@ -1810,9 +1793,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result.notes.append(f"{len(transformed)} node(s) under a torch.func transform (vmap, grad, jvp) left alone")
     grouping = _Grouping(graph, nodes, position, parameters, writes, options)
     grouping.form(set(transformed))
-    timeline = estimate(gm)
+    timeline = None
     coarse = [group for group in grouping.groups if group.slicing.units < _FINE_UNITS]
     if coarse:
+        timeline = estimate(gm)
         # A group of few units (a guidance batch of 2: the whole UNet, 2 slices) saves at most
         # a fraction 1 - 1/units, and claims ops that finer groups (frames, positions) would
         # slice into many more pieces. Group again, finer groups first, then the rest, and keep
@@ -1865,6 +1849,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if not groups:
         result.notes.append("no group worth slicing: graph left untouched")
         return result
+    timeline = timeline or estimate(gm)
     before = timeline.peak_bytes
     auto = not isinstance(ctx.option, SlicingOptions)
     if auto:
