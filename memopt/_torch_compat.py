@@ -212,7 +212,7 @@ def _tile_atomic_add() -> _Fix:
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def store(self: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
-            threaded = not (not config.cpp.dynamic_threads and self.num_threads == 1)  # not _SINGLE_THREADED
+            threaded = config.cpp.dynamic_threads or self.num_threads != 1  # not _SINGLE_THREADED
             if mode == "atomic_add" and threaded and not self.need_vec_transpose(self.rename_indexing(index)):
                 return CppVecKernel.store(self, name, index, value, mode)  # its index_expr offsets it once
             return original(self, name, index, value, mode)

@@ -1270,7 +1270,9 @@ def test_nn_coupling_with_a_tiny_scale_runs_as_ordinary_code():
     torch.manual_seed(1)
     couplings = [mnn.RevCoupling(MLP(6, 0.0), MLP(6, 0.0), 1.0, scale) for scale in (1.0, 1e-4, 1.0, 1.0)]
     module = mnn.ReversibleSequential(*couplings, dim=-1)
-    assert [len(segment) for segment in module._segments()] == [1, 1, 2]
+    assert [(len(segment), rebuildable) for segment, rebuildable in module._segments()] == [
+        (1, True), (1, False), (2, True)
+    ]
     plain = copy.deepcopy(module)
     x = torch.randn(4, 5, 12)
 

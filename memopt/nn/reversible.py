@@ -108,41 +108,45 @@ class ReversibleSequential(nn.Module):
             for coupling in self.couplings:
                 x1, x2 = coupling(x1, x2)
             return x1, x2
-        for segment in self._segments():
-            if len(segment) == 1 and rebuild_factor(segment[0].scale_x2) > MAX_REBUILD_GAIN:
-                x1, x2 = segment[0](x1, x2)  # not rebuildable accurately: ordinary autograd
+        for segment, rebuildable in self._segments():
+            if not rebuildable:
+                (coupling,) = segment
+                x1, x2 = coupling(x1, x2)  # ordinary autograd
                 continue
             chain, params, consts = self._chain(segment, x1.device)
             x1, x2 = ReversibleChainFunction.apply(chain, x1, x2, len(params), *params, *consts)
         return x1, x2
 
-    def _segments(self) -> list[list[RevCoupling]]:
-        """Runs of couplings rebuilt from one pair of kept outputs, each within
+    def _segments(self) -> list[tuple[list[RevCoupling], bool]]:
+        """Runs of couplings rebuilt from one pair of kept outputs (``True``), each within
         :data:`MAX_REBUILD_GAIN` (the product of :func:`rebuild_factor` over its scales).
 
         Rebuilding ``x2 = (y2 - G(y1)) / scale_x2`` amplifies the rounding in ``y2`` by
         ``rebuild_factor(scale_x2)``, and F is recomputed on ``x2``: a coupling whose
-        ``scale_x2`` alone is over the limit runs as ordinary code, in a segment of its own.
+        ``scale_x2`` alone is over the limit runs as ordinary code, alone (``False``).
         Rebuilding ``x1`` feeds the previous coupling's G, so a ``scale_x1`` alone over the
         limit is only allowed on a segment's first coupling (its ``x1`` is the segment's
         input), where it does not count."""
-        segments: list[list[RevCoupling]] = [[]]
+        segments: list[tuple[list[RevCoupling], bool]] = []
+        current: list[RevCoupling] = []
         gain = 1.0
         for coupling in self.couplings:
             outer = rebuild_factor(coupling.scale_x1)
             inner = rebuild_factor(coupling.scale_x2)
+            full = self.segment_length is not None and len(current) >= self.segment_length
+            if current and (
+                full or inner > MAX_REBUILD_GAIN or outer > MAX_REBUILD_GAIN or gain * outer * inner > MAX_REBUILD_GAIN
+            ):
+                segments.append((current, True))
+                current = []
             if inner > MAX_REBUILD_GAIN:
-                segments += [[coupling], []]  # ordinary code, alone
+                segments.append(([coupling], False))
                 continue
-            full = self.segment_length is not None and len(segments[-1]) >= self.segment_length
-            if segments[-1] and (full or gain * outer * inner > MAX_REBUILD_GAIN or outer > MAX_REBUILD_GAIN):
-                segments.append([])
-            if segments[-1]:
-                gain *= outer * inner
-            else:
-                gain = (outer if outer <= MAX_REBUILD_GAIN else 1.0) * inner
-            segments[-1].append(coupling)
-        return [segment for segment in segments if segment]
+            gain = gain * outer * inner if current else (outer if outer <= MAX_REBUILD_GAIN else 1.0) * inner
+            current.append(coupling)
+        if current:
+            segments.append((current, True))
+        return segments
 
     def _chain(self, couplings, device: torch.device) -> tuple[Chain, list[torch.Tensor], list[torch.Tensor]]:
         params: list[torch.Tensor] = []
