@@ -33,7 +33,9 @@ import memopt.ops.monarch  # noqa: F401  (registers torch.ops.memopt.monarch_mat
 from memopt._torch_compat import fake_tensor_mode, size_hint
 from memopt.config import MonarchOptions
 from memopt.nn.monarch import monarch_block_rank
-from memopt.passes.base import BEFORE_CALL, GraphPass, PassContext, transformed_nodes
+from memopt.passes.base import (
+    BEFORE_CALL, GraphPass, PassContext, in_place_writes, transformed_nodes, value_storages,
+)
 from memopt.report import PassResult, format_bytes
 from memopt.triton_kernels.monarch import project
 
@@ -200,7 +202,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if not plans:
         return result
 
-    recorded = _record_dense_run(gm, ctx, [site for site, *_ in plans], result)
+    measurement = _Measurement.plan(gm, ctx, result)
+    recorded = _record_dense_run(gm, measurement, [site for site, *_ in plans], result) if measurement else None
     fake_mode = _fake_mode(gm)
     hooks = gm.meta.setdefault(BEFORE_CALL, [])
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # a rewritten layer's node -> its stand-in
@@ -246,7 +249,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         "memory drops only where they are freed (memopt.nn.monarchize replaces the modules themselves)"
     )
     if recorded is not None:
-        graph_error = _graph_output_error(gm, ctx, recorded)
+        graph_error = _graph_output_error(gm, measurement, recorded)
         if graph_error is not None:
             result.details.append({"layer": "<graph outputs>", "output_rel_error": graph_error, "rewritten": True})
             result.notes.append(
@@ -385,18 +388,70 @@ def _rewrite(
     return gm.get_buffer(w1_name), gm.get_buffer(w2_name), y_node
 
 
-def _record_dense_run(
-    gm: torch.fx.GraphModule, ctx: PassContext, sites: list[_Site], result: PassResult
-) -> dict[Any, Any] | None:
+class _Measurement:
+    """Runs the graph on the example inputs for the error measurement, without side effects
+    a user could see: the measurement runs the graph twice more than the user asked, so
+    every graph input or attribute the graph writes in place (a buffer counter's ``add_``,
+    an input's ``mul_``) is copied first, and the random number generators are restored
+    after each run (a ``randn`` in the graph would otherwise shift the user's next draws)."""
+
+    def __init__(self, inputs: list[Any], copied_inputs: set[int], copied_attrs: set[str]):
+        self.inputs, self.copied_inputs, self.copied_attrs = inputs, copied_inputs, copied_attrs
+        self.devices = sorted({value.device.index or 0 for value in inputs if _is_cuda_tensor(value)})
+
+    @classmethod
+    def plan(cls, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult) -> _Measurement | None:
+        """``None`` (with a note) when the graph cannot be run safely on real inputs."""
+        if any(fake_tensor_mode(value) is not None for value in ctx.example_inputs):
+            result.notes.append("example inputs are fake tensors: the output error is not measured")
+            return None
+        inputs = _concrete(ctx.example_inputs)
+        if inputs is None:
+            result.notes.append("a symbolic size has no example value: the output error is not measured")
+            return None
+        nodes = list(gm.graph.nodes)
+        written = value_storages(value for _, _, values in in_place_writes(nodes) for value in values)
+        hit = set()
+        for node in nodes if written != set() else ():
+            if node.op not in ("placeholder", "get_attr"):
+                continue
+            storages = value_storages([node])
+            if written is None or storages is None:
+                result.notes.append(
+                    "the graph writes in place to a tensor it cannot tell: the output error is not measured"
+                )
+                return None
+            if storages & written:
+                hit.add(node)
+        placeholders = [node for node in nodes if node.op == "placeholder"]
+        copied_inputs = {index for index, node in enumerate(placeholders) if node in hit}
+        copied_attrs = {node.target for node in hit if node.op == "get_attr"}
+        return cls(inputs, copied_inputs, copied_attrs)
+
+    def run(self, interpreter: torch.fx.Interpreter) -> Any:
+        copied_attrs = self.copied_attrs
+        fetch_attr = interpreter.fetch_attr
+
+        def fetch_copy(target: str) -> Any:
+            value = fetch_attr(target)
+            return value.clone() if target in copied_attrs and isinstance(value, torch.Tensor) else value
+
+        interpreter.fetch_attr = fetch_copy
+        inputs = [
+            value.clone() if index in self.copied_inputs and isinstance(value, torch.Tensor) else value
+            for index, value in enumerate(self.inputs)
+        ]
+        with torch.random.fork_rng(devices=self.devices), torch.no_grad():
+            return interpreter.run(*inputs)
+
+
+def _is_cuda_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_cuda
+
+
+def _record_dense_run(gm: torch.fx.GraphModule, measurement: _Measurement, sites: list[_Site], result: PassResult) -> dict[Any, Any] | None:
     """Run the graph once (before the rewrite) on the example inputs, keeping each site's input
-    and output and the graph outputs. ``None`` (with a note) when the inputs are not real."""
-    if any(fake_tensor_mode(value) is not None for value in ctx.example_inputs):
-        result.notes.append("example inputs are fake tensors: the output error is not measured")
-        return None
-    inputs = _concrete(ctx.example_inputs)
-    if inputs is None:
-        result.notes.append("a symbolic size has no example value: the output error is not measured")
-        return None
+    and output and the graph outputs; ``None`` (with a note) if that fails."""
     wanted = {site.node for site in sites}
     operands = {site.node: (site.x, site.bias) for site in sites}
     recorded: dict[Any, Any] = {}
@@ -410,8 +465,7 @@ def _record_dense_run(
             return value
 
     try:
-        with torch.no_grad():
-            recorded["<outputs>"] = Recorder(gm).run(*inputs)
+        recorded["<outputs>"] = measurement.run(Recorder(gm))
     except Exception as error:  # measuring is best effort; the rewrite does not depend on it
         result.notes.append(f"could not run the graph to measure errors ({type(error).__name__}: {error})")
         return None
@@ -443,11 +497,9 @@ def _output_error(
         return _relative(y.float(), y_dense.float())
 
 
-def _graph_output_error(gm: torch.fx.GraphModule, ctx: PassContext, recorded: dict[Any, Any]) -> float | None:
-    inputs = _concrete(ctx.example_inputs)
+def _graph_output_error(gm: torch.fx.GraphModule, measurement: _Measurement, recorded: dict[Any, Any]) -> float | None:
     try:
-        with torch.no_grad():
-            after = torch.fx.Interpreter(gm).run(*inputs)
+        after = measurement.run(torch.fx.Interpreter(gm))
     except Exception:
         return None
     before = recorded["<outputs>"]

@@ -608,6 +608,46 @@ def test_pass_targets_and_inductor_lowering():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+class _CountingNoisyMLP(_MLP):
+    """Side effects in the graph: a buffer counter, an input written in place, a random draw."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x, scale):
+        self.calls.add_(1)
+        scale.mul_(2)
+        return super().forward(x) * scale + torch.randn(x.shape[0], 1) * 0.1
+
+
+def test_pass_measures_errors_without_side_effects():
+    """Measuring the output error runs the graph twice more than the user asked: what the
+    graph writes in place is written once, and the random stream is where eager leaves it."""
+    torch.manual_seed(11)
+    model = _CountingNoisyMLP()
+    _near_monarch_(model.up, 4, 0.02)
+    _near_monarch_(model.down, 4, 0.02)
+    x = torch.randn(3, 48)
+    scale, scale_eager = torch.ones(3, 1), torch.ones(3, 1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = copy.deepcopy(model)(x, scale_eager)
+        after_eager = torch.rand(4)
+        torch.manual_seed(0)
+        out = memopt.compile(model, lowering="eager", monarch={"nblocks": 4, "min_features": 40})(x, scale)
+        after = torch.rand(4)
+    (result,) = monarch_results(memopt.last_report())
+    assert result.rewrites == 2
+    rows = {row["layer"]: row for row in result.details}
+    assert rows["<graph outputs>"]["output_rel_error"] < 0.05
+    assert model.calls.item() == 1 and torch.equal(scale, scale_eager)
+    torch.testing.assert_close(after, after_eager, rtol=0, atol=0)
+    measured = float((out - expected).norm() / expected.norm())
+    assert 0 < measured < 0.05
+
+
 class _VmappedMLP(_MLP):
     """``up`` runs under ``torch.vmap`` (per row), ``down`` outside it."""
 
