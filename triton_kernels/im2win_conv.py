@@ -166,6 +166,11 @@ def check_arguments(
         raise ValueError(f"im2win_conv2d takes 4-D input and weight, got {x.dim()}-D and {weight.dim()}-D")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError("im2win_conv2d needs input, weight and bias of one dtype")
+    if x.dtype not in (*DTYPES, torch.float64):
+        raise ValueError(f"im2win_conv2d supports float32, float16, bfloat16 (and float64 on CPU), got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"im2win_conv2d: bias must have shape ({weight.shape[0]},) (one per output channel), "
+                         f"got {tuple(bias.shape)}")
     if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise ValueError("im2win_conv2d takes stride, padding and dilation as two ints each")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or groups < 1:
@@ -173,6 +178,13 @@ def check_arguments(
     if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
         raise ValueError(
             f"im2win_conv2d: input channels {x.shape[1]} and weight {tuple(weight.shape)} do not match groups={groups}"
+        )
+    spans = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2)]
+    padded = [x.shape[2 + i] + 2 * padding[i] for i in range(2)]
+    if spans[0] > padded[0] or spans[1] > padded[1]:
+        raise ValueError(
+            f"im2win_conv2d: the kernel spans {spans[0]} x {spans[1]} (size and dilation), more than the padded "
+            f"input's {padded[0]} x {padded[1]}: no output pixel"
         )
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -192,6 +204,7 @@ def window_transform(
     padding: Sequence[int],
     dilation: Sequence[int],
     channels_last: bool | None = None,
+    vertical_padding: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """im2win's window tensor ``win[N, C, H_out, W * K_h]`` of ``x`` (one strided copy).
 
@@ -200,10 +213,14 @@ def window_transform(
     is left to the GEMM's edge masks, see the module docstring). A channels-last ``x`` gives
     a channels-last window tensor (``C`` innermost), so each ``(w, h)`` run holds all
     channels of a group contiguously; ``channels_last`` overrides that choice (the Triton
-    launcher asks for it with NCHW inputs too, see ``tap_major``).
+    launcher asks for it with NCHW inputs too, see ``tap_major``). ``vertical_padding``
+    (rows above, rows below) overrides ``padding[0]``'s symmetric rows: the CPU
+    implementation builds the window rows of a piece of the output from the rows of ``x``
+    they read, which need the padding of the edges they touch only.
     """
     batch, channels, _, width = x.shape
-    x_padded = F.pad(x, (0, 0, padding[0], padding[0]))
+    above, below = vertical_padding if vertical_padding is not None else (padding[0], padding[0])
+    x_padded = F.pad(x, (0, 0, above, below)) if above or below else x
     span = dilation[0] * (kernel_h - 1) + 1
     rows = x_padded.unfold(2, span, stride[0])[..., :: dilation[0]]  # [N, C, H_out, W, K_h]
     out_height = rows.shape[2]
@@ -228,7 +245,8 @@ def valid_columns(geo: ConvGeometry, w: int) -> tuple[int, int]:
 
 def window_run(win: torch.Tensor, geo: ConvGeometry, w: int, first: int, stop: int) -> torch.Tensor:
     """The runs tap column ``w`` reads for output columns ``[first, stop)``, as a view
-    ``[N, C, H_out, stop - first, K_h]`` of ``win`` (no copy)::
+    ``[N, C, H_out, stop - first, K_h]`` of ``win`` (no copy; ``N`` and ``H_out`` are
+    ``win``'s, which may hold some samples and output rows only)::
 
         run[n, c, i, j - first, h] = win[n, c, i, (j*stride_w - pad_w + w*dilation_w) * K_h + h]
     """
@@ -236,7 +254,7 @@ def window_run(win: torch.Tensor, geo: ConvGeometry, w: int, first: int, stop: i
     k_h = geo.kernel_h
     column = first * geo.stride[1] - geo.padding[1] + w * geo.dilation[1]
     return win.as_strided(
-        (geo.batch, geo.in_channels, geo.out_height, stop - first, k_h),
+        (win.shape[0], geo.in_channels, win.shape[2], stop - first, k_h),
         (s_n, s_c, s_i, geo.stride[1] * k_h * s_m, s_m),
         win.storage_offset() + column * k_h * s_m,
     )
@@ -252,6 +270,75 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     return y
 
 
+# The CPU implementation works on a piece of the output at a time (some samples, or some
+# rows of one sample), each piece's workspace at most an eighth of the whole window tensor's
+# bytes, or 4 MiB where that is more (smaller pieces make GEMMs too small to run well): its
+# workspace is a fraction of im2win's window tensor rather than a multiple of it (the window,
+# one kernel column's GEMM operand and product, and a float32 accumulator for half precision,
+# all of the whole batch, were about im2col's size).
+_PIECE_FRACTION = 8
+_MIN_PIECE_BYTES = 4 << 20
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _piece_bytes(geo: ConvGeometry, dtype: torch.dtype, samples: int, rows: int) -> int:
+    """Workspace bytes of :func:`im2win_conv2d_reference` for a piece of ``samples`` samples
+    by ``rows`` output rows: the rows of ``x`` it reads (copied where they take vertical
+    padding), their window rows, one kernel column's GEMM operand and product, the
+    accumulator when the output is of lower precision, and an activation's result."""
+    element = torch.empty((), dtype=dtype).element_size()
+    accumulate = torch.empty((), dtype=_accumulate_dtype(dtype)).element_size()
+    x_rows = (rows - 1) * geo.stride[0] + geo.dilation[0] * (geo.kernel_h - 1) + 1
+    columns = max(stop - first for first, stop in (valid_columns(geo, w) for w in range(geo.kernel_w)))
+    per_row = (
+        geo.in_channels * geo.width * geo.kernel_h * element  # window row
+        + (geo.in_channels * geo.kernel_h + geo.out_channels) * columns * accumulate  # GEMM operand, product
+        + geo.out_channels * geo.out_width * accumulate * (2 if accumulate != element else 1)
+    )
+    return samples * (rows * per_row + x_rows * geo.in_channels * geo.width * element)
+
+
+def _reference_pieces(geo: ConvGeometry, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """The pieces ``(n0, n1, i0, i1)`` (samples, output rows) :func:`im2win_conv2d_reference`
+    computes one after another: whole samples while they fit the budget, else row blocks of
+    one sample (at least one row)."""
+    window = geo.window_numel() * torch.empty((), dtype=dtype).element_size()
+    budget = max(window // _PIECE_FRACTION, _MIN_PIECE_BYTES)
+    height = geo.out_height
+    if _piece_bytes(geo, dtype, 1, height) <= budget:
+        samples = max(1, budget // max(1, _piece_bytes(geo, dtype, 1, height)))
+        return [(n, min(n + samples, geo.batch), 0, height) for n in range(0, geo.batch, samples)]
+    rows = 1
+    while rows < height and _piece_bytes(geo, dtype, 1, 2 * rows) <= budget:
+        rows *= 2
+    return [(n, n + 1, i, min(i + rows, height)) for n in range(geo.batch) for i in range(0, height, rows)]
+
+
+def reference_workspace_bytes(x: torch.Tensor, geo: ConvGeometry) -> int:
+    """Bytes :func:`im2win_conv2d_reference` (the op's CPU implementation) allocates beside
+    its output: the largest of its pieces' workspace, plus one kernel column of the weight
+    (in the accumulation dtype)."""
+    pieces = _reference_pieces(geo, x.dtype)
+    largest = max((_piece_bytes(geo, x.dtype, n1 - n0, i1 - i0) for n0, n1, i0, i1 in pieces), default=0)
+    accumulate = torch.empty((), dtype=_accumulate_dtype(x.dtype)).element_size()
+    weight_column = geo.out_channels * (geo.in_channels // geo.groups) * geo.kernel_h * accumulate
+    return largest + weight_column
+
+
+def _window_piece(x: torch.Tensor, geo: ConvGeometry, n0: int, n1: int, i0: int, i1: int) -> torch.Tensor:
+    """Rows ``[i0, i1)`` of samples ``[n0, n1)`` of the window tensor: built from the rows of
+    ``x`` they read, with the vertical zero padding they need."""
+    stride, padding, dilation = geo.stride[0], geo.padding[0], geo.dilation[0]
+    top = i0 * stride - padding  # the first row read, in x's coordinates (negative: padding)
+    bottom = (i1 - 1) * stride - padding + dilation * (geo.kernel_h - 1) + 1
+    rows = x[n0:n1, :, max(top, 0) : min(bottom, geo.height)]
+    pad = (max(-top, 0), max(bottom - geo.height, 0))
+    return window_transform(rows, geo.kernel_h, geo.stride, (0, 0), geo.dilation, vertical_padding=pad)
+
+
 def im2win_conv2d_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -264,37 +351,54 @@ def im2win_conv2d_reference(
 ) -> torch.Tensor:
     """The convolution in plain PyTorch, the im2win way: window transform, then for each kernel
     column ``w`` one batched GEMM ``[pixels, C/g * K_h] @ [C/g * K_h, C_out/g]`` over the
-    windows, accumulated in float32 (float64 stays float64). The result has aten's layout.
+    windows, accumulated in float32 (float64 stays float64; half-precision operands are
+    converted before the GEMM, whose product would otherwise be rounded, or overflow, in
+    half precision). The result has aten's layout.
 
-    This is also the op's CPU implementation. Its workspace is the window tensor plus one
-    ``1/K_w``-of-im2col slice per GEMM, never the full im2col matrix.
+    This is also the op's CPU implementation. It computes the output a piece at a time (some
+    samples, or some rows of one sample: :func:`_reference_pieces`), so its workspace
+    (:func:`reference_workspace_bytes`: the piece's window tensor and one kernel column's GEMM
+    operand and product) stays a fraction of the whole window tensor, never the im2col matrix.
     """
     geo = geometry(x.shape, weight.shape, stride, padding, dilation, groups)
-    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
-    win = window_transform(x, geo.kernel_h, geo.stride, geo.padding, geo.dilation)
+    accumulate = _accumulate_dtype(x.dtype)
     g = groups
     in_group, out_group = geo.in_channels // g, geo.out_channels // g
+    out = torch.empty(
+        (geo.batch, geo.out_channels, geo.out_height, geo.out_width),
+        dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, weight),
+    )
+    # [G, N, H_out, W_out, C_out/g]: the output seen in the GEMMs' order (a view).
+    out_view = out.unflatten(1, (g, out_group)).permute(1, 0, 3, 4, 2)
     grouped_weight = weight.unflatten(0, (g, out_group))  # [G, C_out/g, C/g, K_h, K_w]
-    acc = torch.zeros(g, geo.batch, geo.out_height, geo.out_width, out_group, dtype=accumulate, device=x.device)
-    for w in range(geo.kernel_w):
-        first, stop = valid_columns(geo, w)
-        if first == stop:
-            continue  # tap column w only ever reads horizontal padding
-        run = window_run(win, geo, w, first, stop)  # [N, C, H_out, J, K_h]
-        # [G, N, H_out, J, K_h, C/g]: pixels major, (h, c) contiguous.
-        columns = run.unflatten(1, (g, in_group)).permute(1, 0, 3, 4, 5, 2)
-        columns = columns.reshape(g, -1, geo.kernel_h * in_group)
-        # One kernel column of the weight at a time: [G, K_h * C/g, C_out/g], 1/K_w of its size.
-        weight_column = grouped_weight[..., w].permute(0, 3, 2, 1).reshape(g, geo.kernel_h * in_group, out_group)
-        partial = torch.bmm(columns, weight_column).to(accumulate)
-        acc[:, :, :, first:stop] += partial.view(g, geo.batch, geo.out_height, stop - first, out_group)
-    # [G, N, H_out, W_out, C_out/g] -> [N, H_out, W_out, C_out] -> logical NCHW
-    out = acc.permute(1, 2, 3, 0, 4)
-    out = out.reshape(geo.batch, geo.out_height, geo.out_width, geo.out_channels).permute(0, 3, 1, 2)
-    if bias is not None:
-        out = out + bias.to(accumulate)[None, :, None, None]
-    out = apply_activation(out, activation).to(x.dtype)
-    return out.contiguous(memory_format=output_memory_format(x, weight))
+    bias_view = bias.to(accumulate).view(g, 1, 1, 1, out_group) if bias is not None else None
+    for n0, n1, i0, i1 in _reference_pieces(geo, x.dtype):
+        win = _window_piece(x, geo, n0, n1, i0, i1)
+        piece = out_view[:, n0:n1, i0:i1]
+        acc = piece if accumulate == x.dtype else torch.empty(piece.shape, dtype=accumulate, device=x.device)
+        acc.zero_()
+        for w in range(geo.kernel_w):
+            first, stop = valid_columns(geo, w)
+            if first == stop:
+                continue  # tap column w only ever reads horizontal padding
+            run = window_run(win, geo, w, first, stop)  # [n, C, rows, J, K_h]
+            # [G, n, rows, J, K_h, C/g]: pixels major, (h, c) contiguous, in the accumulation dtype.
+            columns = run.unflatten(1, (g, in_group)).permute(1, 0, 3, 4, 5, 2)
+            columns = columns.to(accumulate, memory_format=torch.contiguous_format).flatten(1, 3).flatten(2)
+            # Kernel column w of the weight, [G, K_h * C/g, C_out/g] (made again per piece: a
+            # copy of 1/K_w of the weight, against a GEMM of 2 * pixels times as many FLOPs).
+            weight_column = grouped_weight[..., w].permute(0, 3, 2, 1).reshape(g, geo.kernel_h * in_group, out_group)
+            partial = torch.bmm(columns, weight_column.to(accumulate))
+            acc[:, :, :, first:stop] += partial.view(g, n1 - n0, i1 - i0, stop - first, out_group)
+            del columns, partial, weight_column
+        del win
+        if bias_view is not None:
+            acc += bias_view
+        if activation != "none":
+            acc.copy_(apply_activation(acc, activation))
+        if acc is not piece:
+            piece.copy_(acc)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -581,9 +685,12 @@ def tap_major(in_group: int) -> bool:
 
 
 def workspace_bytes(x: torch.Tensor, geo: ConvGeometry, window: str) -> int:
-    """Bytes the kernel's launcher allocates beside the output for input ``x`` (or its fake):
-    the window tensor (materialized form), or the channels-innermost copy of an NCHW ``x``
-    (implicit form with :func:`tap_major` groups), else nothing."""
+    """Bytes the op allocates beside the output for input ``x`` (or its fake). On CUDA, the
+    kernel's launcher: the window tensor (materialized form), or the channels-innermost copy
+    of an NCHW ``x`` (implicit form with :func:`tap_major` groups), else nothing. Elsewhere
+    the CPU implementation's (:func:`reference_workspace_bytes`), whatever ``window``."""
+    if x.device.type != "cuda":
+        return reference_workspace_bytes(x, geo)
     if window == "materialized":
         return geo.window_numel() * x.element_size()
     channels_last = is_channels_last(x)
@@ -633,7 +740,8 @@ def _launch_arguments(
     precision = "tf32" if (allow_tf32 and x.dtype == torch.float32 and x.device.type == "cuda") else "ieee"
     pixels = geo.batch * geo.out_height * geo.out_width
     args = (
-        src, weights, bias if bias is not None else weights, out,
+        # The kernel reads the bias with unit stride: a strided one (b[::2]) is copied.
+        src, weights, bias.contiguous() if bias is not None else weights, out,
         pixels, geo.out_height * geo.out_width, geo.out_width, geo.height, geo.width,
         in_group, out_group, in_group * geo.kernel_h * geo.kernel_w,
         *src.stride(), *out.stride(),
