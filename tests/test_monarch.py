@@ -235,6 +235,17 @@ def test_op_rejects_bad_shapes():
         torch.ops.memopt.monarch_matmul(x[:, :-1], w1, w2)
     with pytest.raises(ValueError, match="w2"):
         torch.ops.memopt.monarch_matmul(x, w1, w2[:, :, :-1])
+    with pytest.raises(ValueError, match="0-d"):
+        torch.ops.memopt.monarch_matmul(x[0, 0], w1, w2)
+
+
+def test_monarch_linear_names_its_input_width():
+    """Padded inside to a multiple of nblocks, but the error names the layer's own width."""
+    layer = MonarchLinear(15, 12, nblocks=4)
+    assert layer(torch.randn(2, 15)).shape == (2, 12)
+    for x in (torch.randn(2, 14), torch.randn(2, 16), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"MonarchLinear\(15, 12\) takes inputs of shape \(\.\.\., 15\)"):
+            layer(x)
 
 
 # ---------------------------------------------------------------------------- Triton kernels

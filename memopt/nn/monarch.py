@@ -96,6 +96,11 @@ class MonarchLinear(nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"MonarchLinear({self.in_features}, {self.out_features}) takes inputs of shape (..., "
+                f"{self.in_features}), got {tuple(x.shape)}"
+            )
         padded_in = self.nblocks * self.in_block
         if padded_in != self.in_features:
             x = F.pad(x, (0, padded_in - self.in_features))

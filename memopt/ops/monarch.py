@@ -188,6 +188,8 @@ def monarch_backward_dispatched(
 
 
 def _check(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int, int, int]:
+    if x.dim() == 0:
+        raise ValueError("monarch_matmul takes x of shape (..., nblocks*p), got a 0-d tensor")
     shapes = monarch_shapes(x.shape[-1], w1, w2)
     if not (x.dtype == w1.dtype == w2.dtype):
         raise ValueError(f"monarch_matmul needs one dtype, got x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype}")
