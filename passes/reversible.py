@@ -40,11 +40,17 @@ import torch
 import torch.fx
 from torch.fx import Node
 
-from memopt._torch_compat import StorageWeakRef
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map_only
+
+from memopt._torch_compat import StorageWeakRef, fake_tensor_mode
 from memopt.estimate import storage_nbytes, tensor_values
 from memopt.ops import autocast_state
 from memopt.ops import reversible as reversible_ops
-from memopt.passes.base import GraphPass, PassContext, Write, first_write_to, in_place_writes, written_values
+from memopt.passes.base import (
+    GraphPass, PassContext, Write, first_write_to, in_place_writes, transformed_nodes, value_storages, written_values,
+)
 from memopt.report import PassResult
 
 # ``a + b``, ``a - b`` and their ``alpha=`` forms: (function targets, method names, sign of b).
@@ -81,6 +87,9 @@ _NORM_SIGNATURES = {
     ]),
 }
 _MODE_SWITCHES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
+# Gradient hooks registered on an intermediate of H (``Tensor.register_hook``, which Dynamo
+# records as a higher-order op with the hook as its body).
+_HOOK_REGISTRATIONS = frozenset({"register_hook", "register_post_accumulate_grad_hook"})
 
 
 def _checkpoint_note(gm: torch.fx.GraphModule, what: str) -> str | None:
@@ -207,7 +216,67 @@ def _is_random(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
     if name == "scaled_dot_product_attention":
         p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
         return not (isinstance(p, (int, float)) and p == 0)
-    return False
+    return _runs_random_ops(node, deterministic)
+
+
+class _DrawRecorder(TorchDispatchMode):
+    """Notes whether an operator that may draw random numbers runs beneath it."""
+
+    def __init__(self, deterministic: tuple[str, ...]) -> None:
+        super().__init__()
+        self.deterministic = deterministic
+        self.draws = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.draws = self.draws or reversible_ops.may_draw_random(func, self.deterministic)
+        return func(*args, **(kwargs or {}))
+
+
+def _runs_random_ops(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
+    """Whether ``node``'s call, run on its fake values, reaches an aten or custom op that may
+    draw random numbers (:func:`memopt.ops.reversible.may_draw_random`). Names do not tell:
+    Dynamo keeps ``F.gumbel_softmax`` as one call, and ``torch.binomial``,
+    ``torch._standard_gamma`` (``Gamma.rsample``), ``torch._sample_dirichlet`` or
+    ``torch.rrelu_`` name no list; the ops they run carry the ``nondeterministic_seeded`` tag.
+    A call that cannot be run so counts as drawing: replaying an RNG state nothing draws from
+    costs a few bytes, not replaying one that is drawn from gives wrong gradients. Calls
+    without a tensor input are not run (random factories are known by name; a grad-mode
+    switch would switch this process's mode)."""
+    target = node.target
+    if node.op not in ("call_function", "call_method") or isinstance(target, torch._ops.HigherOrderOperator):
+        return False  # a higher-order op's bodies are looked at node by node
+    if getattr(target, "__module__", None) == "_operator":
+        return False  # Python's operators: tensor arithmetic, indexing
+    if _target_name(node) in _MODE_SWITCHES:
+        return False  # switches global state, draws nothing
+    values = [_meta_value(arg) for arg in node.all_input_nodes]
+    if any(value is None for value in values):
+        return True
+    if not any(isinstance(value, torch.Tensor) for value in tree_leaves(values)):
+        return False  # no tensor in: a random factory (torch.randn(shape)) is known by name
+    modes = [mode for value in tree_leaves(values) if (mode := fake_tensor_mode(value)) is not None]
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        with modes[0] if modes else FakeTensorMode() as fake_mode, _DrawRecorder(deterministic) as recorder:
+            # Copies: an in-place op must not write the graph's metadata.
+            def copy(tensor: torch.Tensor) -> torch.Tensor:
+                return (tensor if fake_tensor_mode(tensor) is not None else fake_mode.from_tensor(tensor)).clone()
+
+            copies = {arg: tree_map_only(torch.Tensor, copy, value) for arg, value in zip(node.all_input_nodes, values)}
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), copies.__getitem__)
+            if node.op == "call_method":
+                getattr(args[0], target)(*args[1:], **kwargs)
+            else:
+                target(*args, **kwargs)
+    except Exception:
+        return True
+    finally:
+        torch.set_grad_enabled(grad_enabled)
+    return recorder.draws
+
+
+def _meta_value(node: Node) -> Any:
+    return node.meta.get("val", node.meta.get("example_value"))
 
 
 def _batch_norm_buffers(node: Node) -> list[Node]:
@@ -243,6 +312,7 @@ class _Graph:
         self.deterministic = deterministic
         self.nodes = list(gm.graph.nodes)
         self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.transformed = transformed_nodes(gm.graph)
         self._writes: list[Write] | None = None
 
     def writes(self) -> list[Write]:
@@ -341,6 +411,13 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
     for node in nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             raise NotReversible(f"{add.name}: H contains a {node.op} node ({node.name})")
+        if node in graph.transformed:
+            # Batched or grad-wrapped at run time, between nesting switches the step would not hold.
+            raise NotReversible(f"{add.name}: {node.name} in H runs under a torch.func transform (vmap, grad, jvp)")
+        if _target_name(node) in _HOOK_REGISTRATIONS:
+            # The recomputation that makes the gradient runs in the backward, where no hook
+            # registered now could act on it.
+            raise NotReversible(f"{add.name}: H registers a gradient hook ({node.name})")
         for user in node.users:
             if user not in members and not (node is h and user is add):
                 if user.op == "output":
@@ -362,6 +439,9 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
                 seen_externals.add(arg)
                 bodies.append(arg)
                 random = random or any(_is_random(inner, graph.deterministic) for inner in _body_nodes(body))
+                written = _body_writes_its_inputs(body)
+                if written is not None:
+                    raise NotReversible(f"{add.name}: {arg.name} (run by {node.name}) writes {written} in place")
                 continue
             scalar_source = _scalar_source(arg)
             if scalar_source is not None and scalar_source not in forbidden:
@@ -404,6 +484,23 @@ def _submodule(gm: torch.fx.GraphModule, node: Node) -> torch.fx.GraphModule | N
     except AttributeError:
         return None
     return value if isinstance(value, torch.fx.GraphModule) else None
+
+
+def _body_writes_its_inputs(body: torch.fx.GraphModule) -> str | None:
+    """The name of what a higher-order op's body (and the bodies nested in it) writes in place
+    among its inputs (a custom ``autograd.Function`` updating a module buffer), or of the
+    write whose target it cannot tell; ``None`` when it writes only its own intermediates. A
+    step's recomputation runs the body again: it would write twice."""
+    for module in body.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        nodes = list(module.graph.nodes)
+        inputs = value_storages(node for node in nodes if node.op == "placeholder")
+        for _, node, values in in_place_writes(nodes):
+            storages = value_storages(values)
+            if inputs is None or storages is None or storages & inputs:
+                return ", ".join(value.name for value in values if isinstance(value, Node)) or node.name
+    return None
 
 
 def _body_nodes(body: torch.fx.GraphModule) -> list[Node]:

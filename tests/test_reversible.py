@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -305,6 +306,117 @@ class TorchBatchNorm(nn.BatchNorm2d):
             x, self.weight, self.bias, self.running_mean, self.running_var, self.training, self.momentum, self.eps,
             False,
         )
+
+
+class _CountingDouble(torch.autograd.Function):
+    """Doubles its input and counts its calls in a buffer it is handed (a hand-written op
+    keeping a statistic)."""
+
+    @staticmethod
+    def forward(ctx, x, calls):
+        calls.add_(1.0)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2, None
+
+
+class _HookedBranch(nn.Module):
+    def __init__(self, width, kind):
+        super().__init__()
+        self.a, self.b, self.kind = nn.Linear(width, width), nn.Linear(width, width), kind
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.kind == "hook":
+            h.register_hook(lambda grad: grad * 2)
+        elif self.kind == "vmap":
+            h = torch.vmap(lambda row: torch.tanh(row) * row.mean())(h)
+        elif self.kind == "function_writes_buffer":
+            h = _CountingDouble.apply(h, self.calls)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("hook", "registers a gradient hook"),
+        ("vmap", "runs under a torch.func transform"),
+        ("function_writes_buffer", "writes .*calls.* in place"),
+    ],
+)
+def test_steps_the_recomputation_cannot_rerun_are_left_alone(kind, reason):
+    """A hook registered on an intermediate of F, a vmap inside F, a custom autograd.Function
+    in F writing a buffer in place: recomputing F in the backward would lose the hook, run
+    outside the vmap, or write twice. Those couplings stay ordinary code, with the reason."""
+    torch.manual_seed(0)
+
+    class Couplings(nn.Module):
+        def __init__(self, depth=2, width=4):
+            super().__init__()
+            self.f = nn.ModuleList(_HookedBranch(width, kind) for _ in range(depth))
+            self.g = nn.ModuleList(_HookedBranch(width, kind) for _ in range(depth))
+
+        def forward(self, x):
+            x1, x2 = x.chunk(2, -1)
+            for f, g in zip(self.f, self.g):
+                x1 = x1 + f(x2)
+                x2 = x2 + g(x1)
+            return torch.cat([x1, x2], -1)
+
+    result = check_step_against_eager(Couplings(), torch.randn(2, 3, 8))
+    assert result.rewrites == 0
+    assert any(re.search(reason, note) for note in result.notes), result.notes
+
+
+# Random draws no name gives away: Dynamo keeps F.gumbel_softmax as one call; torch.binomial,
+# torch._standard_gamma (what Gamma.rsample runs) and torch.rrelu_ run aten ops tagged
+# nondeterministic_seeded.
+HIDDEN_DRAWS = {
+    "gumbel_softmax": lambda h: F.gumbel_softmax(h, tau=1.0),
+    "binomial": lambda h: h * torch.binomial(torch.full_like(h, 4.0), torch.full_like(h, 0.5)),
+    "standard_gamma": lambda h: h * torch._standard_gamma(torch.full_like(h, 2.0)),
+    "rrelu_": lambda h: torch.rrelu_(h * 1.0, 0.1, 0.3, True),
+}
+
+
+class HiddenDrawCouplings(nn.Module):
+    def __init__(self, draw, depth=2, width=5):
+        super().__init__()
+        self.draw = draw
+        self.f = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.g = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, -1)
+        for f, g in zip(self.f, self.g):
+            x1 = x1 + self.draw(torch.tanh(f(x2)))
+            x2 = x2 + self.draw(torch.tanh(g(x1)))
+        return torch.cat([x1, x2], -1)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["op", "inline"])
+@pytest.mark.parametrize("kind", list(HIDDEN_DRAWS))
+def test_steps_whose_calls_draw_random_numbers_replay_them(kind, inline):
+    """The steps keep their RNG state however the draw is spelled, so the backward's
+    recomputation draws the forward's numbers: gradients are those of the numbers drawn (as
+    an op, eager's own; traced, the compiled graphs' own: the reference is the model compiled
+    without the pass)."""
+    torch.manual_seed(0)
+    model, x = HiddenDrawCouplings(HIDDEN_DRAWS[kind]), torch.randn(2, 3, 10)
+    reference = copy.deepcopy(model)
+    out, x_grad = run_step(model, x, seed=7, lowering="eager", strict=True, reversible_inline=inline)
+    result = reversible_result(memopt.last_report())
+    assert result.rewrites == 1 and any("random steps keep their RNG state" in note for note in result.notes), result
+    torch._dynamo.reset()
+    if inline:
+        ref_out, x_ref = run_step(reference, x, seed=7, lowering="eager", reversible=False)
+    else:
+        ref_out, x_ref = run_step(reference, x, seed=7)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert_close_grads(model, reference, x_grad, x_ref)
 
 
 @pytest.mark.parametrize("norm", [
@@ -1304,6 +1416,85 @@ def test_nn_blocks_eager_dropout_replays_the_same_mask():
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert_close_grads(module, reference, x1, x2)
+
+
+class _NoisyMLP(nn.Module):
+    """Draws random numbers in eval mode too: MC dropout, injected noise."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        h = F.dropout(torch.tanh(self.a(x)), 0.3, training=True)
+        return self.b(h + 0.1 * torch.randn_like(h))
+
+
+def test_nn_blocks_eager_replay_draws_in_eval_mode():
+    torch.manual_seed(0)
+    module = mnn.ReversibleSequential(*[mnn.RevCoupling(_NoisyMLP(5), _NoisyMLP(5)) for _ in range(4)], dim=-1).eval()
+    reference = copy.deepcopy(module)
+    x = torch.randn(3, 4, 10)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.manual_seed(1)
+    module(x1).square().sum().backward()
+    torch.manual_seed(1)
+    plain_reference(reference, x2).square().sum().backward()
+    assert_close_grads(module, reference, x1, x2)
+
+
+def test_nn_blocks_eager_run_parameter_hooks_once():
+    torch.manual_seed(0)
+    module = mnn.ReversibleSequential(*[mnn.RevCoupling(MLP(4, 0.0), MLP(4, 0.0)) for _ in range(2)], dim=-1)
+    reference = copy.deepcopy(module)
+    calls = {"memopt": 0, "plain": 0}
+
+    def doubling(key):
+        def hook(grad):
+            calls[key] += 1
+            return grad * 2
+
+        return hook
+
+    for key, model in (("memopt", module), ("plain", reference)):
+        for parameter in model.parameters():
+            parameter.register_hook(doubling(key))
+    x = torch.randn(3, 4, 8)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    module(x1).square().sum().backward()
+    plain_reference(reference, x2).square().sum().backward()
+    assert calls["memopt"] == calls["plain"] == len(list(module.parameters()))
+    assert_close_grads(module, reference, x1, x2)
+
+
+def test_nn_blocks_eager_refuse_what_their_backward_cannot_do():
+    """A double backward (gradient penalty) raises; so does a branch reading a tensor that
+    needs a gradient but is none of its parameters (a conditioning embedding set as an
+    attribute): its gradient would be lost."""
+    torch.manual_seed(0)
+    module = mnn.ReversibleSequential(*[mnn.RevCoupling(MLP(4, 0.0), MLP(4, 0.0)) for _ in range(2)], dim=-1)
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.square().sum().backward()
+
+    class Conditioned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.condition = nn.Linear(4, 4), None
+
+        def forward(self, h):
+            return self.a(h) + self.condition
+
+    module = mnn.ReversibleSequential(mnn.RevCoupling(Conditioned(), Conditioned()), dim=-1)
+    embedding = nn.Linear(2, 4)
+    for branch in (module.couplings[0].f, module.couplings[0].g):
+        branch.condition = embedding(torch.randn(3, 1, 2))
+    with pytest.raises(ValueError, match=r"reads a tensor of shape \(3, 1, 4\) that requires grad"):
+        module(x)
+    for branch in (module.couplings[0].f, module.couplings[0].g):
+        branch.condition = branch.condition.detach()
+    assert module(x).shape == x.shape
 
 
 def test_nn_blocks_eager_save_only_the_outputs():

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from memopt.ops.reversible import (
     MAX_REBUILD_GAIN,
@@ -166,10 +167,40 @@ class ReversibleSequential(nn.Module):
         def fn(x, step_params, step_consts, _sizes=()):
             state = dict(zip(param_names, step_params))
             state.update(zip(buffer_names, step_consts))
-            return torch.func.functional_call(branch, state, (x,))
+            if torch.is_grad_enabled():  # the backward's recomputation
+                return torch.func.functional_call(branch, state, (x,))
+            with _ReadsNothingElseNeedingGrad((x, *step_params, *step_consts)):  # the forward, under no_grad
+                return torch.func.functional_call(branch, state, (x,))
 
-        random = self.preserve_rng_state and branch.training
-        return Step(fn, scale, param_index, const_index, random)
+        # In eval mode too: MC dropout (F.dropout(..., training=True)) or injected noise
+        # draws whatever the module's mode, as torch.utils.checkpoint assumes.
+        return Step(fn, scale, param_index, const_index, self.preserve_rng_state)
+
+
+class _ReadsNothingElseNeedingGrad(TorchFunctionMode):
+    """Raises when a branch, run in the chain's forward (under no_grad: what it computes needs
+    no gradient), reads a tensor that requires grad other than its input and its own
+    parameters and buffers: a conditioning embedding set as an attribute of the branch, say.
+    The chain's backward differentiates the branches with respect to those only, so that
+    tensor's gradient would be lost without a word. One identity test per tensor argument of
+    each torch function the branch calls."""
+
+    def __init__(self, allowed: Iterable[torch.Tensor]) -> None:
+        super().__init__()
+        self.allowed = {id(tensor) for tensor in allowed}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad and id(tensor) not in self.allowed:
+                    raise ValueError(
+                        f"ReversibleSequential: a coupling branch reads a tensor of shape {tuple(tensor.shape)} that "
+                        "requires grad but is neither a parameter or buffer of the branch nor a stream: the "
+                        "reversible backward would drop its gradient. Make it a parameter or buffer of the branch, "
+                        "detach it, or run these couplings as plain modules"
+                    )
+        return func(*args, **kwargs)
 
 
 def _pooled(named: Iterable[tuple[str, torch.Tensor]], pool: list) -> tuple[list[str], list[int]]:

@@ -130,8 +130,12 @@ def _set_rng_state(state: Tensor, device: torch.device) -> None:
 
 
 # Operator namespaces whose ops declare their random draws with the ``nondeterministic_seeded``
-# tag (PyTorch's own), or draw none (memopt's; the functional collectives).
-_DECLARED_NAMESPACES = frozenset({"aten", "prims", "memopt", "_c10d_functional", "c10d_functional"})
+# tag (PyTorch's own, ``prim::device`` included: it runs when a function asks a tensor's
+# device), or draw none (memopt's; the functional collectives).
+_DECLARED_NAMESPACES = frozenset({
+    "aten", "prims", "prim", "mkldnn", "onednn", "quantized", "_quantized", "quantized_decomposed", "memopt",
+    "_c10d_functional", "c10d_functional",
+})
 
 
 def may_draw_random(target: object, deterministic: Collection[str] = ()) -> bool:
@@ -539,7 +543,8 @@ class ReversibleChainFunction(torch.autograd.Function):
     """Eager autograd of a chain: saves the final streams (and RNG states), nothing per step.
 
     ``apply(chain, x1, x2, num_params, *params_then_consts)``; the steps' ``fn`` take the
-    module parameters themselves, so recomputed gradients land on them directly.
+    parameters as arguments (``functional_call``): the backward differentiates detached
+    copies and returns their gradients.
     """
 
     @staticmethod
@@ -555,10 +560,16 @@ class ReversibleChainFunction(torch.autograd.Function):
         return stream1, stream2
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad1: Tensor | None, grad2: Tensor | None):
+        # Once differentiable: the recomputation's graph is gone when this returns, so a
+        # double backward (a gradient penalty) raises rather than differentiating nothing.
         stream1, stream2, rng = ctx.saved_tensors
+        # Leaves of their own: differentiating with respect to the parameters themselves would
+        # run their hooks here and again when autograd accumulates the returned gradients.
+        leaves = [p.detach().requires_grad_(p.requires_grad) for p in ctx.params]
         with under(ctx.autocast):
             grad_x1, grad_x2, param_grads = chain_backward(
-                ctx.chain, stream1, stream2, grad1, grad2, rng, ctx.params, ctx.consts, params_are_leaves=True
+                ctx.chain, stream1, stream2, grad1, grad2, rng, leaves, ctx.consts, params_are_leaves=True
             )
         return (None, grad_x1, grad_x2, None, *param_grads, *([None] * len(ctx.consts)))
