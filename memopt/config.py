@@ -238,11 +238,12 @@ class SlicingOptions:
     ``lowering="inductor"`` (on a CPU too: there it measured 0.89-0.97x the op-by-op time and
     a 0.3-1.2 MiB lower peak on the video UNets of ``benchmarks/slicing.py``, for a first call
     about 45 s longer), off under ``lowering="eager"``."""
-    max_peak_bytes: int | None = None
+    max_peak_bytes: int | str | None = None
     """Memory budget for the graph's intermediates: groups are sliced, largest saving at the
     estimated peak first, only until the estimated peak fits in this many bytes (nothing is
-    sliced when it already fits). ``None``: slice every group worth it. ``"auto"`` sets it
-    to half the memory free on the graph's device when it is compiled."""
+    sliced when it already fits). ``None``: slice every group worth it. ``"auto"``: half the
+    memory free on the graph's device when it is compiled (what ``slicing="auto"`` uses, here
+    with the dict's other options)."""
 
     def __post_init__(self) -> None:
         if self.max_slice_bytes is not None and (
@@ -253,12 +254,14 @@ class SlicingOptions:
             raise ValueError(f"slicing option 'min_group_bytes' must be an int >= 0, got {self.min_group_bytes!r}")
         if isinstance(self.max_slices, bool) or not isinstance(self.max_slices, int) or self.max_slices < 2:
             raise ValueError(f"slicing option 'max_slices' must be an int >= 2, got {self.max_slices!r}")
-        if self.compile_body not in (None, True, False):
+        if not any(self.compile_body is value for value in (None, True, False)):
             raise ValueError(f"slicing option 'compile_body' must be True, False or None, got {self.compile_body!r}")
-        if self.max_peak_bytes is not None and (
+        if self.max_peak_bytes is not None and self.max_peak_bytes != "auto" and (
             isinstance(self.max_peak_bytes, bool) or not isinstance(self.max_peak_bytes, int) or self.max_peak_bytes < 0
         ):
-            raise ValueError(f"slicing option 'max_peak_bytes' must be an int >= 0 or None, got {self.max_peak_bytes!r}")
+            raise ValueError(
+                f"slicing option 'max_peak_bytes' must be an int >= 0, \"auto\" or None, got {self.max_peak_bytes!r}"
+            )
 
     @classmethod
     def from_option(cls, value: Any) -> Any:

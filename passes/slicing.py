@@ -1212,26 +1212,34 @@ def _subgroup(group: _Group, members: list[torch.fx.Node]) -> _Group:
     return _Group(group.seed, group.slicing, members, feeds, _outputs(members), member_feeds, group.unknown_stops)
 
 
-def _before_writes(
+def _before_cut(
     group: _Group,
     writes: list[Write],
     position: dict[torch.fx.Node, int],
+    autocast: dict[torch.fx.Node, autocast_state.AutocastState],
     options: SlicingOptions,
 ) -> _Group | None:
     """``group``, or the part of it before the first op outside it that writes in place a
-    value it reads or computes (``None`` if that part is not worth slicing).
+    value it reads or computes, and before its first member under another autocast state
+    than its first (``None`` if that part is not worth slicing).
 
     The group runs as one op where its first member was, so each member reads its inputs
     there. An in-place write between two members, by an op that stays outside (``x.mul_(2)``
     on a value a later member reads; ``h.add_(1)`` on a member's result), is data the graph
     does not show as an edge: the later member would read the value from before the write.
-    The members before the write read what they always did."""
+    The members before the write read what they always did. And the op runs its body under
+    one autocast state, its first member's: a ``torch.autocast`` block of the model's code
+    starting or ending among the members would be ignored (a float32 region run in bfloat16)."""
     members = group.members
     touched = [*members, *(arg for node in members for arg in node.all_input_nodes)]
     write = first_write_to(touched, writes, position[members[0]], position[members[-1]], skip=members)
-    if write is None:
+    end = write[0] if write is not None else None
+    switch = next((position[node] for node in members if autocast[node] != autocast[members[0]]), None)
+    if switch is not None and (end is None or switch < end):
+        end = switch
+    if end is None:
         return group
-    kept = [node for node in members if position[node] < write[0]]
+    kept = [node for node in members if position[node] < end]
     if not kept:
         return None
     rest = _subgroup(group, kept)
@@ -1412,6 +1420,7 @@ class _Grouping:
     position: dict[torch.fx.Node, int]
     parameters: set[torch.fx.Node]
     writes: list[Write]
+    autocast: dict[torch.fx.Node, autocast_state.AutocastState]
     options: SlicingOptions
     groups: list[_Group] = dataclasses.field(default_factory=list)
     unit_of: dict[torch.fx.Node, Any] = dataclasses.field(default_factory=dict)
@@ -1450,7 +1459,7 @@ class _Grouping:
                 if handed is not None:
                     best, follower = handed
                 pieces = [piece for piece in _split(best, options) if piece.slices >= 2]
-                checked = [_before_writes(piece, self.writes, position, options) for piece in pieces]
+                checked = [_before_cut(piece, self.writes, position, self.autocast, options) for piece in pieces]
                 self.cut_at_writes += sum(piece is not whole for piece, whole in zip(checked, pieces))
                 pieces = [piece for piece in checked if piece is not None]
                 trial = dict(self.unit_of)
@@ -1782,6 +1791,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         return result
     position = {node: i for i, node in enumerate(nodes)}
     writes = in_place_writes(nodes)
+    # The caller's autocast state (see memopt.ops.autocast_state), changed by autocast blocks
+    # in the model's code: each group's op runs its body under its members' state.
+    autocast = autocast_state.by_node(nodes, autocast_state.current(ctx.device.type))
     parameters = {
         node for node, value in zip((n for n in nodes if n.op == "placeholder"), ctx.example_inputs)
         if isinstance(value, torch.nn.Parameter)
@@ -1791,7 +1803,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     transformed = transformed_nodes(graph)
     if transformed:
         result.notes.append(f"{len(transformed)} node(s) under a torch.func transform (vmap, grad, jvp) left alone")
-    grouping = _Grouping(graph, nodes, position, parameters, writes, options)
+    grouping = _Grouping(graph, nodes, position, parameters, writes, autocast, options)
     grouping.form(set(transformed))
     timeline = None
     coarse = [group for group in grouping.groups if group.slicing.units < _FINE_UNITS]
@@ -1801,7 +1813,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         # a fraction 1 - 1/units, and claims ops that finer groups (frames, positions) would
         # slice into many more pieces. Group again, finer groups first, then the rest, and keep
         # whichever leaves the lower estimated peak.
-        fine = _Grouping(graph, nodes, position, parameters, writes, options)
+        fine = _Grouping(graph, nodes, position, parameters, writes, autocast, options)
         fine.form(set(transformed), min_units=_FINE_UNITS)
         fine.form(set(transformed) | {node for group in fine.groups for node in group.members})
         before_fine = _estimated_peak(grouping.groups, timeline.running_bytes, position)
@@ -1829,7 +1841,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if cut_at_writes:
         result.notes.append(
             f"{cut_at_writes} group(s) cut short (or left alone) before an in-place write by an op outside them "
-            "to a value they read or compute: run as one op, they would read it before the write"
+            "to a value they read or compute, or where a torch.autocast block of the model's code starts or ends: "
+            "run as one op, they would read the value before the write, or run under one autocast state"
         )
     if handed_over:
         result.notes.append(
@@ -1851,19 +1864,24 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         return result
     timeline = timeline or estimate(gm)
     before = timeline.peak_bytes
-    auto = not isinstance(ctx.option, SlicingOptions)
+    auto = not isinstance(ctx.option, SlicingOptions) or options.max_peak_bytes == "auto"
     if auto:
         budget, source = auto_budget(ctx.device)
     else:
         budget, source = options.max_peak_bytes, "max_peak_bytes"
+    # What slices regardless: "auto" takes groups from AUTO_MIN_GROUP_BYTES (True keeps the
+    # larger default); a dict, without its budget.
+    force = (
+        "max_peak_bytes=None" if isinstance(ctx.option, SlicingOptions)
+        else f'slicing={{"min_group_bytes": {AUTO_MIN_GROUP_BYTES}}}'
+    )
     if budget is None and auto:
-        result.notes.append(f"{source}, so memory pressure cannot be judged: graph left untouched (slicing=True slices)")
+        result.notes.append(f"{source}, so memory pressure cannot be judged: graph left untouched ({force} slices)")
         return result
     if budget is not None:
         candidates = len(groups)
         groups, estimated = _select_for_budget(groups, timeline.running_bytes, position, budget)
         if not groups:
-            force = "slicing=True" if auto else "max_peak_bytes=None"
             result.notes.append(
                 f"estimated peak of intermediates {format_bytes(before)} fits the budget {format_bytes(budget)} "
                 f"({source}): nothing sliced, since slicing costs time ({force} slices anyway)"
@@ -1886,8 +1904,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             f"group bodies run compiled by Inductor, once per slice shape (compile_body): "
             f"{sum(compiled)} of {len(groups)}; bodies of one op run it directly (nothing to fuse)"
         )
-    autocast = autocast_state.current(ctx.device.type)  # see memopt.ops.autocast_state
-    prepared = [_prepare(group, compile_it, autocast) for group, compile_it in zip(groups, compiled)]
+    prepared = [_prepare(group, compile_it, autocast[group.members[0]]) for group, compile_it in zip(groups, compiled)]
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
     calls = [_rewrite(graph, group, sliced, inputs, replaced) for group, (sliced, inputs) in zip(groups, prepared)]
     _toposort(graph)

@@ -9,7 +9,10 @@ largest magnitude) has a 10x margin and still catches a wrong slice or a missed 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import operator
+import re
 
 import pytest
 import torch
@@ -100,8 +103,10 @@ def test_config_validates_slicing_options():
     assert options.max_slice_bytes == 4096 and options.min_group_bytes == 0 and options.max_slices == 64
     assert memopt.Config(slicing=True).slicing == SlicingOptions()
     assert memopt.Config(slicing={"max_peak_bytes": 1 << 30}).slicing.max_peak_bytes == 1 << 30
-    with pytest.raises(ValueError, match="max_peak_bytes"):
-        memopt.Config(slicing={"max_peak_bytes": -1})
+    assert memopt.Config(slicing={"max_peak_bytes": "auto"}).slicing.max_peak_bytes == "auto"
+    for value in (-1, "half", 8e9):
+        with pytest.raises(ValueError, match=r'max_peak_bytes.*int >= 0, "auto" or None'):
+            memopt.Config(slicing={"max_peak_bytes": value})
     with pytest.raises(ValueError, match="valid keys are: max_slice_bytes, min_group_bytes, max_slices, compile_body, max_peak_bytes"):
         memopt.Config(slicing={"max_slices_bytes": 1})
     with pytest.raises(ValueError, match="'auto', True, False or a dict"):
@@ -519,6 +524,55 @@ def test_groups_do_not_span_an_in_place_write_outside_them(write, needs_cut):
             assert any("before an in-place write" in note for note in result.notes), result.notes
 
 
+class AutocastRegions(nn.Module):
+    """A chain of convolutions in a ``torch.autocast`` block of the model's own code: a float32
+    region (``enabled=False``, as diffusers upcasts norms) or a bfloat16 one, between
+    convolutions outside it."""
+
+    def __init__(self, region: str) -> None:
+        super().__init__()
+        self.region = region
+        self.convs = nn.ModuleList(nn.Conv2d(c_in, c_out, 1) for c_in, c_out in ((8, 32), (32, 32), (32, 32), (32, 8)))
+
+    def forward(self, x):
+        h = F.silu(self.convs[0](x))
+        if self.region == "float32":
+            inside = torch.autocast("cpu", enabled=False)
+        else:
+            inside = torch.autocast("cpu", dtype=torch.bfloat16)
+        with inside:  # what such blocks do: cast in, compute, cast out
+            h = F.silu(self.convs[2](F.silu(self.convs[1](h.float()))))
+        return self.convs[3](h.to(x.dtype) if self.region == "bfloat16" else h)
+
+
+@pytest.mark.parametrize("region, caller", [("float32", torch.bfloat16), ("bfloat16", None)])
+def test_groups_run_under_the_autocast_state_of_the_models_own_blocks(region, caller):
+    """Each group's op runs its body under its members' autocast state: a group is cut where
+    a block of the model's code starts or ends (before, bodies ran under the caller's state:
+    a float32 region computed in bfloat16, 4.9e-3 off eager, or a bfloat16 one in float32)."""
+    torch.manual_seed(27)
+    model, x = AutocastRegions(region).eval(), torch.randn(4, 8, 12, 12)
+
+    def outer():
+        return torch.autocast("cpu", dtype=caller) if caller else contextlib.nullcontext()
+
+    with torch.no_grad(), outer():
+        expected = model(x).float()
+    forced = {"min_group_bytes": 0, "max_slice_bytes": 1024}
+    with outer():
+        _, out, result = compile_and_run(model, x, slicing=forced)
+    assert result.rewrites >= 1
+    assert any("torch.autocast block" in note for note in result.notes), result.notes
+    assert_close_rel(out.float(), expected)  # op by op: eager's very numbers
+    # Inductor computes bfloat16 ops its own way (stock torch.compile is 5e-3 off eager on the
+    # float32-region model): sliced, no further off than unsliced.
+    with outer():
+        _, whole, _ = compile_and_run(model, x, lowering="inductor", slicing=False)
+        _, out, _ = compile_and_run(model, x, lowering="inductor", slicing=forced)
+    error = lambda y: ((y.float() - expected).abs().max() / expected.abs().max()).item()  # noqa: E731
+    assert error(out) <= max(error(whole), 1e-5)
+
+
 class BitsView(nn.Module):
     """``view(torch.int32)`` between two convolutions: same shape, another reading of the bits."""
 
@@ -695,9 +749,19 @@ def test_auto_slices_only_under_memory_pressure(monkeypatch):
     monkeypatch.setattr(slicing_pass, "auto_budget", lambda device: (1 << 40, "a test's 1 TiB"))
     _, _, relaxed = compile_and_run(model, x, slicing="auto")
     assert relaxed.rewrites == 0 and any("fits the budget" in note for note in relaxed.notes), relaxed.notes
+    # The note names the option that slices what "auto" found (slicing=True keeps larger groups only).
+    (hint,) = re.findall(r"\((slicing=.*) slices anyway\)", " ".join(relaxed.notes))
+    assert hint == f'slicing={{"min_group_bytes": {slicing_pass.AUTO_MIN_GROUP_BYTES}}}'
+    _, _, hinted = compile_and_run(model, x, slicing=json.loads(hint.removeprefix("slicing=")))
+    assert hinted.rewrites >= 1
+    # The same budget within a dict of options: {"max_peak_bytes": "auto"}.
+    _, _, relaxed = compile_and_run(model, x, slicing={"max_peak_bytes": "auto", "min_group_bytes": 0})
+    assert relaxed.rewrites == 0 and any("max_peak_bytes=None slices anyway" in note for note in relaxed.notes)
     # Little free memory: "auto" slices, exactly.
     monkeypatch.setattr(slicing_pass, "auto_budget", lambda device: (1 << 20, "a test's 1 MiB"))
     _, out, pressed = compile_and_run(model, x, slicing="auto")
+    assert pressed.rewrites >= 1 and any("a test's 1 MiB" in note for note in pressed.notes), pressed.notes
+    _, _, pressed = compile_and_run(model, x, slicing={"max_peak_bytes": "auto", "min_group_bytes": 0})
     assert pressed.rewrites >= 1 and any("a test's 1 MiB" in note for note in pressed.notes), pressed.notes
     with torch.no_grad():
         assert_close_rel(out, model(x))
@@ -833,8 +897,9 @@ def test_compile_body_follows_the_lowering_and_is_validated():
     )
     assert result.rewrites == 1 and not result.details[0]["compiled"]
     assert "1 of 1" not in " ".join(result.notes) and "0 of 1" in " ".join(result.notes)
-    with pytest.raises(ValueError, match="compile_body"):
-        memopt.Config(slicing={"compile_body": "yes"})
+    for value in ("yes", 1, 0):  # 1 == True, but not a choice of the three
+        with pytest.raises(ValueError, match="compile_body"):
+            memopt.Config(slicing={"compile_body": value})
 
 
 # ---------------------------------------------------------------------------------------
