@@ -189,7 +189,7 @@ def compile(
     ``mode`` is ``torch.compile``'s (``"max-autotune"``, ``"reduce-overhead"``, ...): the
     Inductor settings it stands for join ``inductor_config``. With ``step_rehash`` the model
     is wrapped in :class:`memopt.diffusion.StepRehash`, whose blocks are compiled with the
-    other options.
+    other options (and ``fullgraph``, ``dynamic``).
     """
     options = dict(with_mode(options, mode))
     config = Config.from_options(options)
@@ -200,7 +200,7 @@ def compile(
         rehash = config.step_rehash
         return StepRehash(
             model, interval=rehash.interval, threshold=rehash.threshold, depth=rehash.depth,
-            layers=rehash.layers, compile_options=rest,
+            layers=rehash.layers, compile_options=rest, fullgraph=fullgraph, dynamic=dynamic,
         )
     return torch.compile(
         model, backend=memopt_backend, fullgraph=fullgraph, dynamic=dynamic, options=options or None

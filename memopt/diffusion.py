@@ -132,6 +132,7 @@ class StepRehash(nn.Module):
         compile_options: when given, each block (each layer module of the cut pair, with
             ``layers``) runs ``torch.compile``-d with memopt and these options (what
             :func:`memopt.compile` passes with ``step_rehash=``).
+        fullgraph, dynamic: ``torch.compile``'s, for those blocks.
     """
 
     def __init__(
@@ -142,6 +143,8 @@ class StepRehash(nn.Module):
         depth: int = 1,
         layers: int | None = None,
         compile_options: Mapping[str, Any] | None = None,
+        fullgraph: bool = False,
+        dynamic: bool | None = None,
     ) -> None:
         super().__init__()
         self.options = StepRehashOptions(interval=interval, threshold=threshold, depth=depth, layers=layers)
@@ -167,7 +170,9 @@ class StepRehash(nn.Module):
             # Checked now, not at the first call from inside a UNet block (the backend's check).
             options = Config.from_options(dict(compile_options)) if compile_options else None
             for _, _, name, module, _ in self._plan():
-                self._compiled[name] = torch.compile(module, backend=memopt_backend, options=options)
+                self._compiled[name] = torch.compile(
+                    module, backend=memopt_backend, fullgraph=fullgraph, dynamic=dynamic, options=options
+                )
         self.history: list[StepRecord] = []
         """One record per call since construction, across generations."""
         self.generations = 0

@@ -272,6 +272,28 @@ def test_memopt_compile_applies_step_rehash_and_the_backend_rejects_it():
         bare(latents, TIMESTEPS[0])
 
 
+class _BreakingMid(nn.Module):
+    """A mid block with a graph break, which ``fullgraph=True`` must refuse."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, hidden_states, temb, encoder_hidden_states=None):
+        torch._dynamo.graph_break()
+        return hidden_states + torch.tanh(self.conv(hidden_states) + temb)
+
+
+def test_memopt_compile_passes_fullgraph_to_the_rehashed_blocks():
+    unet = ToyUNet().eval()
+    unet.mid_block = _BreakingMid(unet.mid_block.conv.in_channels)
+    for step_rehash in (None, {"interval": 2}):
+        torch._dynamo.reset()
+        compiled = memopt.compile(unet, fullgraph=True, lowering="eager", step_rehash=step_rehash)
+        with torch.no_grad(), pytest.raises(Exception, match="graph_break"):
+            compiled(torch.randn(1, 3, 16, 16), TIMESTEPS[0])
+
+
 diffusers = pytest.importorskip("diffusers")
 
 
