@@ -449,7 +449,9 @@ def _is_cuda_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_cuda
 
 
-def _record_dense_run(gm: torch.fx.GraphModule, measurement: _Measurement, sites: list[_Site], result: PassResult) -> dict[Any, Any] | None:
+def _record_dense_run(
+    gm: torch.fx.GraphModule, measurement: _Measurement, sites: list[_Site], result: PassResult
+) -> dict[Any, Any] | None:
     """Run the graph once (before the rewrite) on the example inputs, keeping each site's input
     and output and the graph outputs; ``None`` (with a note) if that fails."""
     wanted = {site.node for site in sites}

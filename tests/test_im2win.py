@@ -527,7 +527,9 @@ def test_pass_inference_eager(channels_last):
     # workspace (the CUDA launcher's is tested on fake CUDA tensors below).
     for row in by_node.values():
         if row["algorithm"] != "aten":
-            geo = im2win_conv.geometry(row["input"], row["weight"], row["stride"], row["padding"], row["dilation"], row["groups"])
+            geo = im2win_conv.geometry(
+                row["input"], row["weight"], row["stride"], row["padding"], row["dilation"], row["groups"]
+            )
             assert row["workspace_bytes"] == im2win_conv.reference_workspace_bytes(x, geo) > 0, row
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
 
