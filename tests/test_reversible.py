@@ -1326,10 +1326,12 @@ def plain_reference(module: mnn.ReversibleSequential, x: torch.Tensor) -> torch.
 
 
 def saved_bytes_eager(fn, *args) -> int:
+    """Bytes of the activations saved for the backward (parameters, kept anyway, left out)."""
     storages = {}
 
     def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        if not isinstance(tensor, nn.Parameter):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -1468,15 +1470,21 @@ def test_nn_blocks_eager_run_parameter_hooks_once():
 
 
 def test_nn_blocks_eager_refuse_what_their_backward_cannot_do():
-    """A double backward (gradient penalty) raises; so does a branch reading a tensor that
-    needs a gradient but is none of its parameters (a conditioning embedding set as an
-    attribute): its gradient would be lost."""
+    """A double backward (gradient penalty) raises; so does a parameter changed in place
+    between forward and backward (as in eager), and a branch reading a tensor that needs a
+    gradient but is none of its parameters (a conditioning embedding set as an attribute):
+    its gradient would be lost."""
     torch.manual_seed(0)
     module = mnn.ReversibleSequential(*[mnn.RevCoupling(MLP(4, 0.0), MLP(4, 0.0)) for _ in range(2)], dim=-1)
     x = torch.randn(3, 4, 8, requires_grad=True)
     (grad,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad.square().sum().backward()
+    loss = module(x).square().sum()
+    with torch.no_grad():
+        module.couplings[0].f.net[1].weight.mul_(2)  # changed between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
     class Conditioned(nn.Module):
         def __init__(self):

@@ -555,8 +555,10 @@ class ReversibleChainFunction(torch.autograd.Function):
         stream1, stream2, rng, _sides = chain_forward(chain, x1, x2, params, consts)
         ctx.chain = chain
         ctx.num_params = num_params
-        ctx.save_for_backward(stream1, stream2, rng)
-        ctx.params, ctx.consts = params, consts
+        # The parameters too, though the forward keeps them anyway: autograd then checks their
+        # version counters, so one changed in place before the backward raises, as in eager.
+        ctx.save_for_backward(stream1, stream2, rng, *params)
+        ctx.consts = consts
         return stream1, stream2
 
     @staticmethod
@@ -564,10 +566,10 @@ class ReversibleChainFunction(torch.autograd.Function):
     def backward(ctx, grad1: Tensor | None, grad2: Tensor | None):
         # Once differentiable: the recomputation's graph is gone when this returns, so a
         # double backward (a gradient penalty) raises rather than differentiating nothing.
-        stream1, stream2, rng = ctx.saved_tensors
+        stream1, stream2, rng, *params = ctx.saved_tensors
         # Leaves of their own: differentiating with respect to the parameters themselves would
         # run their hooks here and again when autograd accumulates the returned gradients.
-        leaves = [p.detach().requires_grad_(p.requires_grad) for p in ctx.params]
+        leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
         with under(ctx.autocast):
             grad_x1, grad_x2, param_grads = chain_backward(
                 ctx.chain, stream1, stream2, grad1, grad2, rng, leaves, ctx.consts, params_are_leaves=True
