@@ -9,10 +9,14 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.utils._pytree import tree_leaves
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import Node
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map_only
 
-from memopt._torch_compat import StorageWeakRef
+from memopt._torch_compat import StorageWeakRef, fake_tensor_mode
 from memopt.config import Config
+from memopt.ops import reversible as reversible_ops
 from memopt.report import PassResult
 
 
@@ -186,3 +190,113 @@ def first_write_to(
         if storages is None or written is None or written & storages:
             return write
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Random draws: a pass that recomputes ops (reversible) must replay their draws; one that moves
+# ops (slicing) must not reorder them.
+# ---------------------------------------------------------------------------------------------
+
+# Functions that draw random numbers, by name.
+_RANDOM_NAMES = frozenset(
+    {
+        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+        "feature_dropout", "native_dropout", "rand", "randn", "rand_like", "randn_like", "randint",
+        "randint_like", "randperm", "bernoulli", "bernoulli_", "normal", "normal_", "uniform_",
+        "multinomial", "exponential_", "poisson", "cauchy_", "geometric_", "log_normal_",
+        "random_", "rrelu",
+    }
+)
+# Calls that switch autocast or grad mode for the ops after them (Dynamo keeps
+# ``torch.autocast`` and ``torch.no_grad`` blocks as such calls).
+MODE_SWITCHES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
+
+
+def target_name(node: Node) -> str:
+    """The name of what ``node`` calls: a method's name, a function's ``__name__``."""
+    if node.op == "call_method":
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def draws_random(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
+    """Whether ``node`` may draw random numbers: a random function by name (dropout only with
+    ``p > 0`` in training), attention with ``dropout_p > 0``, an operator that
+    :func:`memopt.ops.reversible.may_draw_random` counts (``deterministic``: custom ops the
+    user declared free of draws), a memopt chain op with random steps, or a call that reaches
+    one of those when run on its fake values (:func:`_runs_random_ops`)."""
+    if reversible_ops.may_draw_random(node.target, deterministic) or reversible_ops.chain_draws_random(node):
+        return True
+    name = target_name(node)
+    if "dropout" in name and node.op == "call_function":
+        # F.dropout(input, p, training, inplace): p == 0 or training=False draws nothing.
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        if (isinstance(p, (int, float)) and p == 0) or training is False:
+            return False
+    if name in _RANDOM_NAMES:
+        return True
+    if name == "scaled_dot_product_attention":
+        p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        return not (isinstance(p, (int, float)) and p == 0)
+    return _runs_random_ops(node, deterministic)
+
+
+class _DrawRecorder(TorchDispatchMode):
+    """Notes whether an operator that may draw random numbers runs beneath it."""
+
+    def __init__(self, deterministic: tuple[str, ...]) -> None:
+        super().__init__()
+        self.deterministic = deterministic
+        self.draws = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.draws = self.draws or reversible_ops.may_draw_random(func, self.deterministic)
+        return func(*args, **(kwargs or {}))
+
+
+def _runs_random_ops(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
+    """Whether ``node``'s call, run on its fake values, reaches an aten or custom op that may
+    draw random numbers (:func:`memopt.ops.reversible.may_draw_random`). Names do not tell:
+    Dynamo keeps ``F.gumbel_softmax`` as one call, and ``torch.binomial``,
+    ``torch._standard_gamma`` (``Gamma.rsample``), ``torch._sample_dirichlet`` or
+    ``torch.rrelu_`` name no list; the ops they run carry the ``nondeterministic_seeded`` tag.
+    A call that cannot be run so counts as drawing: replaying an RNG state nothing draws from
+    costs a few bytes, not replaying one that is drawn from gives wrong gradients. Calls
+    without a tensor input are not run (random factories are known by name; a grad-mode
+    switch would switch this process's mode)."""
+    target = node.target
+    if node.op not in ("call_function", "call_method") or isinstance(target, torch._ops.HigherOrderOperator):
+        return False  # a higher-order op's bodies are looked at node by node
+    if getattr(target, "__module__", None) == "_operator":
+        return False  # Python's operators: tensor arithmetic, indexing
+    if target_name(node) in MODE_SWITCHES:
+        return False  # switches global state, draws nothing
+    values = [_meta_value(arg) for arg in node.all_input_nodes]
+    if any(value is None for value in values):
+        return True
+    if not any(isinstance(value, torch.Tensor) for value in tree_leaves(values)):
+        return False  # no tensor in: a random factory (torch.randn(shape)) is known by name
+    modes = [mode for value in tree_leaves(values) if (mode := fake_tensor_mode(value)) is not None]
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        with modes[0] if modes else FakeTensorMode() as fake_mode, _DrawRecorder(deterministic) as recorder:
+            # Copies: an in-place op must not write the graph's metadata.
+            def copy(tensor: torch.Tensor) -> torch.Tensor:
+                return (tensor if fake_tensor_mode(tensor) is not None else fake_mode.from_tensor(tensor)).clone()
+
+            copies = {arg: tree_map_only(torch.Tensor, copy, value) for arg, value in zip(node.all_input_nodes, values)}
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), copies.__getitem__)
+            if node.op == "call_method":
+                getattr(args[0], target)(*args[1:], **kwargs)
+            else:
+                target(*args, **kwargs)
+    except Exception:
+        return True
+    finally:
+        torch.set_grad_enabled(grad_enabled)
+    return recorder.draws
+
+
+def _meta_value(node: Node) -> Any:
+    return node.meta.get("val", node.meta.get("example_value"))

@@ -40,16 +40,13 @@ import torch
 import torch.fx
 from torch.fx import Node
 
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map_only
-
-from memopt._torch_compat import StorageWeakRef, fake_tensor_mode
+from memopt._torch_compat import StorageWeakRef
 from memopt.estimate import storage_nbytes, tensor_values
 from memopt.ops import autocast_state
 from memopt.ops import reversible as reversible_ops
 from memopt.passes.base import (
-    GraphPass, PassContext, Write, first_write_to, in_place_writes, transformed_nodes, value_storages, written_values,
+    MODE_SWITCHES, GraphPass, PassContext, Write, draws_random, first_write_to, in_place_writes, target_name,
+    transformed_nodes, value_storages, written_values,
 )
 from memopt.report import PassResult
 
@@ -59,17 +56,6 @@ _COMBINE_METHODS = {"add": 1.0, "__add__": 1.0, "sub": -1.0, "__sub__": -1.0}
 _MUL_FUNCTIONS = (operator.mul, torch.mul)
 _MUL_METHODS = ("mul", "__mul__", "__rmul__")
 
-# Ops that draw random numbers: a step using one records the RNG state before it runs, so its
-# recomputation in the backward replays the same numbers (the same dropout mask).
-_RANDOM_NAMES = frozenset(
-    {
-        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-        "feature_dropout", "native_dropout", "rand", "randn", "rand_like", "randn_like", "randint",
-        "randint_like", "randperm", "bernoulli", "bernoulli_", "normal", "normal_", "uniform_",
-        "multinomial", "exponential_", "poisson", "cauchy_", "geometric_", "log_normal_",
-        "random_", "rrelu",
-    }
-)
 # The norms that update running statistics, with their arguments (the torch.* builtins have
 # no Python signature: theirs is spelled out).
 _NORM_SIGNATURES = {
@@ -86,7 +72,6 @@ _NORM_SIGNATURES = {
                      "cudnn_enabled")
     ]),
 }
-_MODE_SWITCHES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
 # Gradient hooks registered on an intermediate of H (``Tensor.register_hook``, which Dynamo
 # records as a higher-order op with the hook as its body).
 _HOOK_REGISTRATIONS = frozenset({"register_hook", "register_post_accumulate_grad_hook"})
@@ -193,90 +178,6 @@ def _interpretations(add: Node) -> list[_Reading]:
             source, scale = _scaled_source(skip)
             readings.append(_Reading(source, scale * skip_factor, skip, h, h_scale))
     return readings
-
-
-def _target_name(node: Node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    return getattr(node.target, "__name__", str(node.target))
-
-
-def _is_random(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
-    if reversible_ops.may_draw_random(node.target, deterministic) or reversible_ops.chain_draws_random(node):
-        return True
-    name = _target_name(node)
-    if "dropout" in name and node.op == "call_function":
-        # F.dropout(input, p, training, inplace): p == 0 or training=False draws nothing.
-        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-        if (isinstance(p, (int, float)) and p == 0) or training is False:
-            return False
-    if name in _RANDOM_NAMES:
-        return True
-    if name == "scaled_dot_product_attention":
-        p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-        return not (isinstance(p, (int, float)) and p == 0)
-    return _runs_random_ops(node, deterministic)
-
-
-class _DrawRecorder(TorchDispatchMode):
-    """Notes whether an operator that may draw random numbers runs beneath it."""
-
-    def __init__(self, deterministic: tuple[str, ...]) -> None:
-        super().__init__()
-        self.deterministic = deterministic
-        self.draws = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.draws = self.draws or reversible_ops.may_draw_random(func, self.deterministic)
-        return func(*args, **(kwargs or {}))
-
-
-def _runs_random_ops(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
-    """Whether ``node``'s call, run on its fake values, reaches an aten or custom op that may
-    draw random numbers (:func:`memopt.ops.reversible.may_draw_random`). Names do not tell:
-    Dynamo keeps ``F.gumbel_softmax`` as one call, and ``torch.binomial``,
-    ``torch._standard_gamma`` (``Gamma.rsample``), ``torch._sample_dirichlet`` or
-    ``torch.rrelu_`` name no list; the ops they run carry the ``nondeterministic_seeded`` tag.
-    A call that cannot be run so counts as drawing: replaying an RNG state nothing draws from
-    costs a few bytes, not replaying one that is drawn from gives wrong gradients. Calls
-    without a tensor input are not run (random factories are known by name; a grad-mode
-    switch would switch this process's mode)."""
-    target = node.target
-    if node.op not in ("call_function", "call_method") or isinstance(target, torch._ops.HigherOrderOperator):
-        return False  # a higher-order op's bodies are looked at node by node
-    if getattr(target, "__module__", None) == "_operator":
-        return False  # Python's operators: tensor arithmetic, indexing
-    if _target_name(node) in _MODE_SWITCHES:
-        return False  # switches global state, draws nothing
-    values = [_meta_value(arg) for arg in node.all_input_nodes]
-    if any(value is None for value in values):
-        return True
-    if not any(isinstance(value, torch.Tensor) for value in tree_leaves(values)):
-        return False  # no tensor in: a random factory (torch.randn(shape)) is known by name
-    modes = [mode for value in tree_leaves(values) if (mode := fake_tensor_mode(value)) is not None]
-    grad_enabled = torch.is_grad_enabled()
-    try:
-        with modes[0] if modes else FakeTensorMode() as fake_mode, _DrawRecorder(deterministic) as recorder:
-            # Copies: an in-place op must not write the graph's metadata.
-            def copy(tensor: torch.Tensor) -> torch.Tensor:
-                return (tensor if fake_tensor_mode(tensor) is not None else fake_mode.from_tensor(tensor)).clone()
-
-            copies = {arg: tree_map_only(torch.Tensor, copy, value) for arg, value in zip(node.all_input_nodes, values)}
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), copies.__getitem__)
-            if node.op == "call_method":
-                getattr(args[0], target)(*args[1:], **kwargs)
-            else:
-                target(*args, **kwargs)
-    except Exception:
-        return True
-    finally:
-        torch.set_grad_enabled(grad_enabled)
-    return recorder.draws
-
-
-def _meta_value(node: Node) -> Any:
-    return node.meta.get("val", node.meta.get("example_value"))
 
 
 def _batch_norm_buffers(node: Node) -> list[Node]:
@@ -414,7 +315,7 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
         if node in graph.transformed:
             # Batched or grad-wrapped at run time, between nesting switches the step would not hold.
             raise NotReversible(f"{add.name}: {node.name} in H runs under a torch.func transform (vmap, grad, jvp)")
-        if _target_name(node) in _HOOK_REGISTRATIONS:
+        if target_name(node) in _HOOK_REGISTRATIONS:
             # The recomputation that makes the gradient runs in the backward, where no hook
             # registered now could act on it.
             raise NotReversible(f"{add.name}: H registers a gradient hook ({node.name})")
@@ -438,7 +339,7 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
                 # backward): the step carries it, and draws random numbers if the body does.
                 seen_externals.add(arg)
                 bodies.append(arg)
-                random = random or any(_is_random(inner, graph.deterministic) for inner in _body_nodes(body))
+                random = random or any(draws_random(inner, graph.deterministic) for inner in _body_nodes(body))
                 written = _body_writes_its_inputs(body)
                 if written is not None:
                     raise NotReversible(f"{add.name}: {arg.name} (run by {node.name}) writes {written} in place")
@@ -462,7 +363,7 @@ def _find_step(graph: _Graph, add: Node, reading: _Reading, x: Node, forbidden: 
             if written not in members:
                 raise NotReversible(f"{add.name}: {node.name} writes {written.name} in place")
         mutated.extend(b for b in buffers if b not in mutated)
-        random = random or _is_random(node, graph.deterministic)
+        random = random or draws_random(node, graph.deterministic)
     return _Step(add, source, scale, skip, h, x, nodes, externals, random, mutated, h_scale, bodies, scalars)
 
 
@@ -748,7 +649,7 @@ def _early_readers(index: dict[Node, int], chain: _Chain, deterministic: tuple[s
         if node in found or index[node] > last:
             continue
         movable = node.op in ("call_function", "call_method", "call_module") and not node.is_impure()
-        if node in members or not movable or _is_random(node, deterministic) or _mutated_inputs(node):
+        if node in members or not movable or draws_random(node, deterministic) or _mutated_inputs(node):
             return None
         found.add(node)
         stack.extend(node.users)
@@ -977,7 +878,7 @@ def run_reversible(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if note:
         result.notes.append(note)
     graph = _Graph(gm, ctx.config.reversible_deterministic_ops)
-    modes = [node.name for node in graph.nodes if node.op == "call_function" and _target_name(node) in _MODE_SWITCHES]
+    modes = [node.name for node in graph.nodes if node.op == "call_function" and target_name(node) in MODE_SWITCHES]
     if modes:
         # The chain op runs its steps eagerly inside a kernel, outside these regions: leave
         # the graph as it is rather than recompute under another precision or grad mode.
@@ -1221,7 +1122,7 @@ def _post_norm_adds(graph: _Graph) -> list[tuple[Node, str]]:
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method") or not _is_add(node) or not node.users:
             continue
-        names = {_target_name(user) for user in node.users}
+        names = {target_name(user) for user in node.users}
         value = _value(node)
         if not names <= _NORMALIZATIONS or value is None:
             continue

@@ -65,7 +65,9 @@ from memopt.ops.slicing import (
     group_norm_with_stats,
     register_group,
 )
-from memopt.passes.base import GraphPass, PassContext, Write, first_write_to, in_place_writes, transformed_nodes
+from memopt.passes.base import (
+    GraphPass, PassContext, Write, draws_random, first_write_to, in_place_writes, transformed_nodes,
+)
 from memopt.report import PassResult, format_bytes
 
 Spec = SliceSpec
@@ -1212,31 +1214,32 @@ def _subgroup(group: _Group, members: list[torch.fx.Node]) -> _Group:
     return _Group(group.seed, group.slicing, members, feeds, _outputs(members), member_feeds, group.unknown_stops)
 
 
-def _before_cut(
-    group: _Group,
-    writes: list[Write],
-    position: dict[torch.fx.Node, int],
-    autocast: dict[torch.fx.Node, autocast_state.AutocastState],
-    options: SlicingOptions,
-) -> _Group | None:
+def _before_cut(group: _Group, grouping: _Grouping, options: SlicingOptions) -> _Group | None:
     """``group``, or the part of it before the first op outside it that writes in place a
-    value it reads or computes, and before its first member under another autocast state
-    than its first (``None`` if that part is not worth slicing).
+    value it reads or computes, or draws random numbers, and before its first member under
+    another autocast state than its first (``None`` if that part is not worth slicing).
 
     The group runs as one op where its first member was, so each member reads its inputs
     there. An in-place write between two members, by an op that stays outside (``x.mul_(2)``
     on a value a later member reads; ``h.add_(1)`` on a member's result), is data the graph
     does not show as an edge: the later member would read the value from before the write.
-    The members before the write read what they always did. And the op runs its body under
-    one autocast state, its first member's: a ``torch.autocast`` block of the model's code
-    starting or ending among the members would be ignored (a float32 region run in bfloat16)."""
-    members = group.members
+    The members before the write read what they always did. A random op between two members
+    moves before the op (a value the group reads) or after it (one reading the group's), and
+    with another random op on the other side the draws swap: other numbers for the same seed.
+    And the op runs its body under one autocast state, its first member's: a
+    ``torch.autocast`` block of the model's code starting or ending among the members would
+    be ignored (a float32 region run in bfloat16)."""
+    members, position, autocast = group.members, grouping.position, grouping.autocast
+    first, last = position[members[0]], position[members[-1]]
     touched = [*members, *(arg for node in members for arg in node.all_input_nodes)]
-    write = first_write_to(touched, writes, position[members[0]], position[members[-1]], skip=members)
-    end = write[0] if write is not None else None
-    switch = next((position[node] for node in members if autocast[node] != autocast[members[0]]), None)
-    if switch is not None and (end is None or switch < end):
-        end = switch
+    write = first_write_to(touched, grouping.writes, first, last, skip=members)
+    inside = set(members)
+    cuts = [
+        write[0] if write is not None else None,
+        next((position[node] for node in members if autocast[node] != autocast[members[0]]), None),
+        next((at for at in range(first + 1, last) if grouping.nodes[at] not in inside and grouping.draws(at)), None),
+    ]
+    end = min((cut for cut in cuts if cut is not None), default=None)
     if end is None:
         return group
     kept = [node for node in members if position[node] < end]
@@ -1430,6 +1433,14 @@ class _Grouping:
     split_groups: int = 0
     handed_over: int = 0
     cut_at_writes: int = 0
+    _draws: dict[int, bool] = dataclasses.field(default_factory=dict)
+
+    def draws(self, at: int) -> bool:
+        """Whether the node at position ``at`` draws random numbers (asked of the few nodes
+        between a group's members: :func:`draws_random` may run a node on fake values)."""
+        if at not in self._draws:
+            self._draws[at] = draws_random(self.nodes[at])
+        return self._draws[at]
 
     def form(self, claimed: set[torch.fx.Node], min_units: int = 1) -> None:
         """Grow groups from every seed whose users are not all ``claimed`` (which grows), of
@@ -1459,7 +1470,7 @@ class _Grouping:
                 if handed is not None:
                     best, follower = handed
                 pieces = [piece for piece in _split(best, options) if piece.slices >= 2]
-                checked = [_before_cut(piece, self.writes, position, self.autocast, options) for piece in pieces]
+                checked = [_before_cut(piece, self, options) for piece in pieces]
                 self.cut_at_writes += sum(piece is not whole for piece, whole in zip(checked, pieces))
                 pieces = [piece for piece in checked if piece is not None]
                 trial = dict(self.unit_of)
@@ -1841,8 +1852,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if cut_at_writes:
         result.notes.append(
             f"{cut_at_writes} group(s) cut short (or left alone) before an in-place write by an op outside them "
-            "to a value they read or compute, or where a torch.autocast block of the model's code starts or ends: "
-            "run as one op, they would read the value before the write, or run under one autocast state"
+            "to a value they read or compute, before a random op outside them, or where a torch.autocast block "
+            "of the model's code starts or ends: run as one op, they would read the value before the write, "
+            "reorder the draws, or run under one autocast state"
         )
     if handed_over:
         result.notes.append(

@@ -524,6 +524,34 @@ def test_groups_do_not_span_an_in_place_write_outside_them(write, needs_cut):
             assert any("before an in-place write" in note for note in result.notes), result.notes
 
 
+class DrawsBetweenMembers(nn.Module):
+    """Two random ops between a group's members: a dropout of a group value (runs after the
+    group's op) and a randn the group reads (runs before it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        g = F.silu(self.c1(x))
+        kept = F.dropout(g[:, :1] * 2, 0.5, training=True)
+        noise = torch.randn(4, 16, 12, 12)
+        return self.c2(F.silu(g * noise)) * kept
+
+
+def test_groups_do_not_reorder_random_draws():
+    """A group is cut before a random op outside it between its members: the same seed draws
+    the same numbers sliced or not (before, the two draws swapped: 1.4 relative apart)."""
+    torch.manual_seed(28)
+    model, x = DrawsBetweenMembers().eval(), torch.randn(4, 8, 12, 12)
+    outs = {}
+    for slicing in (False, {"min_group_bytes": 0, "max_slice_bytes": 1024}):
+        torch.manual_seed(123)
+        _, outs[bool(slicing)], result = compile_and_run(model, x, slicing=slicing)
+    assert result.rewrites >= 1 and any("before a random op" in note for note in result.notes), result.notes
+    assert_close_rel(outs[True], outs[False])
+
+
 class AutocastRegions(nn.Module):
     """A chain of convolutions in a ``torch.autocast`` block of the model's own code: a float32
     region (``enabled=False``, as diffusers upcasts norms) or a bfloat16 one, between
