@@ -239,7 +239,12 @@ def draws_random(node: Node, deterministic: tuple[str, ...] = ()) -> bool:
     if name == "scaled_dot_product_attention":
         p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
         return not (isinstance(p, (int, float)) and p == 0)
-    return _runs_random_ops(node, deterministic)
+    # Kept on the node: passes ask again of the same nodes (the reversible pass once per chain
+    # search, about twice per node on a converted UNet), and a run costs about a millisecond.
+    cache = node.meta.setdefault("memopt_runs_random_ops", {})
+    if deterministic not in cache:
+        cache[deterministic] = _runs_random_ops(node, deterministic)
+    return cache[deterministic]
 
 
 class _DrawRecorder(TorchDispatchMode):
