@@ -8,6 +8,8 @@ records a :class:`memopt.Report`, and lowers the result.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import logging
 import warnings
@@ -74,9 +76,26 @@ def memopt_backend(
             raise
         if config.strict or report.rewrites == 0:
             raise
+        reason = f"{type(error).__name__}: {error}"
+        if config.reversible_inline and any(
+            node.target is torch.ops.memopt.reversible_chain.default for node in gm.graph.nodes
+        ):
+            # Reversible chains traced into the graphs are the rewrite Inductor most often
+            # cannot take (a traced GroupNorm backward with symbolic sizes): keep them as ops.
+            report.partition_notes = []
+            try:
+                compiled = lower(gm, example_inputs, dataclasses.replace(config, reversible_inline=False), report)
+            except Exception as retry_error:
+                if isinstance(retry_error, _DYNAMO_SIGNALS):
+                    discard(report)
+                    raise
+            else:
+                report.partition_notes.append(
+                    f"reversible chains run as ops (reversible_inline=False): lowering them traced failed ({reason})"
+                )
+                return _logged(_with_hooks(compiled, gm.meta.get(BEFORE_CALL, ())), report)
         # Whatever a pass left that the lowering cannot take, the user's model still compiles:
         # without memopt's rewrites, as the strict=False contract promises for passes.
-        reason = f"{type(error).__name__}: {error}"
         message = f"memopt: lowering the rewritten graph failed, compiling it without memopt's rewrites: {reason}"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         log.warning(message)

@@ -40,7 +40,14 @@ def lower(
         patches = {"custom_partitioner_fn": InductorPartitioner(config, report)}
         patches.update(config.inductor_config)
         patches[KEYED_SLOT] = CacheKey(patches.get(KEYED_SLOT))
-        return compile_fx(gm, list(example_inputs), config_patches=patches)
+        # AOTAutograd compiles a backward at its first call, or, with symbolic sizes saved, now
+        # but ignoring a failure until that call. For a graph memopt rewrote, compile it now and
+        # let a failure raise here, where the backend can still compile the graph without the
+        # rewrites (a traced reversible chain's backward with symbolic sizes Inductor cannot
+        # lower); at the first backward nothing can be done but fail the user's step.
+        eager_backward = report is not None and report.training and report.rewrites > 0
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=eager_backward):
+            return compile_fx(gm, list(example_inputs), config_patches=patches)
     if config.lowering == "eager":
         return _eager_backend(config, report)(gm, list(example_inputs))
     raise AssertionError(f"unvalidated lowering {config.lowering!r}")

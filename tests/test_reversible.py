@@ -371,6 +371,48 @@ def test_steps_the_recomputation_cannot_rerun_are_left_alone(kind, reason):
     assert any(re.search(reason, note) for note in result.notes), result.notes
 
 
+class _GroupNormCouplings(nn.Module):
+    def __init__(self, channels=4, depth=2):
+        super().__init__()
+
+        def block():
+            return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(2, channels))
+
+        self.f = nn.ModuleList(block() for _ in range(depth))
+        self.g = nn.ModuleList(block() for _ in range(depth))
+
+    def forward(self, x1, x2):
+        for f, g in zip(self.f, self.g):
+            x1 = x1 + f(x2)
+            x2 = x2 + g(x1)
+        return x1 * x2
+
+
+@pytest.mark.slow
+def test_chains_inductor_cannot_lower_traced_run_as_ops():
+    """With symbolic sizes (dynamic=True) Inductor cannot lower the traced backward of a
+    GroupNorm chain ("Cannot convert expression to float"); it failed at the first backward,
+    past any fallback. The backward of a rewritten graph is now lowered with the forward, and
+    on failure the chains run as ops: rewrites kept, gradients right, a partition note."""
+    torch.manual_seed(0)
+    model, inputs = _GroupNormCouplings(), (torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6))
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="memopt", dynamic=True, options={"im2win": False})
+    grads = {}
+    for name, fn, module in (("memopt", compiled, model), ("eager", reference, reference)):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads[name] = (out, [t.grad for t in leaves] + [p.grad for p in module.parameters()])
+        if name == "memopt":
+            report = memopt.last_report()
+    torch.testing.assert_close(grads["memopt"][0], grads["eager"][0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads["memopt"][1], grads["eager"][1], strict=True):
+        assert relative_error(got, expected) <= RTOL
+    assert reversible_result(report).rewrites == 1 and report.lowering_error is None
+    assert any("run as ops (reversible_inline=False)" in note for note in report.partition_notes), report
+
+
 # Random draws no name gives away: Dynamo keeps F.gumbel_softmax as one call; torch.binomial,
 # torch._standard_gamma (what Gamma.rsample runs) and torch.rrelu_ run aten ops tagged
 # nondeterministic_seeded.
