@@ -436,10 +436,11 @@ def _check_inductor_config_names(options: Mapping[str, Any]) -> None:
 
     from torch._inductor import config as inductor_config
 
+    # Every option the module declares ("cpp.threads" for nested ones); an attribute is not
+    # one (the "cpp" namespace, a module it imports such as "os").
+    known = list(getattr(inductor_config, "_config", None) or inductor_config.get_config_copy())
     for name in options:
-        if not hasattr(inductor_config, name):
-            # Suggestions from every name the module knows (get_config_copy leaves some out).
-            known = list(getattr(inductor_config, "_config", None) or inductor_config.get_config_copy())
+        if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             raise ValueError(
                 f"memopt option 'inductor_config': torch._inductor.config has no option {name!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -49,6 +50,17 @@ def test_inspect_json_train_and_plot(capsys, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_path_without_extension_and_without_matplotlib(capsys, tmp_path, monkeypatch):
+    code, out, _ = run_cli(capsys, "inspect", f"{ZOO}:mlp", "--input", "4,17", "--plot", str(tmp_path / "live"))
+    assert code == 0 and out.strip().endswith(f"plot written to {tmp_path / 'live.png'}")
+    assert (tmp_path / "live.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    code, out, err = run_cli(capsys, "inspect", f"{ZOO}:mlp", "--input", "4,17", "--plot", str(tmp_path / "again.png"))
+    assert code == 2 and out == "" and "--plot needs matplotlib" in err and "Traceback" not in err
+    assert not (tmp_path / "again.png").exists()
+
+
 def test_inspect_reports_graph_breaks_with_reasons(capsys):
     code, out, _ = run_cli(capsys, "inspect", f"{ZOO}:graph_break_net", "--input", "4x8", "--json")
     result = json.loads(out)
@@ -85,6 +97,8 @@ def test_inspect_module_target_with_integer_inputs(capsys):
         (["inspect", f"{ZOO}:mlp", "--input", "2x17", "--plot", "/no_such_memopt_folder/live.png"],
          "cannot write the plot '/no_such_memopt_folder/live.png': folder '/no_such_memopt_folder' does not exist"),
         (["inspect", f"{ZOO}:mlp_inputs", "--input", "2x17"], "not an nn.Module"),
+        (["inspect", f"{ZOO}:mlp", "--input", "99999999999999999999x17"], "sizes must be below 2**63"),
+        (["inspect", f"{ZOO}:mlp", "--input", "1000000x1000000x1000"], "cannot make the input '1000000x1000000x1000'"),
     ],
 )
 def test_bad_input_is_a_one_line_error(capsys, argv, message):

@@ -48,6 +48,9 @@ def test_unknown_option_names_valid_ones():
         ({"reversible_nested": 0}, "'reversible_nested' must be True or False"),
         ({"inductor_config": ["max_autotune"]}, "dict"),
         ({"inductor_config": {"max_autotunee": True}}, "no option 'max_autotunee'; did you mean 'max_autotune'"),
+        # Attributes of the config module that are no options: a namespace, an imported module.
+        ({"inductor_config": {"cpp": {"threads": 1}}}, "no option 'cpp'"),
+        ({"inductor_config": {"os": 1}}, "no option 'os'"),
         ({"inductor_config": {"max_autotune": "false"}}, "'max_autotune' must be True or False; got 'false'"),
         ({"inductor_config": {"compile_threads": 1.5}}, "'compile_threads' must be an int or None"),
         ({"inductor_config": {"triton.descriptive_names": "aten"}}, "one of 'torch', 'original_aten', 'inductor_node'"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -76,8 +78,16 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise TargetError("--options must be a JSON object, e.g. '{\"memory_budget\": 0.5}'")
     model = build_model(args.target).to(dtype)
     generator = torch.Generator().manual_seed(args.seed)
-    inputs = [make_input(shape, input_dtype, generator) for shape, input_dtype in shapes]
+    inputs = []
+    for spec, (shape, input_dtype) in zip(args.input, shapes):
+        try:
+            inputs.append(make_input(shape, input_dtype, generator))
+        except (RuntimeError, MemoryError) as error:
+            size = math.prod(shape) * torch.empty((), dtype=input_dtype).element_size()
+            raise TargetError(f"cannot make the input {spec!r} ({size:,} bytes): {_root_cause(error)}") from error
     if args.plot:
+        if not os.path.splitext(args.plot)[1]:
+            args.plot += ".png"  # what matplotlib would write; said as it is below
         _check_writable(args.plot)  # before the inspection, which can take minutes
     try:
         result = inspect_model(model, inputs, options, train=args.train)
@@ -116,6 +126,8 @@ def _root_cause(error: BaseException) -> str:
 
 
 def _check_writable(path: str) -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise TargetError("--plot needs matplotlib: pip install 'memopt[plot]' (or matplotlib)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise TargetError(f"cannot write the plot {path!r}: folder {folder!r} does not exist")

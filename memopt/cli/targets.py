@@ -110,6 +110,8 @@ def parse_input(spec: str, default_dtype: torch.dtype) -> tuple[tuple[int, ...],
             "optionally followed by ':dtype'"
         )
     shape = tuple(int(size) for size in re.split(r"[x,]", shape_text))
+    if any(size >= 2**63 for size in shape):
+        raise TargetError(f"input shape {spec!r}: sizes must be below 2**63")
     dtype = parse_dtype(dtype_text) if sep else default_dtype
     return shape, dtype
 
