@@ -55,7 +55,9 @@ def test_plot_path_without_extension_and_without_matplotlib(capsys, tmp_path, mo
     assert code == 0 and out.strip().endswith(f"plot written to {tmp_path / 'live.png'}")
     assert (tmp_path / "live.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+    )
     code, out, err = run_cli(capsys, "inspect", f"{ZOO}:mlp", "--input", "4,17", "--plot", str(tmp_path / "again.png"))
     assert code == 2 and out == "" and "--plot needs matplotlib" in err and "Traceback" not in err
     assert not (tmp_path / "again.png").exists()
