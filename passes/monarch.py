@@ -411,18 +411,14 @@ class _Measurement:
             return None
         nodes = list(gm.graph.nodes)
         written = value_storages(value for _, _, values in in_place_writes(nodes) for value in values)
-        hit = set()
-        for node in nodes if written != set() else ():
-            if node.op not in ("placeholder", "get_attr"):
-                continue
-            storages = value_storages([node])
-            if written is None or storages is None:
-                result.notes.append(
-                    "the graph writes in place to a tensor it cannot tell: the output error is not measured"
-                )
-                return None
-            if storages & written:
-                hit.add(node)
+        sources = [node for node in nodes if node.op in ("placeholder", "get_attr")] if written != set() else []
+        storages = {node: value_storages([node]) for node in sources}
+        if written is None or any(value is None for value in storages.values()):
+            result.notes.append(
+                "the graph writes in place to a tensor it cannot tell: the output error is not measured"
+            )
+            return None
+        hit = {node for node in sources if storages[node] & written}
         placeholders = [node for node in nodes if node.op == "placeholder"]
         copied_inputs = {index for index, node in enumerate(placeholders) if node in hit}
         copied_attrs = {node.target for node in hit if node.op == "get_attr"}
