@@ -1138,7 +1138,7 @@ def _hand_over_tail(
     _, tail, follower = best
     rest = _subgroup(group, [node for node in members if node not in tail])
     _measure_group(rest, options)
-    if rest.saving < options.min_group_bytes or rest.slices < 2 or any(_tensor(node) is None for node in rest.outputs):
+    if not _worth_slicing(rest, options) or any(_tensor(node) is None for node in rest.outputs):
         return None
     return rest, follower
 
@@ -1249,9 +1249,16 @@ def _before_cut(group: _Group, grouping: _Grouping, options: SlicingOptions) -> 
     if not rest.members or not rest.outputs or any(_tensor(node) is None for node in rest.outputs):
         return None
     _measure_group(rest, options)
-    if rest.saving < options.min_group_bytes or rest.slices < 2:
+    if not _worth_slicing(rest, options):
         return None
     return rest
+
+
+def _worth_slicing(group: _Group, options: SlicingOptions) -> bool:
+    """At least two slices, and an estimated saving of at least ``min_group_bytes``, and of
+    something at all (``min_group_bytes=0`` still leaves alone a group that saves nothing:
+    slicing it would cost time for no memory)."""
+    return group.slices >= 2 and group.saving > 0 and group.saving >= options.min_group_bytes
 
 
 def _storage_bytes(nodes: Any) -> int:
@@ -1459,7 +1466,7 @@ class _Grouping:
             if best is None:
                 continue
             self.matched += 1
-            if best.saving < options.min_group_bytes or best.slices < 2:
+            if not _worth_slicing(best, options):
                 self.skipped_small += 1
                 continue
             queue = [best]
@@ -1869,7 +1876,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if skipped_small:
         result.notes.append(
             f"{skipped_small} candidate group(s) save less than min_group_bytes="
-            f"{format_bytes(options.min_group_bytes)}: left alone"
+            f"{format_bytes(options.min_group_bytes)}, or nothing: left alone"
         )
     if not groups:
         result.notes.append("no group worth slicing: graph left untouched")
