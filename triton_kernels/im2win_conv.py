@@ -204,7 +204,6 @@ def window_transform(
     padding: Sequence[int],
     dilation: Sequence[int],
     channels_last: bool | None = None,
-    vertical_padding: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """im2win's window tensor ``win[N, C, H_out, W * K_h]`` of ``x`` (one strided copy).
 
@@ -213,14 +212,10 @@ def window_transform(
     is left to the GEMM's edge masks, see the module docstring). A channels-last ``x`` gives
     a channels-last window tensor (``C`` innermost), so each ``(w, h)`` run holds all
     channels of a group contiguously; ``channels_last`` overrides that choice (the Triton
-    launcher asks for it with NCHW inputs too, see ``tap_major``). ``vertical_padding``
-    (rows above, rows below) overrides ``padding[0]``'s symmetric rows: the CPU
-    implementation builds the window rows of a piece of the output from the rows of ``x``
-    they read, which need the padding of the edges they touch only.
+    launcher asks for it with NCHW inputs too, see ``tap_major``).
     """
     batch, channels, _, width = x.shape
-    above, below = vertical_padding if vertical_padding is not None else (padding[0], padding[0])
-    x_padded = F.pad(x, (0, 0, above, below)) if above or below else x
+    x_padded = F.pad(x, (0, 0, padding[0], padding[0])) if padding[0] else x
     span = dilation[0] * (kernel_h - 1) + 1
     rows = x_padded.unfold(2, span, stride[0])[..., :: dilation[0]]  # [N, C, H_out, W, K_h]
     out_height = rows.shape[2]
@@ -289,8 +284,7 @@ def _piece_bytes(geo: ConvGeometry, dtype: torch.dtype, samples: int, rows: int)
     by ``rows`` output rows: the rows of ``x`` it reads (copied where they take vertical
     padding), their window rows, one kernel column's GEMM operand and product, the
     accumulator when the output is of lower precision, and an activation's result."""
-    element = torch.empty((), dtype=dtype).element_size()
-    accumulate = torch.empty((), dtype=_accumulate_dtype(dtype)).element_size()
+    element, accumulate = dtype.itemsize, _accumulate_dtype(dtype).itemsize
     x_rows = (rows - 1) * geo.stride[0] + geo.dilation[0] * (geo.kernel_h - 1) + 1
     columns = max(stop - first for first, stop in (valid_columns(geo, w) for w in range(geo.kernel_w)))
     per_row = (
@@ -305,11 +299,11 @@ def _reference_pieces(geo: ConvGeometry, dtype: torch.dtype) -> list[tuple[int, 
     """The pieces ``(n0, n1, i0, i1)`` (samples, output rows) :func:`im2win_conv2d_reference`
     computes one after another: whole samples while they fit the budget, else row blocks of
     one sample (at least one row)."""
-    window = geo.window_numel() * torch.empty((), dtype=dtype).element_size()
-    budget = max(window // _PIECE_FRACTION, _MIN_PIECE_BYTES)
+    budget = max(geo.window_numel() * dtype.itemsize // _PIECE_FRACTION, _MIN_PIECE_BYTES)
     height = geo.out_height
-    if _piece_bytes(geo, dtype, 1, height) <= budget:
-        samples = max(1, budget // max(1, _piece_bytes(geo, dtype, 1, height)))
+    sample = _piece_bytes(geo, dtype, 1, height)
+    if sample <= budget:
+        samples = max(1, budget // max(1, sample))
         return [(n, min(n + samples, geo.batch), 0, height) for n in range(0, geo.batch, samples)]
     rows = 1
     while rows < height and _piece_bytes(geo, dtype, 1, 2 * rows) <= budget:
@@ -323,9 +317,8 @@ def reference_workspace_bytes(x: torch.Tensor, geo: ConvGeometry) -> int:
     (in the accumulation dtype)."""
     pieces = _reference_pieces(geo, x.dtype)
     largest = max((_piece_bytes(geo, x.dtype, n1 - n0, i1 - i0) for n0, n1, i0, i1 in pieces), default=0)
-    accumulate = torch.empty((), dtype=_accumulate_dtype(x.dtype)).element_size()
-    weight_column = geo.out_channels * (geo.in_channels // geo.groups) * geo.kernel_h * accumulate
-    return largest + weight_column
+    weight_column = geo.out_channels * (geo.in_channels // geo.groups) * geo.kernel_h
+    return largest + weight_column * _accumulate_dtype(x.dtype).itemsize
 
 
 def _window_piece(x: torch.Tensor, geo: ConvGeometry, n0: int, n1: int, i0: int, i1: int) -> torch.Tensor:
@@ -335,8 +328,10 @@ def _window_piece(x: torch.Tensor, geo: ConvGeometry, n0: int, n1: int, i0: int,
     top = i0 * stride - padding  # the first row read, in x's coordinates (negative: padding)
     bottom = (i1 - 1) * stride - padding + dilation * (geo.kernel_h - 1) + 1
     rows = x[n0:n1, :, max(top, 0) : min(bottom, geo.height)]
-    pad = (max(-top, 0), max(bottom - geo.height, 0))
-    return window_transform(rows, geo.kernel_h, geo.stride, (0, 0), geo.dilation, vertical_padding=pad)
+    above, below = max(-top, 0), max(bottom - geo.height, 0)
+    if above or below:
+        rows = F.pad(rows, (0, 0, above, below))
+    return window_transform(rows, geo.kernel_h, geo.stride, (0, 0), geo.dilation)
 
 
 def im2win_conv2d_reference(
