@@ -88,7 +88,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         if not os.path.splitext(args.plot)[1]:
             args.plot += ".png"  # what matplotlib would write; said as it is below
-        _check_writable(args.plot)  # before the inspection, which can take minutes
+        _check_plot_path(args.plot)  # before the inspection, which can take minutes
     try:
         result = inspect_model(model, inputs, options, train=args.train)
     except (TargetError, ValueError):
@@ -125,7 +125,7 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def _check_writable(path: str) -> None:
+def _check_plot_path(path: str) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         raise TargetError("--plot needs matplotlib: pip install 'memopt[plot]' (or matplotlib)")
     folder = os.path.dirname(os.path.abspath(path))
